@@ -1,0 +1,177 @@
+"""The one cost model: MACs, parameters, bytes and BitOps of any candidate, from formulas.
+
+Per-layer shapes are recorded once (in the :class:`SearchSpace`); a candidate's costs are
+then a few small matrix products (tens of microseconds). Everything in automlprune that
+needs a cost calls this module: the evaluator, RL observations and action clipping, the
+DMCP budget loss (:meth:`CostModel.from_kept` accepts a differentiable torch tensor),
+Optuna constraints and the plots.
+
+Units: MACs are multiply-accumulates of Conv2d and Linear layers for one input sample
+(FLOPs = 2 x MACs, the convention of ``torch.utils.flop_counter``); params are parameter
+counts; bytes are the storage of the parameters: Conv/Linear weights at the candidate's
+bits (params x bits / 8) plus one float32 scale per output channel of every layer below
+32 bits, biases and batch-norm parameters as float32; BitOps = MACs x weight bits x
+activation bits (activations at 32 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from automlprune.errors import ConfigError, UnsupportedLayerError
+from automlprune.space.candidate import Candidate
+from automlprune.space.search_space import SearchSpace
+
+ACTIVATION_BITS = 32
+METRICS = ("macs", "params", "bytes", "bitops")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Costs of one network for one input sample: see the module docstring for units."""
+
+    macs: float
+    params: float
+    bytes: float
+    bitops: float
+
+    @property
+    def flops(self) -> float:
+        return 2 * self.macs
+
+    def get(self, metric: str) -> float:
+        if metric not in METRICS:
+            raise ConfigError(f"unknown cost metric '{metric}'; choose one of: {', '.join(METRICS)}")
+        return getattr(self, metric)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class CostModel:
+    """Analytic costs of the candidates of one search space.
+
+    Built from the space's layer table and groups. When ``model`` is given, the full
+    network's MACs are checked once against ``FlopCounterMode`` and its parameter count
+    against ``model.parameters()``, so a layer the formulas miss raises instead of
+    being counted as zero.
+    """
+
+    def __init__(self, space: SearchSpace, model: nn.Module | None = None) -> None:
+        self.space = space
+        layers = space.layers
+        self.layer_names = [l.name for l in layers]
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        n_layers, n_groups = len(layers), len(space.groups)
+        self.out_full = np.array([l.out_channels for l in layers], dtype=np.float64)
+        self.in_full = np.array([l.in_channels for l in layers], dtype=np.float64)
+        self.groups_ = np.array([l.groups for l in layers], dtype=np.float64)
+        self.kernel = np.array([l.kernel for l in layers], dtype=np.float64)
+        self.positions = np.array([l.positions for l in layers], dtype=np.float64)
+        self.has_bias = np.array([l.has_bias for l in layers], dtype=np.float64)
+        self.is_bn = np.array([l.kind == "bn" for l in layers], dtype=np.float64)
+        self.is_dw = np.array([l.depthwise for l in layers], dtype=np.float64)
+        self.removed_out = np.zeros((n_layers, n_groups))  # out channels a layer loses per channel its group loses
+        self.removed_in = np.zeros((n_layers, n_groups))
+        for g, group in enumerate(space.groups):
+            for member in group.members:
+                target = self.removed_out if member.dim == "out" else self.removed_in
+                target[index[member.layer], g] += member.index_map.shape[1]
+        self.group_channels = np.array([g.channels for g in space.groups], dtype=np.float64)
+        self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.base = self(space.full())
+        if model is not None:
+            self.verify(model)
+
+    # ---- formulas --------------------------------------------------------------------------
+    def from_kept(self, kept: Any, weight_bits: Any = None) -> dict[str, Any]:
+        """Costs from kept channels per group (array of shape (groups,)) and weight bits per
+        layer (shape (layers,), default 32). Works on NumPy arrays and on torch tensors
+        (differentiable, for relaxed widths); returns {"macs", "params", "bytes", "bitops"}
+        and the per-layer "layer_macs" / "layer_params"."""
+        a = self._arrays_like(kept)
+        removed = a["group_channels"] - kept
+        out_k = a["out_full"] - a["removed_out"] @ removed
+        in_k = a["in_full"] - a["removed_in"] @ removed
+        conv_like = 1 - a["is_bn"]
+        in_per_group = a["is_dw"] + (1 - a["is_dw"]) * in_k / a["groups"]
+        weights = conv_like * out_k * in_per_group * a["kernel"]
+        layer_macs = weights * a["positions"]
+        biases = conv_like * a["has_bias"] * out_k
+        bn_params = a["is_bn"] * a["has_bias"] * 2 * out_k
+        layer_params = weights + biases + bn_params
+        bits = a["full_bits"] if weight_bits is None else weight_bits
+        quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
+        layer_bytes = weights * bits / 8 + (biases + bn_params) * 4 + quantized * out_k * 4
+        return {
+            "macs": layer_macs.sum(), "params": layer_params.sum(), "bytes": layer_bytes.sum(),
+            "bitops": (layer_macs * bits * ACTIVATION_BITS).sum(),
+            "layer_macs": layer_macs, "layer_params": layer_params,
+        }
+
+    def _arrays_like(self, kept: Any) -> dict[str, Any]:
+        names = ("out_full", "in_full", "groups_", "kernel", "positions", "has_bias", "is_bn", "is_dw",
+                 "removed_out", "removed_in", "group_channels")
+        arrays = {n.rstrip("_"): getattr(self, n) for n in names}
+        arrays["full_bits"] = np.full(len(self.layer_names), 32.0)
+        if not isinstance(kept, torch.Tensor):
+            return arrays
+        key = (kept.device, kept.dtype)
+        if key not in self._torch_cache:
+            self._torch_cache[key] = {k: torch.as_tensor(v, dtype=kept.dtype, device=kept.device) for k, v in arrays.items()}
+        return self._torch_cache[key]
+
+    def bits_vector(self, candidate: Candidate) -> np.ndarray:
+        """Weight bits per layer (shape (layers,); batch-norm layers read 32)."""
+        bits = self.space.weight_bits(candidate)
+        return np.array([bits.get(name, 32) for name in self.layer_names], dtype=np.float64)
+
+    # ---- candidates ------------------------------------------------------------------------
+    def __call__(self, candidate: Candidate) -> Costs:
+        """Costs of the network ``candidate`` describes (validated against the space)."""
+        self.space.validate(candidate)
+        out = self.from_kept(self.space.kept_channels(candidate).astype(np.float64), self.bits_vector(candidate))
+        return Costs(float(out["macs"]), float(out["params"]), float(out["bytes"]), float(out["bitops"]))
+
+    def relative(self, candidate: Candidate) -> dict[str, float]:
+        """Each cost of ``candidate`` as a fraction of the full network's."""
+        costs = self(candidate)
+        return {m: costs.get(m) / self.base.get(m) for m in METRICS}
+
+    def per_layer(self, candidate: Candidate) -> dict[str, dict[str, float]]:
+        """MACs and params of each layer under ``candidate``: {layer: {"macs", "params"}}."""
+        out = self.from_kept(self.space.kept_channels(candidate).astype(np.float64), self.bits_vector(candidate))
+        return {n: {"macs": float(m), "params": float(p)} for n, m, p in zip(self.layer_names, out["layer_macs"], out["layer_params"])}
+
+    # ---- checks ----------------------------------------------------------------------------
+    def verify(self, model: nn.Module) -> None:
+        """Check the formulas account for all of ``model``'s MACs and parameters."""
+        measured = count_macs(model, self.space.example_input)
+        if abs(measured - self.base.macs) > 0.5:
+            raise UnsupportedLayerError(
+                f"the model performs {measured:.0f} MACs but its Conv2d/Linear layers account for {self.base.macs:.0f}; "
+                "it computes convolutions or matrix products outside modules, which automlprune cannot cost: move them into nn.Conv2d/nn.Linear layers"
+            )
+        params = sum(p.numel() for p in model.parameters())
+        if params != int(self.base.params):
+            raise UnsupportedLayerError(
+                f"the model holds {params} parameters but its Conv2d/Linear/BatchNorm layers account for {int(self.base.params)}; "
+                "parameters outside such layers cannot be costed: move them into supported layers"
+            )
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:
+    """MACs of one forward pass of ``model`` on one sample, by PyTorch's own FLOP counter (FLOPs / 2)."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(example_input[:1])
+    model.train(was_training)
+    return counter.get_total_flops() / 2

@@ -1,0 +1,94 @@
+"""Turning a candidate into a network.
+
+:func:`materialize` returns a physically narrower copy (channels removed with
+Torch-Pruning, weights fake-quantized to the candidate's bits); :func:`mask` returns a
+same-shape copy whose dropped channels are forced to zero. The two compute the same
+function (the tests check it), which is what makes masked training and physical
+removal interchangeable.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from automlprune.importance import channel_order
+from automlprune.space.candidate import Candidate
+from automlprune.space.graph import build_dependency_graph
+from automlprune.space.search_space import SearchSpace
+
+ChannelOrder = Mapping[str, torch.Tensor]
+
+
+def dropped_channels(space: SearchSpace, candidate: Candidate, order: ChannelOrder) -> dict[str, list[int]]:
+    """Group name -> sorted indices of the channels ``candidate`` removes (the least important)."""
+    space.validate(candidate)
+    dropped = {}
+    for group, kept in zip(space.groups, space.kept_channels(candidate)):
+        if kept < group.channels:
+            dropped[group.name] = sorted(order[group.name][int(kept):].tolist())
+    return dropped
+
+
+def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
+                criterion: str | ChannelOrder = "l1") -> nn.Module:
+    """A pruned, quantized copy of ``model``; ``model`` itself is untouched.
+
+    ``criterion`` names an importance criterion, or is a precomputed
+    :func:`channel_order` of ``model`` (reuse it across candidates: it is the same for all).
+    The result is an ordinary module of the original classes with narrower layers; it needs
+    no automlprune to run, and exports with ``torch.export`` / ONNX like the original.
+    """
+    order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
+    dropped = dropped_channels(space, candidate, order)
+    pruned = copy.deepcopy(model)
+    if dropped:
+        device = next(pruned.parameters()).device
+        graph = build_dependency_graph(pruned, space.example_input.to(device))
+        for group_name, idxs in dropped.items():
+            root = pruned.get_submodule(group_name)
+            handler = graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, handler, idxs).prune(record_history=False)
+    quantize_weights_(pruned, space.weight_bits(candidate))
+    return pruned
+
+
+def mask(model: nn.Module, candidate: Candidate, space: SearchSpace,
+         criterion: str | ChannelOrder = "l1") -> nn.Module:
+    """A same-shape copy of ``model`` whose dropped channels output exactly zero: every layer
+    producing a dropped channel has that channel's weights, bias and BN affine set to zero."""
+    order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
+    dropped = dropped_channels(space, candidate, order)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in space.groups:
+            if group.name not in dropped:
+                continue
+            channels = torch.tensor(dropped[group.name])
+            for member in group.members:
+                if member.dim != "out":
+                    continue
+                module = masked.get_submodule(member.layer)
+                idx = torch.as_tensor(member.index_map)[channels].flatten().to(module.weight.device)
+                for param in (module.weight, getattr(module, "bias", None)):
+                    if param is not None:
+                        param[idx] = 0
+    quantize_weights_(masked, space.weight_bits(candidate))
+    return masked
+
+
+def quantize_weights_(model: nn.Module, bits: Mapping[str, int]) -> None:
+    """In place: fake-quantize the weights of the named Conv/Linear layers to their bits,
+    per output channel, symmetric, uniform (scale = max|w| / (2^(b-1) - 1)); 32 = untouched."""
+    with torch.no_grad():
+        for name, b in bits.items():
+            if b >= 32:
+                continue
+            weight = model.get_submodule(name).weight
+            levels = 2 ** (b - 1) - 1 if b > 1 else 1
+            scale = weight.abs().flatten(1).amax(dim=1).clamp_min(1e-12) / levels
+            scale = scale.view(-1, *([1] * (weight.ndim - 1)))
+            weight.copy_(torch.clamp(torch.round(weight / scale), -levels, levels) * scale)

@@ -1,0 +1,103 @@
+"""Search-space settings, read from a YAML file in ``search_spaces/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automlprune.config_files import check_keys, read_yaml
+from automlprune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """How the search may shrink a network.
+
+    ratios: the keep-ratio grid strategies choose from, ascending, within (0, 1].
+    min_channels: no group keeps fewer channels than this (or all it has, if fewer).
+    round_to: kept channel counts are rounded to a multiple of this (hardware-friendly widths).
+    pinned: fnmatch patterns of group names never pruned.
+    pin_first: never prune the group holding the first layer's output channels.
+    bit_choices: weight bit widths the search may give a Conv/Linear layer (32 = float32).
+    pin_first_last_bits: bits for the first and last layer when bit widths are searched (HAQ pins 8); None = searched too.
+    """
+
+    ratios: tuple[float, ...] = tuple(np.round(np.arange(1, 9) / 8, 6))
+    min_channels: int = 1
+    round_to: int = 1
+    pinned: tuple[str, ...] = ()
+    pin_first: bool = False
+    bit_choices: tuple[int, ...] = (32,)
+    pin_first_last_bits: int | None = None
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios) or list(self.ratios) != sorted(set(self.ratios)):
+            raise ConfigError(f"space '{self.name}': ratios must be distinct ascending keep ratios in (0, 1], got {list(self.ratios)}")
+        if self.min_channels < 1 or self.round_to < 1:
+            raise ConfigError(f"space '{self.name}': min_channels and round_to must be at least 1")
+        if not self.bit_choices or any(b < 1 or b > 32 for b in self.bit_choices):
+            raise ConfigError(f"space '{self.name}': bit choices must be whole numbers from 1 to 32, got {list(self.bit_choices)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], name: str = "space") -> "SpaceConfig":
+        allowed = {"ratios", "min_channels", "round_to", "pinned", "pin_first", "bits", "description"}
+        check_keys(data, allowed, f"search space '{name}'")
+        kwargs: dict[str, Any] = {"name": name}
+        if "ratios" in data:
+            kwargs["ratios"] = _ratio_grid(data["ratios"], name)
+        for key in ("min_channels", "round_to"):
+            if key in data:
+                kwargs[key] = _int(data[key], key, name)
+        if "pinned" in data:
+            if not isinstance(data["pinned"], list):
+                raise ConfigError(f"search space '{name}': pinned must be a list of group-name patterns")
+            kwargs["pinned"] = tuple(str(p) for p in data["pinned"])
+        if "pin_first" in data:
+            kwargs["pin_first"] = bool(data["pin_first"])
+        if "bits" in data:
+            bits = data["bits"] or {}
+            check_keys(bits, {"choices", "pin_first_last"}, f"search space '{name}' bits")
+            if "choices" in bits:
+                kwargs["bit_choices"] = tuple(sorted(_int(b, "bits.choices", name) for b in bits["choices"]))
+            if bits.get("pin_first_last") is not None:
+                kwargs["pin_first_last_bits"] = _int(bits["pin_first_last"], "bits.pin_first_last", name)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpaceConfig":
+        path = Path(path)
+        return cls.from_dict(read_yaml(path, "search space"), name=path.stem)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _int(value: Any, key: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"search space '{name}': {key} must be a whole number, got {value!r}")
+    return value
+
+
+def _ratio_grid(spec: Any, name: str) -> tuple[float, ...]:
+    if isinstance(spec, list):
+        values = spec
+    elif isinstance(spec, dict):
+        check_keys(spec, {"min", "max", "step"}, f"search space '{name}' ratios")
+        try:
+            lo, hi, step = float(spec.get("min", 0.125)), float(spec.get("max", 1.0)), float(spec.get("step", 0.125))
+        except (TypeError, ValueError):
+            raise ConfigError(f"search space '{name}': ratios min/max/step must be numbers") from None
+        if step <= 0 or lo <= 0 or hi > 1 or lo > hi:
+            raise ConfigError(f"search space '{name}': ratios need 0 < min <= max <= 1 and step > 0")
+        values = list(np.arange(lo, hi + step / 2, step))
+    else:
+        raise ConfigError(f"search space '{name}': ratios must be a list or {{min, max, step}}")
+    try:
+        return tuple(sorted({round(float(v), 6) for v in values}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"search space '{name}': ratios must be numbers") from None

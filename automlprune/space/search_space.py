@@ -1,0 +1,188 @@
+"""The search space: which groups may shrink and to what, which layers may be quantized and to
+what, how a candidate maps to kept channel counts, and the [-1, 1]^d encoding used by RL
+agents and Optuna."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from automlprune.errors import CandidateError, ConfigError, UnsupportedLayerError
+from automlprune.space.candidate import Candidate
+from automlprune.space.config import SpaceConfig
+from automlprune.space.graph import ChannelGroup, LayerInfo, discover_groups, record_layers
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One coordinate of the encoding: a group's keep ratio or a layer's weight bits."""
+
+    kind: str  # "ratio" or "bits"
+    name: str
+    choices: tuple[float, ...]
+
+
+class SearchSpace:
+    """Built once from a model and an example input (batch of 1, on the model's device).
+
+    Holds the layer table and channel groups (no reference to the model's weights), the
+    space settings, and the candidate <-> channel counts <-> vector maps.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, config: SpaceConfig | None = None) -> None:
+        self.config = config or SpaceConfig()
+        self.example_input = example_input[:1].detach().clone()
+        self.layers: list[LayerInfo] = record_layers(model, self.example_input)
+        self.layer_by_name = {l.name: l for l in self.layers}
+        self.groups: list[ChannelGroup] = discover_groups(model, self.example_input, self.layers)
+        self.group_by_name = {g.name: g for g in self.groups}
+        self._check_grouped_convs()
+        self.pinned = self._pinned_groups()
+        self.prunable = [g.name for g in self.groups if g.name not in self.pinned]
+        self.quantizable = [l.name for l in self.layers if l.kind != "bn"]
+        self.bit_searchable = self._bit_searchable()
+        self.dimensions = [Dimension("ratio", g, self.config.ratios) for g in self.prunable] + [
+            Dimension("bits", l, tuple(float(b) for b in self.config.bit_choices)) for l in self.bit_searchable
+        ]
+
+    # ---- structure -------------------------------------------------------------------------
+    def _check_grouped_convs(self) -> None:
+        for group in self.groups:
+            for member in group.members:
+                layer = self.layer_by_name[member.layer]
+                if layer.kind == "conv" and layer.groups > 1 and not layer.depthwise:
+                    raise UnsupportedLayerError(
+                        f"layer '{layer.name}' is a grouped convolution (groups={layer.groups}) whose channels would be pruned; "
+                        "automlprune supports plain and depthwise convs only: pin its group in the search space"
+                    )
+
+    def _pinned_groups(self) -> set[str]:
+        pinned = {g.name for g in self.groups if any(fnmatch.fnmatchcase(g.name, p) for p in self.config.pinned)}
+        for pattern in self.config.pinned:
+            if not any(fnmatch.fnmatchcase(g.name, pattern) for g in self.groups):
+                raise ConfigError(f"pinned pattern '{pattern}' in space '{self.config.name}' matches no group; run 'automlprune inspect' to list group names")
+        if self.config.pin_first and self.groups:
+            first = self.layers[0].name
+            pinned |= {g.name for g in self.groups if first in g.out_layers}
+        return pinned
+
+    def _bit_searchable(self) -> list[str]:
+        if len(self.config.bit_choices) < 2:
+            return []
+        if self.config.pin_first_last_bits is None:
+            return list(self.quantizable)
+        return self.quantizable[1:-1]
+
+    @property
+    def fixed_bits(self) -> dict[str, int]:
+        """Bits imposed by the space regardless of the candidate (pinned first/last layers)."""
+        if self.config.pin_first_last_bits is None or len(self.config.bit_choices) < 2:
+            return {}
+        return {self.quantizable[0]: self.config.pin_first_last_bits, self.quantizable[-1]: self.config.pin_first_last_bits}
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dimensions)
+
+    # ---- candidates ------------------------------------------------------------------------
+    def validate(self, candidate: Candidate) -> Candidate:
+        """Raise :class:`CandidateError` if ``candidate`` names unknown or pinned groups or
+        layers, or bit widths outside the space's choices; return it unchanged otherwise."""
+        for group, _ in candidate.ratios:
+            if group not in self.group_by_name:
+                raise CandidateError(f"candidate names group '{group}' that the model lacks; run 'automlprune inspect' to list the groups")
+            if group in self.pinned:
+                raise CandidateError(f"group '{group}' is pinned by the search space; drop it from the candidate or unpin it")
+        allowed = set(self.config.bit_choices) | set(self.fixed_bits.values())
+        for layer, bits in candidate.bits:
+            if layer not in self.quantizable:
+                raise CandidateError(f"candidate gives bits to layer '{layer}' that is not a Conv2d/Linear layer of the model; use 'automlprune inspect' for layer names")
+            if bits not in allowed:
+                raise CandidateError(f"{bits} bits for layer '{layer}' is not among the space's choices {sorted(allowed)}")
+        return candidate
+
+    def kept_channels(self, candidate: Candidate) -> np.ndarray:
+        """Channels each group keeps under ``candidate``: int64 array of shape (len(groups),)."""
+        ratios = candidate.ratio_map
+        return np.array([self.channels_for(g.channels, ratios.get(g.name, 1.0)) for g in self.groups], dtype=np.int64)
+
+    def channels_for(self, channels: int, ratio: float) -> int:
+        """Kept channel count for a group of ``channels`` at keep ratio ``ratio``: rounded to the
+        nearest multiple of ``round_to``, at least ``min_channels`` (and one rounding unit), at most ``channels``."""
+        if ratio >= 1.0:
+            return channels
+        step = self.config.round_to
+        kept = int(np.floor(ratio * channels / step + 0.5)) * step
+        floor = max(self.config.min_channels, step)
+        return int(min(channels, max(kept, floor)))
+
+    def weight_bits(self, candidate: Candidate) -> dict[str, int]:
+        """Weight bits of every Conv/Linear layer under ``candidate`` (32 = float32)."""
+        bits = {layer: 32 for layer in self.quantizable}
+        bits.update(candidate.bit_map)
+        bits.update(self.fixed_bits)
+        return bits
+
+    def full(self) -> Candidate:
+        """The unpruned, full-precision network."""
+        return Candidate()
+
+    def uniform(self, ratio: float, bits: int | None = None) -> Candidate:
+        """Every prunable group at keep ratio ``ratio`` (and every searchable layer at ``bits``)."""
+        return Candidate.make({g: ratio for g in self.prunable}, {l: bits for l in self.bit_searchable} if bits else None)
+
+    def smallest(self) -> Candidate:
+        """The cheapest candidate of the space: lowest grid ratio and fewest bits everywhere."""
+        return self.uniform(self.config.ratios[0], min(self.config.bit_choices) if self.bit_searchable else None)
+
+    # ---- encoding --------------------------------------------------------------------------
+    def encode(self, candidate: Candidate) -> np.ndarray:
+        """Candidate -> float32 vector in [-1, 1]^ndim (grid position of each dimension)."""
+        ratios, bits = candidate.ratio_map, self.weight_bits(candidate)
+        out = np.empty(self.ndim, dtype=np.float32)
+        for i, dim in enumerate(self.dimensions):
+            value = ratios.get(dim.name, 1.0) if dim.kind == "ratio" else float(bits[dim.name])
+            out[i] = _to_unit(dim.choices, value)
+        return out
+
+    def decode(self, vector: Sequence[float] | np.ndarray) -> Candidate:
+        """Vector in [-1, 1]^ndim -> candidate, each coordinate snapped to the nearest grid choice."""
+        vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+        if vector.shape[0] != self.ndim:
+            raise CandidateError(f"the space has {self.ndim} dimensions but the vector has {vector.shape[0]}")
+        ratios, bits = {}, {}
+        for x, dim in zip(vector, self.dimensions):
+            value = _from_unit(dim.choices, float(x))
+            if dim.kind == "ratio":
+                ratios[dim.name] = value
+            else:
+                bits[dim.name] = int(value)
+        return Candidate.make(ratios, bits)
+
+    def describe(self) -> dict:
+        """A JSON-able summary: groups (name, channels, layers), pinned groups, dimensions."""
+        return {
+            "space": self.config.to_dict(),
+            "groups": [{"name": g.name, "channels": g.channels, "pinned": g.name in self.pinned,
+                        "layers": sorted({m.layer for m in g.members}),
+                        "out_layers": g.out_layers} for g in self.groups],
+            "quantizable_layers": self.quantizable,
+            "dimensions": self.ndim,
+        }
+
+
+def _to_unit(choices: tuple[float, ...], value: float) -> float:
+    if len(choices) == 1:
+        return 0.0
+    index = int(np.argmin([abs(c - value) for c in choices]))
+    return -1.0 + 2.0 * index / (len(choices) - 1)
+
+
+def _from_unit(choices: tuple[float, ...], x: float) -> float:
+    index = int(np.floor((np.clip(x, -1.0, 1.0) + 1.0) / 2.0 * (len(choices) - 1) + 0.5))
+    return choices[index]

@@ -14,11 +14,14 @@ from automlprune.errors import CheckpointError
 
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
     """Write ``{"state_dict", "metadata"}``; metadata must hold only plain Python values."""
+    import json
+
     import automlprune
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"automlprune_version": automlprune.__version__, "torch_version": torch.__version__, **metadata}
+    meta = {"automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__), **metadata}
+    meta = json.loads(json.dumps(meta, default=str))  # plain types only: weights_only loading accepts nothing else
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"state_dict": model.state_dict(), "metadata": meta}, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint

@@ -1,0 +1,40 @@
+"""Training and loading the baseline network of a task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from automlprune.models import save_checkpoint
+from automlprune.tasks import Task
+from automlprune.training import FitHistory, fit, split_accuracy
+
+
+def train_baseline(task: Task, device: torch.device, epochs: int | None = None, progress: bool = True) -> dict:
+    """Train the task's architecture from scratch with its train settings and save the
+    checkpoint it names; returns the checkpoint metadata (accuracies as fractions)."""
+    s = task.spec.train
+    data = task.data
+    torch.manual_seed(s.seed)
+    model = task.build_model()
+    epochs = s.epochs if epochs is None else epochs
+    history: FitHistory = fit(model, data, device, epochs=epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
+                              weight_decay=s.weight_decay, schedule=s.schedule, label_smoothing=s.label_smoothing,
+                              seed=s.seed, description=f"train {task.spec.name}", progress=progress)
+    meta = {
+        **task.checkpoint_identity(), "task": task.spec.name, "epochs": epochs,
+        "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": list(data.image_size),
+        "mean": list(data.mean), "std": list(data.std),
+        "val_accuracy": history.val_accuracy[-1] if history.val_accuracy else split_accuracy(model, data.val, data, device),
+        "test_accuracy": split_accuracy(model, data.test, data, device), "train_seconds": history.seconds,
+    }
+    save_checkpoint(task.spec.checkpoint, model, meta)
+    return meta
+
+
+def ensure_baseline(task: Task, device: torch.device, progress: bool = True) -> nn.Module:
+    """The trained baseline on ``device``; trains it first when the checkpoint is missing and the
+    task says ``auto_train: true`` (otherwise the error says how to make it)."""
+    if not task.spec.checkpoint.is_file() and task.spec.auto_train:
+        train_baseline(task, device, progress=progress)
+    return task.load_model().to(device)

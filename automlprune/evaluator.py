@@ -1,0 +1,150 @@
+"""The shared evaluator: the one place where a candidate gets its accuracy and costs.
+
+Every strategy goes through :meth:`Evaluator.evaluate`, so comparisons are fair and every
+evaluation can be recorded. Results are cached by candidate key and deterministic under
+the evaluator's seed (the same BN-recalibration and validation batches for every candidate).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from automlprune.cost import Costs, CostModel
+from automlprune.data import DataSplits, cached_batches
+from automlprune.importance import channel_order
+from automlprune.latency import measure_latency
+from automlprune.materialize import materialize
+from automlprune.space.candidate import Candidate
+from automlprune.space.search_space import SearchSpace
+from automlprune.tasks import EvalSettings, FinetuneSettings
+from automlprune.training import accuracy, fit, split_accuracy
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What one evaluation measured.
+
+    accuracy / top5: fractions in [0, 1] on the validation subset (top5 only when classes > 10);
+    costs: see :mod:`automlprune.cost`; relative: each cost over the full network's;
+    seconds: wall time of the evaluation; latency_ms: {batch size: median ms} when asked for.
+    """
+
+    candidate: Candidate
+    accuracy: float
+    top5: float | None
+    costs: Costs
+    relative: dict[str, float]
+    seconds: float
+    latency_ms: dict[int, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidate": self.candidate.to_dict(), "accuracy": self.accuracy, "top5": self.top5,
+                **self.costs.to_dict(), "flops": self.costs.flops,
+                "relative": self.relative, "seconds": self.seconds,
+                "latency_ms": {str(k): v for k, v in self.latency_ms.items()} if self.latency_ms else None}
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """A fine-tuned network and its accuracies (fractions) on validation and test splits."""
+
+    candidate: Candidate
+    val_accuracy: float
+    test_accuracy: float
+    epochs: int
+    seconds: float
+    model: nn.Module = field(repr=False, compare=False)
+
+
+class Evaluator:
+    """Scores candidates of ``space`` for the trained ``model`` on ``data``.
+
+    The validation subset and the BN-recalibration batches (unaugmented training images,
+    chosen with ``seed``) are drawn once and kept on ``device``.
+    """
+
+    def __init__(self, model: nn.Module, space: SearchSpace, data: DataSplits, settings: EvalSettings | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0, cost_model: CostModel | None = None) -> None:
+        self.settings = settings or EvalSettings()
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.space = space
+        self.data = data
+        self.seed = seed
+        self.cost_model = cost_model or CostModel(space, self.model)
+        self.order = channel_order(self.model, space, self.settings.criterion)
+        self.topk = (1, 5) if data.num_classes > 10 else (1,)
+        s = self.settings
+        self.val_batches = cached_batches(data.val, data, s.batch_size, self.device, max_samples=s.val_samples)
+        self.bn_batches = cached_batches(data.train, data, s.bn_batch_size, self.device,
+                                         max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
+        self._cache: dict[str, EvalResult] = {}
+
+    def __len__(self) -> int:
+        """Number of distinct candidates evaluated so far."""
+        return len(self._cache)
+
+    def network(self, candidate: Candidate) -> nn.Module:
+        """The materialized network of ``candidate``, BN statistics re-estimated when configured, in eval mode."""
+        net = materialize(self.model, candidate, self.space, self.order)
+        if self.settings.bn_recalibration:
+            recalibrate_batchnorm(net, self.bn_batches)
+        return net.eval()
+
+    def evaluate(self, candidate: Candidate, latency: bool = False) -> EvalResult:
+        """Accuracy and costs of ``candidate`` (cached; latency measured when asked for)."""
+        cached = self._cache.get(candidate.key)
+        if cached is not None and (cached.latency_ms is not None or not latency):
+            return cached
+        start = time.perf_counter()
+        costs = self.cost_model(candidate)
+        net = self.network(candidate)
+        acc = accuracy(net, self.val_batches, self.topk)
+        latency_ms = None
+        if latency:
+            latency_ms = measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
+        result = EvalResult(candidate, acc[1], acc.get(5), costs,
+                            {m: costs.get(m) / self.cost_model.base.get(m) for m in ("macs", "params", "bytes", "bitops")},
+                            time.perf_counter() - start, latency_ms)
+        self._cache[candidate.key] = result
+        return result
+
+    def finetune(self, candidate: Candidate, settings: FinetuneSettings | None = None, progress: bool = True) -> FinetuneResult:
+        """Fine-tune the materialized network of ``candidate`` (distilling from the unpruned
+        network when configured) and report its validation and test accuracy."""
+        s = settings or FinetuneSettings()
+        start = time.perf_counter()
+        net = self.network(candidate)
+        fit(net, self.data, self.device, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
+            weight_decay=s.weight_decay, seed=s.seed, teacher=self.model if s.distill else None,
+            distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature,
+            description="finetune", progress=progress)
+        return FinetuneResult(candidate, split_accuracy(net, self.data.val, self.data, self.device),
+                              split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
+                              time.perf_counter() - start, net)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over ``batches``
+    (adaptive BN, Li et al., 'EagleEye', ECCV 2020); other layers stay in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    model.eval()
+    saved = []
+    for bn in norms:
+        saved.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = exact mean over the batches
+        bn.train()
+    for x, _ in batches:
+        model(x)
+    for bn, momentum in zip(norms, saved):
+        bn.momentum = momentum
+        bn.eval()

@@ -1,0 +1,252 @@
+"""Task specs: a model, a dataset, a checkpoint and the training / evaluation settings, read
+from a YAML file in ``envs/``; and the :class:`Task` that loads them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from automlprune.config_files import check_keys, read_yaml
+from automlprune.errors import CheckpointError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Baseline training: SGD (momentum, nesterov) with a cosine or one-cycle learning rate."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" or "onecycle"
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the evaluator scores a candidate.
+
+    bn_recalibration: re-estimate batch-norm statistics on ``bn_batches`` training batches of
+    ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
+    first N validation samples (None = all). criterion: which channels survive.
+    """
+
+    batch_size: int = 256
+    val_samples: int | None = None
+    bn_recalibration: bool = True
+    bn_batches: int = 10
+    bn_batch_size: int = 64
+    criterion: str = "l1"
+    latency_batch_sizes: tuple[int, ...] = (1, 64)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning of a materialized network: SGD with cosine decay, optional distillation from
+    the unpruned network (loss = (1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    seed: int = 0
+
+
+def _settings(cls: type, data: Any, where: str) -> Any:
+    data = data or {}
+    check_keys(data, [f.name for f in fields(cls)], where)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(data[f.name], getattr(cls(), f.name), f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check ``value`` has the type of ``default`` (tuples from lists, floats from ints)."""
+    if isinstance(default, tuple):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, int) or (default is None and value is not None):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, str):  # PyYAML reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as written in ``envs/NAME.yaml`` (see the shipped files for every key)."""
+
+    name: str
+    model: str
+    model_kwargs: dict[str, Any]
+    dataset: str
+    dataset_options: dict[str, Any]
+    checkpoint: Path
+    auto_train: bool = False
+    space: str = "default"
+    train: TrainSettings = field(default_factory=TrainSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    description: str = ""
+    source: Path | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | None = None) -> "TaskSpec":
+        where = f"task '{source}'" if source else "task"
+        check_keys(data, {"name", "description", "model", "dataset", "checkpoint", "auto_train", "space", "train",
+                          "evaluation", "finetune"}, where)
+        for key in ("model", "dataset"):
+            if key not in data:
+                raise ConfigError(f"{where} has no '{key}' section; add one (see envs/digits-cnn.yaml)")
+        model, dataset = data["model"], data["dataset"]
+        model = {"name": model} if isinstance(model, str) else model
+        dataset = {"name": dataset} if isinstance(dataset, str) else dataset
+        check_keys(model, {"name", "kwargs"}, f"{where} model")
+        if not isinstance(dataset, dict) or "name" not in dataset:
+            raise ConfigError(f"{where} dataset needs a name (digits, fashion-mnist, cifar10, imagefolder)")
+        check_keys(dataset, {"name", "root", "val_size", "seed", "download", "image_size", "test_dir"}, f"{where} dataset")
+        name = str(data.get("name") or (source.stem if source else "task"))
+        return cls(
+            name=name, model=str(model["name"]), model_kwargs=dict(model.get("kwargs") or {}),
+            dataset=str(dataset["name"]), dataset_options={k: v for k, v in dataset.items() if k != "name"},
+            checkpoint=Path(data.get("checkpoint") or f"results/checkpoints/{name}.pt"),
+            auto_train=bool(data.get("auto_train", False)), space=str(data.get("space", "default")),
+            train=_settings(TrainSettings, data.get("train"), f"{where} train"),
+            evaluation=_settings(EvalSettings, data.get("evaluation"), f"{where} evaluation"),
+            finetune=_settings(FinetuneSettings, data.get("finetune"), f"{where} finetune"),
+            description=str(data.get("description", "")), source=source,
+        )
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, overrides: Sequence[str] = ()) -> "TaskSpec":
+        path = resolve_config(name_or_path, "envs")
+        data = apply_overrides(read_yaml(path, "task"), overrides)
+        return cls.from_dict(data, source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checkpoint"], out["source"] = str(self.checkpoint), str(self.source) if self.source else None
+        return out
+
+
+def resolve_config(name_or_path: str | Path, kind: str) -> Path:
+    """A config file given as a path, or as a name looked up in ``./<kind>/`` then in the
+    ``<kind>/`` folder shipped beside the package."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{kind[:-1] if kind.endswith('s') else kind} file {path} does not exist; check the path")
+        return path
+    for folder in (Path.cwd() / kind, REPO_ROOT / kind):
+        for suffix in (".yaml", ".yml"):
+            if (folder / f"{name_or_path}{suffix}").is_file():
+                return folder / f"{name_or_path}{suffix}"
+    raise ConfigError(f"no {kind} config named '{name_or_path}'; choose one of: {', '.join(list_configs(kind)) or '(none found)'}")
+
+
+def list_configs(kind: str) -> list[str]:
+    names: set[str] = set()
+    for folder in (Path.cwd() / kind, REPO_ROOT / kind):
+        if folder.is_dir():
+            names |= {p.stem for p in folder.glob("*.yaml")}
+    return sorted(names)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"the value in override '{item}' is not valid YAML") from None
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        target[parts[-1]] = value
+    return data
+
+
+class Task:
+    """A loaded task: its data (loaded on first use), models and search space."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self._data = None
+
+    @property
+    def data(self):
+        from automlprune.data import load_dataset
+
+        if self._data is None:
+            self._data = load_dataset(self.spec.dataset, **self.spec.dataset_options)
+        return self._data
+
+    def build_model(self):
+        """The task's architecture with fresh weights."""
+        from automlprune.models import build_model
+
+        return build_model(self.spec.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
+                           **self.spec.model_kwargs)
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """Metadata a checkpoint must match to be used for this task."""
+        return {"model": self.spec.model, "model_kwargs": self.spec.model_kwargs, "dataset": self.spec.dataset}
+
+    def load_model(self):
+        """The trained baseline: the task's architecture with its checkpoint's weights."""
+        from automlprune.models import load_weights
+
+        if not self.spec.checkpoint.is_file():
+            hint = f"automlprune train {self.spec.source or self.spec.name}"
+            raise CheckpointError(f"checkpoint {self.spec.checkpoint} of task '{self.spec.name}' does not exist; make it with '{hint}'")
+        model = self.build_model()
+        load_weights(model, self.spec.checkpoint, self.checkpoint_identity())
+        return model.eval()
+
+    def space_config(self, name_or_path: str | None = None):
+        from automlprune.space import SpaceConfig
+
+        return SpaceConfig.load(resolve_config(name_or_path or self.spec.space, "search_spaces"))
+
+    def search_space(self, model=None, space: str | None = None):
+        """The search space of ``model`` (default: a fresh build of the architecture; the
+        structure does not depend on the weights)."""
+        from automlprune.space import SearchSpace
+
+        model = model if model is not None else self.build_model()
+        device = next(model.parameters()).device
+        return SearchSpace(model, self.data.example_input().to(device), self.space_config(space))

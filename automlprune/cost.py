@@ -175,3 +175,22 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:
         model(example_input[:1])
     model.train(was_training)
     return counter.get_total_flops() / 2
+
+
+def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4) -> float:
+    """The largest keep ratio r such that every prunable group at r costs at most ``budget``
+    (absolute units of ``metric``), by bisection on r in (0, 1]. Raises ConfigError when even
+    the space's minimum widths exceed the budget."""
+    space = cost_model.space
+    cost = lambda r: cost_model(space.uniform(r)).get(metric)  # noqa: E731
+    if cost(1.0) <= budget:
+        return 1.0
+    lo, hi = 1e-6, 1.0
+    if cost(lo) > budget:
+        raise ConfigError(
+            f"a {metric} budget of {budget:.4g} is below what the narrowest uniform network costs ({cost(lo):.4g}); raise the budget"
+        )
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    return lo

@@ -66,15 +66,19 @@ def _tensor_batches(split: ImageTensors, data: DataSplits, batch_size: int, devi
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    images, labels = split.images, split.labels
+    if device.type == "cuda":  # one copy of the whole (uint8) split per pass; batches are sliced on the GPU
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        order = order.to(device)
     stop = n - n % batch_size if drop_last else n
     for count, start in enumerate(range(0, stop, batch_size)):
         if max_batches is not None and count >= max_batches:
             break
         idx = order[start:start + batch_size]
-        x = split.images[idx].to(device, non_blocking=True).float().div_(255)
+        x = images[idx].to(device, non_blocking=True).float().div_(255)
         if augment:
             x = _augment(x, data.augmentation, generator)
-        yield (x - mean) / std, split.labels[idx].to(device, non_blocking=True)
+        yield (x - mean) / std, labels[idx].to(device, non_blocking=True)
 
 
 def cached_batches(split: Split, data: DataSplits, batch_size: int, device: torch.device | str,

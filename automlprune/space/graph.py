@@ -121,8 +121,6 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerIn
 def _layer_info(name: str, module: nn.Module, output: torch.Tensor, order: int) -> LayerInfo:
     batch = output.shape[0]
     if isinstance(module, nn.Conv2d):
-        if module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
-            pass  # grouped, non-depthwise: costed with fixed groups; refused only if its channels are searched
         return LayerInfo(name, "conv", module.in_channels, module.out_channels, module.groups,
                          int(np.prod(module.kernel_size)), int(module.stride[0]), int(output[0, 0].numel()),
                          module.bias is not None, order)

@@ -1,0 +1,14 @@
+import json
+
+from automlprune.cli.main import main
+
+
+def test_quick_engine_benchmark_writes_a_report(tmp_path, capsys):
+    assert main(["benchmark", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cost_model"][0]["exact"] is True
+    assert report["cost_model"][0]["cost_model_us"] > 0 and report["evaluator"]["overhead_ratio"] >= 1
+    assert [row["target_macs"] for row in report["latency"]] == [0.7, 0.5, 0.3]
+    assert all(row["macs_ratio"] <= row["target_macs"] + 1e-9 for row in report["latency"])
+    text = (tmp_path / "report.md").read_text()
+    assert "FlopCounterMode" in text and (tmp_path / "latency_vs_macs.png").stat().st_size > 1000

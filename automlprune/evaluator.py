@@ -48,6 +48,16 @@ class EvalResult:
                 "relative": self.relative, "seconds": self.seconds,
                 "latency_ms": {str(k): v for k, v in self.latency_ms.items()} if self.latency_ms else None}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        """Inverse of :meth:`to_dict` (used to restore stored results when a run resumes)."""
+        from automlprune.cost import METRICS
+
+        latency = data.get("latency_ms")
+        return cls(Candidate.from_dict(data["candidate"]), data["accuracy"], data.get("top5"),
+                   Costs(*(data[m] for m in METRICS)), dict(data["relative"]), data["seconds"],
+                   {int(k): v for k, v in latency.items()} if latency else None)
+
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -84,6 +94,11 @@ class Evaluator:
         self.bn_batches = cached_batches(data.train, data, s.bn_batch_size, self.device,
                                          max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
         self._cache: dict[str, EvalResult] = {}
+
+    def prime(self, results: list[EvalResult]) -> None:
+        """Put already-measured results (e.g. from a run store) in the cache."""
+        for result in results:
+            self._cache.setdefault(result.candidate.key, result)
 
     def __len__(self) -> int:
         """Number of distinct candidates evaluated so far."""

@@ -1,0 +1,159 @@
+"""The strategy interface and the search loop it runs in.
+
+A strategy proposes candidates (:meth:`Strategy.ask`) and learns from their results
+(:meth:`Strategy.tell`); :func:`run_strategy` owns the loop: the evaluation budget (number
+of distinct evaluations and/or wall time), evaluation through the shared evaluator (the one
+choke point), recording every evaluation in the run store, resuming, and checking that the
+answer meets the budget.
+
+Resuming: a strategy with ``replays_on_resume`` (deterministic under its seed) is run again
+from the start against the stored results, which the evaluator serves from its cache, so it
+reaches the same state without repeating an evaluation; one without it (Optuna samplers)
+continues from the study, which already holds its history.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import optuna
+
+from automlprune.cost import Costs, CostModel
+from automlprune.evaluator import EvalResult, Evaluator
+from automlprune.search.budget import Budget
+from automlprune.search.store import RunStore
+from automlprune.space import Candidate, SearchSpace
+
+MAX_REPEATED_ASKS = 1000
+"""Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
+
+
+@dataclass
+class SearchContext:
+    """What a strategy may use: the space and the cost model (free to call), the study of this
+    search (for Optuna-backed strategies), and the importance order used by materialization.
+    Accuracy comes only through ask/tell."""
+
+    space: SearchSpace
+    cost_model: CostModel
+    study: optuna.Study | None = None
+    channel_order: dict | None = None
+    model: Any = None
+
+
+class Strategy:
+    """Base class: subclasses implement :meth:`ask` (and usually :meth:`tell`).
+
+    ``name`` is the registry name; ``options`` are strategy-specific settings from the CLI's
+    ``--option key=value`` or the Python API.
+    """
+
+    name: ClassVar[str] = "strategy"
+    replays_on_resume: ClassVar[bool] = True
+
+    def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
+        self.context = context
+        self.space = context.space
+        self.cost_model = context.cost_model
+        self.budget = budget
+        self.limit = budget.limit(self.cost_model.base)
+        self.seed = seed
+        self.max_evals = max_evals
+        self.rng = np.random.default_rng(seed)
+        self.options = options
+        self.history: list[EvalResult] = []
+        self.pending_trial: optuna.Trial | None = None
+
+    # ---- helpers for subclasses ------------------------------------------------------------------
+    def cost(self, candidate: Candidate) -> float:
+        """The budget metric's cost of ``candidate`` (absolute units)."""
+        return self.cost_model(candidate).get(self.budget.metric)
+
+    def feasible(self, candidate: Candidate) -> bool:
+        return self.cost(candidate) <= self.limit * (1 + 1e-9)
+
+    # ---- the interface ---------------------------------------------------------------------------
+    def ask(self) -> Candidate | None:
+        """The next candidate to evaluate, or None when the strategy has nothing more to try."""
+        raise NotImplementedError
+
+    def tell(self, candidate: Candidate, result: EvalResult) -> None:
+        """Learn from a result (the base class keeps the history)."""
+        self.history.append(result)
+
+    def answer(self) -> EvalResult | None:
+        """The strategy's answer for its budget: by default the most accurate feasible result
+        (cheaper first among equals). Must meet the budget."""
+        feasible = [r for r in self.history if self.budget.met_by(r.costs, self.cost_model.base)]
+        if not feasible:
+            return None
+        return max(feasible, key=lambda r: (r.accuracy, -r.costs.get(self.budget.metric)))
+
+
+@dataclass
+class SearchOutcome:
+    """What one search (one strategy, budget and seed) produced."""
+
+    strategy: str
+    budget: Budget
+    seed: int
+    answer: EvalResult | None
+    evaluations: int
+    seconds: float
+    study_name: str
+    history: list[EvalResult] = field(default_factory=list)
+
+
+ProgressFn = Callable[[int, int, EvalResult | None, float], None]
+"""(evaluations done, evaluation budget, best feasible result so far, elapsed seconds) -> None"""
+
+
+def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, *,
+                 max_evals: int, time_limit: float | None = None, attrs: dict[str, Any] | None = None,
+                 progress: ProgressFn | None = None) -> SearchOutcome:
+    """Run ``strategy`` until it stops, ``max_evals`` distinct candidates are evaluated, or
+    ``time_limit`` seconds of search (all sessions together) have passed."""
+    base: Costs = strategy.cost_model.base
+    budget = strategy.budget
+    store.fail_stale_trials(study)
+    stored = store.records(study)
+    evaluator.prime([r.result for r in stored])
+    stored_keys = {r.result.candidate.key for r in stored}
+    offset = max((r.elapsed_s for r in stored), default=0.0)
+    seen: set[str] = set()
+    if not strategy.replays_on_resume:
+        seen |= stored_keys
+        for r in stored:
+            strategy.tell(r.result.candidate, r.result)
+    start = time.perf_counter()
+    elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
+    repeats = 0
+    while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
+        candidate = strategy.ask()
+        if candidate is None:
+            break
+        result = evaluator.evaluate(candidate)
+        if candidate.key not in stored_keys or strategy.pending_trial is not None:
+            store.record(study, strategy.space, result, violation=budget.violation(result.costs, base),
+                         cost_fraction=result.costs.get(budget.metric) / base.get(budget.metric),
+                         attrs={**(attrs or {}), "evaluated": True, "elapsed_s": elapsed(),
+                                "repeat": candidate.key in stored_keys},
+                         trial=strategy.pending_trial)
+            strategy.pending_trial = None
+            stored_keys.add(candidate.key)
+        repeats = repeats + 1 if candidate.key in seen else 0
+        seen.add(candidate.key)
+        strategy.tell(candidate, result)
+        if progress is not None:
+            progress(len(seen), max_evals, strategy.answer(), elapsed())
+        if repeats >= MAX_REPEATED_ASKS:
+            break
+    answer = strategy.answer()
+    if answer is not None and not budget.met_by(answer.costs, base):
+        raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
+    if answer is not None:
+        study.set_user_attr("answer", answer.to_dict())
+    return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))

@@ -1,0 +1,194 @@
+"""Baseline strategies: uniform, random, greedy (sensitivity) and global (importance ranking)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from automlprune.cost import uniform_ratio_for_budget
+from automlprune.evaluator import EvalResult
+from automlprune.importance import group_scores
+from automlprune.search.base import SearchContext, Strategy
+from automlprune.search.budget import Budget
+from automlprune.space import Candidate
+
+
+class UniformStrategy(Strategy):
+    """One keep ratio for every prunable group: the largest that meets the budget, found by
+    bisection on the continuous ratio (the common baseline). One evaluation."""
+
+    name = "uniform"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._asked = False
+
+    def ask(self) -> Candidate | None:
+        if self._asked:
+            return None
+        self._asked = True
+        return self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit))
+
+
+class GridWalk:
+    """Candidates as grid-index vectors (one index per dimension of the space)."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.sizes = np.array([len(d.choices) for d in strategy.space.dimensions])
+
+    def candidate(self, index: np.ndarray) -> Candidate:
+        n = np.maximum(self.sizes - 1, 1)
+        return self.strategy.space.decode(np.where(self.sizes > 1, 2 * index / n - 1, 0.0))
+
+    def repair(self, index: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        """Lower random dimensions one grid step at a time until the candidate meets the budget."""
+        index = index.copy()
+        while not self.strategy.feasible(self.candidate(index)):
+            lowerable = np.flatnonzero(index > 0)
+            if len(lowerable) == 0:
+                return None
+            index[rng.choice(lowerable)] -= 1
+        return index
+
+
+class RandomStrategy(Strategy):
+    """Random feasible candidates: each dimension drawn uniformly from its grid, then random
+    dimensions lowered one step until the budget is met (so samples lie near the budget)."""
+
+    name = "random"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.walk = GridWalk(self)
+        self._asked: set[str] = set()
+
+    def ask(self) -> Candidate | None:
+        for _ in range(200):
+            index = self.walk.repair(self.rng.integers(0, self.walk.sizes), self.rng)
+            if index is None:
+                continue
+            candidate = self.walk.candidate(index)
+            if candidate.key not in self._asked:
+                self._asked.add(candidate.key)
+                return candidate
+        return None
+
+
+class GreedyStrategy(Strategy):
+    """Per-group sensitivity, then allocation (as AIMET's greedy compression-ratio selection and
+    NetAdapt do).
+
+    1. Evaluate the unpruned network, then each prunable group alone at ``probes`` keep ratios
+       from the grid (others whole): accuracy loss of group g at ratio r.
+    2. Starting from every group whole, repeatedly lower by one grid step the group whose
+       (interpolated) accuracy loss grows least per unit of budget metric saved, until the
+       budget is met; evaluate that candidate.
+
+    ``probes`` defaults to what the evaluation budget allows (at most every grid ratio below 1).
+    """
+
+    name = "greedy"
+
+    def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50,
+                 probes: int | None = None, **options: Any) -> None:
+        super().__init__(context, budget, seed, max_evals, **options)
+        grid = [r for r in self.space.config.ratios if r < 1.0]
+        groups = self.space.prunable
+        per_group = probes or max(1, (max_evals - 2) // max(1, len(groups)))
+        per_group = min(per_group, len(grid))
+        picks = np.unique(np.round(np.linspace(0, len(grid) - 1, per_group)).astype(int))
+        self.probe_ratios = [grid[i] for i in picks]
+        self.queue: list[Candidate] = [self.space.full()] + [
+            Candidate.make({g: r}) for g in groups for r in self.probe_ratios]
+        self.loss: dict[str, dict[float, float]] = {g: {1.0: 0.0} for g in groups}
+        self.base_accuracy: float | None = None
+        self._final_asked = False
+
+    def ask(self) -> Candidate | None:
+        if self.queue:
+            return self.queue.pop(0)
+        if self._final_asked:
+            return None
+        self._final_asked = True
+        return self.allocate()
+
+    def tell(self, candidate: Candidate, result: EvalResult) -> None:
+        super().tell(candidate, result)
+        ratios = candidate.ratio_map
+        if not ratios and self.base_accuracy is None:
+            self.base_accuracy = result.accuracy
+        elif len(ratios) == 1 and self.base_accuracy is not None and not self._final_asked:
+            (group, ratio), = ratios.items()
+            self.loss[group][ratio] = self.base_accuracy - result.accuracy
+
+    def _loss_at(self, group: str, ratio: float) -> float:
+        known = sorted(self.loss[group].items())
+        xs, ys = [k for k, _ in known], [v for _, v in known]
+        return float(np.interp(ratio, xs, ys))
+
+    def allocate(self) -> Candidate:
+        """Lower the cheapest-to-lose group one grid step at a time until the budget is met."""
+        grid = list(self.space.config.ratios)
+        level = {g: len(grid) - 1 for g in self.space.prunable}
+        current = self.space.full()
+        while not self.feasible(current):
+            best, best_score = None, np.inf
+            current_cost = self.cost(current)
+            for g, i in level.items():
+                if i == 0:
+                    continue
+                trial = Candidate.make({**current.ratio_map, g: grid[i - 1]})
+                saved = current_cost - self.cost(trial)
+                if saved <= 0:
+                    continue
+                score = (self._loss_at(g, grid[i - 1]) - self._loss_at(g, grid[i])) / saved
+                if score < best_score:
+                    best, best_score = g, score
+            if best is None:
+                break
+            level[best] -= 1
+            current = Candidate.make({g: grid[i] for g, i in level.items()})
+        return current
+
+
+class GlobalStrategy(Strategy):
+    """One ranking of all prunable channels across groups by importance (each group's scores
+    divided by their mean, so groups compare on one scale, as Torch-Pruning's global pruning
+    with a mean normalizer), cut at the largest number of channels kept that meets the budget.
+    The criterion is the evaluator's, so the channels removed are the ones ranked lowest. One evaluation."""
+
+    name = "global"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._asked = False
+
+    def ask(self) -> Candidate | None:
+        if self._asked:
+            return None
+        self._asked = True
+        criterion = self.options.get("criterion", "l1")
+        groups = [self.space.group_by_name[g] for g in self.space.prunable]
+        floors = [self.space.channels_for(g.channels, 1e-9) for g in groups]
+        entries = []  # (score, group index) for every removable channel, lowest score first
+        for gi, group in enumerate(groups):
+            scores = group_scores(self.context.model, group, criterion)
+            scores = (scores / scores.mean().clamp_min(1e-12)).sort().values.tolist()
+            entries += [(s, gi) for s in scores[: group.channels - floors[gi]]]
+        entries.sort()
+
+        def candidate(removed: int) -> Candidate:
+            counts = np.zeros(len(groups), dtype=int)
+            for _, gi in entries[:removed]:
+                counts[gi] += 1
+            return Candidate.make({g.name: (g.channels - c) / g.channels for g, c in zip(groups, counts)})
+
+        lo, hi = 0, len(entries)  # smallest number of removed channels that meets the budget
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.feasible(candidate(mid)) else (mid + 1, hi)
+        while lo < len(entries) and not self.feasible(candidate(lo)):  # rounding may break monotonicity
+            lo += 1
+        return candidate(lo)

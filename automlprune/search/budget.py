@@ -1,0 +1,92 @@
+"""Budgets: a cost metric and a limit, as a fraction of the unpruned network or an absolute value.
+
+Written ``macs=0.5`` (half the unpruned MACs), ``params=1.2M`` or ``bytes=250k`` (absolute),
+several at once as ``macs=0.3,0.5,0.7`` (a value without a metric takes the previous one's).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from automlprune.cost import METRICS, Costs, CostModel
+from automlprune.errors import ConfigError
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>[kmg]?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """metric: one of macs, params, bytes, bitops. value: a fraction of the unpruned network's cost
+    when ``relative``, else an absolute amount in the metric's units (see :mod:`automlprune.cost`)."""
+
+    metric: str
+    value: float
+    relative: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}={self.value:g}" if self.relative else f"{self.metric}={self.value:.6g}abs"
+
+    def limit(self, base: Costs) -> float:
+        """The budget in absolute units of its metric."""
+        return self.value * base.get(self.metric) if self.relative else self.value
+
+    def fraction(self, base: Costs) -> float:
+        """The budget as a fraction of the unpruned network's cost."""
+        return self.limit(base) / base.get(self.metric)
+
+    def violation(self, costs: Costs, base: Costs) -> float:
+        """cost / limit - 1: at most 0 when ``costs`` meet the budget (Optuna's constraint convention)."""
+        return costs.get(self.metric) / self.limit(base) - 1.0
+
+    def met_by(self, costs: Costs, base: Costs) -> bool:
+        return costs.get(self.metric) <= self.limit(base) * (1 + 1e-9)
+
+
+def parse_budget(text: str, default_metric: str | None = None) -> Budget:
+    """One budget from ``metric=value`` (or ``value`` when ``default_metric`` is given)."""
+    metric, sep, raw = text.strip().partition("=")
+    if not sep:
+        if default_metric is None:
+            raise ConfigError(f"budget '{text}' is not of the form metric=value, e.g. macs=0.5")
+        metric, raw = default_metric, text
+    metric = metric.strip().lower()
+    if metric == "latency":
+        raise ConfigError("latency budgets need the per-layer latency table, which is not built yet; use macs, params, bytes or bitops")
+    if metric not in METRICS:
+        raise ConfigError(f"unknown budget metric '{metric}' in '{text}'; use one of: {', '.join(METRICS)}")
+    match = _VALUE.match(raw)
+    if not match:
+        raise ConfigError(f"budget value '{raw.strip()}' in '{text}' is not a number; write a fraction like 0.5 or an amount like 20M")
+    value = float(match["num"]) * _SUFFIX[match["suffix"].lower()]
+    relative = not match["suffix"] and value <= 1.0
+    if value <= 0:
+        raise ConfigError(f"budget '{text}' must be positive")
+    return Budget(metric, value, relative)
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """Several budgets from ``macs=0.3,0.5,0.7`` or ``macs=0.5,params=0.4``."""
+    budgets, metric = [], None
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        budget = parse_budget(part, metric)
+        budgets.append(budget)
+        metric = budget.metric
+    if not budgets:
+        raise ConfigError("no budget given; write one like macs=0.5")
+    if len({b.label for b in budgets}) != len(budgets):
+        raise ConfigError(f"budget list '{text}' names the same budget twice")
+    return budgets
+
+
+def check_achievable(budget: Budget, cost_model: CostModel) -> None:
+    """Refuse a budget below what the space's smallest candidate costs, naming that value."""
+    smallest = cost_model(cost_model.space.smallest()).get(budget.metric)
+    if smallest > budget.limit(cost_model.base) * (1 + 1e-9):
+        base = cost_model.base.get(budget.metric)
+        raise ConfigError(
+            f"budget {budget.label} is impossible: the smallest network this space allows costs {smallest:.4g} "
+            f"{budget.metric} ({smallest / base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
+        )

@@ -1,0 +1,81 @@
+"""Optuna samplers as strategies: multi-objective (accuracy up, budget metric down) with the
+budget as Optuna's constraint. Proposals over the budget are refused on their (analytic) cost
+without spending an evaluation: they are told to the study with accuracy 0, the constraint
+violated and ``evaluated = False``, so the sampler learns to avoid them; reports ignore them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from automlprune.search.base import Strategy
+from automlprune.search.store import NATIVE_CONSTRAINTS, distributions, from_params, mark_worker, set_constraint
+from automlprune.space import Candidate
+
+MAX_REFUSED_IN_A_ROW = 500
+
+
+def _constraints(trial: FrozenTrial) -> list[float]:
+    return [float(trial.user_attrs.get("constraint", 0.0))]
+
+
+def _sampler(kind: str, seed: int, max_evals: int) -> optuna.samplers.BaseSampler:
+    constraints = None if NATIVE_CONSTRAINTS else _constraints
+    samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraints,
+                                                  n_startup_trials=min(10, max(2, max_evals // 4))),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints,
+                                                      population_size=max(4, min(50, max_evals // 4))),
+        "nsga3": lambda: optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints,
+                                                        population_size=max(4, min(50, max_evals // 4))),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, constraints_func=constraints),
+    }
+    return samplers[kind]()
+
+
+class OptunaStrategy(Strategy):
+    """Base of the Optuna-backed strategies; ``sampler_kind`` picks the sampler."""
+
+    replays_on_resume = False
+    sampler_kind: ClassVar[str] = "tpe"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.context.study is None:
+            raise ValueError("Optuna strategies need the run's study in their context")
+        self.study = self.context.study
+        self.study.sampler = _sampler(self.sampler_kind, self.seed, self.max_evals)
+        self.dists = distributions(self.space)
+        self.base = self.cost_model.base
+
+    def ask(self) -> Candidate | None:
+        for _ in range(MAX_REFUSED_IN_A_ROW):
+            trial = self.study.ask(self.dists)
+            mark_worker(trial)
+            candidate = from_params(self.space, trial.params)
+            costs = self.cost_model(candidate)
+            if self.budget.met_by(costs, self.base):
+                self.pending_trial = trial
+                return candidate
+            trial.set_user_attr("evaluated", False)
+            trial.set_user_attr("candidate", candidate.to_dict())
+            set_constraint(trial, self.budget.violation(costs, self.base))
+            self.study.tell(trial, [0.0, costs.get(self.budget.metric) / self.base.get(self.budget.metric)])
+        return None
+
+
+def _make(kind: str) -> type[OptunaStrategy]:
+    return type(f"Optuna{kind.upper()}Strategy", (OptunaStrategy,), {"name": f"optuna-{kind}", "sampler_kind": kind,
+                                                                    "__doc__": f"Optuna's {kind} sampler (see module docstring)."})
+
+
+TPEStrategy = _make("tpe")
+NSGA2Strategy = _make("nsga2")
+NSGA3Strategy = _make("nsga3")
+RandomSamplerStrategy = _make("random")
+QMCStrategy = _make("qmc")
+GPStrategy = _make("gp")

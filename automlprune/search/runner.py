@@ -1,0 +1,106 @@
+"""Running searches for a task: the baseline, the shared evaluator, the run store, and one
+search per (strategy, seed, budget)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import automlprune
+from automlprune.baseline import ensure_baseline
+from automlprune.cost import CostModel
+from automlprune.errors import ConfigError
+from automlprune.evaluator import EvalResult, Evaluator
+from automlprune.search import STRATEGIES
+from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
+from automlprune.search.budget import Budget, check_achievable
+from automlprune.search.store import RunStore
+from automlprune.tasks import Task
+
+
+@dataclass
+class SearchSession:
+    """A task's baseline, space, cost model, evaluator and run store, ready to run searches."""
+
+    task: Task
+    device: torch.device
+    store: RunStore
+    space_name: str | None = None
+    progress: bool = True
+    model: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = ensure_baseline(self.task, self.device, progress=self.progress)
+        self.space = self.task.search_space(self.model, self.space_name)
+        self.cost_model = CostModel(self.space, self.model)
+        self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device)
+
+    def save_config(self, strategies: Sequence[str], budgets: Sequence[Budget], seeds: Sequence[int],
+                    max_evals: int, time_limit: float | None, options: dict[str, Any]) -> None:
+        self.store.save_config({
+            "task": self.task.spec.to_dict(), "space": self.space.config.to_dict(), "strategies": list(strategies),
+            "budgets": [b.label for b in budgets], "seeds": list(seeds), "max_evals": max_evals, "time_limit": time_limit,
+            "options": options, "storage": self.store.url, "evaluator_seed": self.evaluator.seed,
+            "versions": {"automlprune": automlprune.__version__, "torch": str(torch.__version__)},
+        })
+
+    def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
+            options: dict[str, Any] | None = None) -> SearchOutcome:
+        """One search; resumes the stored one of the same strategy, budget and seed if any."""
+        check_achievable(budget, self.cost_model)
+        cls = STRATEGIES.get(strategy)
+        name = RunStore.study_name(strategy, budget.label, seed)
+        attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
+                 "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
+        study = self.store.study(name, attrs)
+        context = SearchContext(self.space, self.cost_model, study, self.evaluator.order, self.model)
+        try:
+            instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"strategy '{strategy}' does not take the options {sorted(options or {})} ({exc})") from None
+        reporter = _Progress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
+        try:
+            return run_strategy(instance, self.evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
+                                attrs=attrs, progress=reporter)
+        finally:
+            reporter.close()
+
+
+class _Progress:
+    """A progress bar on a terminal; a concise line every 10 s (and at the end) in logs."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=label, unit="eval", disable=not self.interactive, dynamic_ncols=True)
+        self.last_line = time.perf_counter()
+        self.state = (0, None, 0.0)
+
+    def __call__(self, done: int, total: int, best: EvalResult | None, elapsed: float) -> None:
+        self.bar.update(done - self.bar.n)
+        best_text = f"{best.accuracy:.4f}" if best else "none feasible yet"
+        self.bar.set_postfix(best=best_text)
+        self.state = (done, best_text, elapsed)
+        if self.enabled and not self.interactive and time.perf_counter() - self.last_line > 10:
+            self._line()
+
+    def _line(self) -> None:
+        done, best, elapsed = self.state
+        print(f"{self.label}: {done}/{self.total} evaluations, best feasible accuracy {best}, {elapsed:.0f}s",
+              file=sys.stderr, flush=True)
+        self.last_line = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled and not self.interactive and self.state[0]:
+            self._line()
+
+
+def default_run_dir(task: Task, strategy: str, kind: str = "runs") -> Path:
+    return Path("results") / kind / task.spec.name / strategy

@@ -1,0 +1,196 @@
+"""The run store: every evaluation of a search recorded as a trial of an Optuna study.
+
+One study per (strategy, budget, seed), all in one storage (a SQLite file in the run
+directory by default, or any Optuna storage URL; ``journal:PATH`` for a journal file).
+Directions: maximize accuracy, minimize the budget metric (as a fraction of the unpruned
+network). Params are the candidate's grid position per dimension (the [-1, 1] encoding is
+``2 * index / (choices - 1) - 1``); user attributes hold the exact candidate, every metric,
+strategy, seed, budget, task, wall time and versions; the budget is an Optuna constraint
+(``cost / limit - 1 <= 0``), so ``optuna.load_study`` and optuna-dashboard read a run like any study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from automlprune.errors import ConfigError
+from automlprune.evaluator import EvalResult
+from automlprune.space import Candidate, SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DIRECTIONS = ["maximize", "minimize"]
+
+
+def distributions(space: SearchSpace) -> dict[str, IntDistribution]:
+    """One integer (grid index) distribution per dimension of the space with a choice to make."""
+    return {f"{d.kind}:{d.name}": IntDistribution(0, len(d.choices) - 1) for d in space.dimensions if len(d.choices) > 1}
+
+
+def to_params(space: SearchSpace, candidate: Candidate) -> dict[str, int]:
+    """Candidate -> grid indices (nearest grid point for off-grid ratios)."""
+    vector = space.encode(candidate)
+    params = {}
+    for x, d in zip(vector, space.dimensions):
+        if len(d.choices) > 1:
+            params[f"{d.kind}:{d.name}"] = int(round((float(x) + 1) / 2 * (len(d.choices) - 1)))
+    return params
+
+
+def from_params(space: SearchSpace, params: dict[str, int]) -> Candidate:
+    """Grid indices -> candidate (dimensions missing from ``params`` stay at their first choice)."""
+    vector = np.zeros(space.ndim)
+    for i, d in enumerate(space.dimensions):
+        n = len(d.choices)
+        vector[i] = 2 * params.get(f"{d.kind}:{d.name}", 0) / (n - 1) - 1 if n > 1 else 0.0
+    return space.decode(vector)
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored evaluation: its result, the search wall time when it finished (s), its trial number."""
+
+    result: EvalResult
+    elapsed_s: float
+    number: int
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url`` (any SQLAlchemy URL, or ``journal:PATH``)."""
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # SQLAlchemy and drivers raise many types
+        raise ConfigError(f"cannot open the storage '{url}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                          "check the URL, the server and its driver") from None
+
+
+class RunStore:
+    """Studies of one run directory, plus the run's saved configuration."""
+
+    def __init__(self, run_dir: str | Path, storage: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        self.storage = open_storage(self.url)
+
+    # ---- configuration -----------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.json"
+
+    def load_config(self) -> dict[str, Any] | None:
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        """Save the resolved run configuration; refuse a run directory made for another task or space."""
+        old = self.load_config()
+        if old is not None:
+            for key in ("task", "space"):
+                if old.get(key, {}).get("name") != config.get(key, {}).get("name"):
+                    raise ConfigError(
+                        f"run directory {self.run_dir} holds a run of {key} '{old.get(key, {}).get('name')}', not "
+                        f"'{config.get(key, {}).get('name')}'; choose another --run-dir"
+                    )
+            config = {**old, **config, "strategies": sorted(set(old.get("strategies", [])) | set(config.get("strategies", [])))}
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+        tmp.replace(self.config_path)
+
+    # ---- studies -----------------------------------------------------------------------------
+    @staticmethod
+    def study_name(strategy: str, budget_label: str, seed: int) -> str:
+        return f"{strategy}|{budget_label}|seed{seed}"
+
+    def study(self, name: str, attrs: dict[str, Any] | None = None) -> optuna.Study:
+        study = optuna.create_study(study_name=name, storage=self.storage, directions=DIRECTIONS, load_if_exists=True)
+        for key, value in (attrs or {}).items():
+            if study.user_attrs.get(key) != value:
+                study.set_user_attr(key, value)
+        return study
+
+    def study_names(self) -> list[str]:
+        return sorted(s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False))
+
+    def record(self, study: optuna.Study, space: SearchSpace, result: EvalResult, *, violation: float, cost_fraction: float,
+               attrs: dict[str, Any], trial: optuna.Trial | None = None) -> None:
+        """Store one result: into the strategy's open Optuna trial, or as a new completed trial."""
+        user_attrs = {**attrs, "candidate": result.candidate.to_dict(), "result": result.to_dict(), "constraint": violation}
+        values = [result.accuracy, cost_fraction]
+        if trial is not None:
+            for key, value in user_attrs.items():
+                if key != "constraint":
+                    trial.set_user_attr(key, value)
+            set_constraint(trial, violation)
+            study.tell(trial, values)
+            return
+        study.add_trial(optuna.trial.create_trial(
+            params=to_params(space, result.candidate), distributions=distributions(space), values=values,
+            user_attrs=user_attrs, system_attrs={"constraints": [violation]}))
+
+    def records(self, study: optuna.Study) -> list[Record]:
+        """The study's stored evaluations (completed trials that were evaluated), in order."""
+        out = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.user_attrs.get("evaluated", False) and "result" in t.user_attrs:
+                out.append(Record(EvalResult.from_dict(t.user_attrs["result"]), float(t.user_attrs.get("elapsed_s", 0.0)), t.number))
+        return out
+
+    def fail_stale_trials(self, study: optuna.Study) -> int:
+        """Mark as FAIL the running trials left by a dead process of this host (after a crash)."""
+        host = socket.gethostname()
+        failed = 0
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = str(t.user_attrs.get("worker", ""))
+            name, _, pid = worker.rpartition(":")
+            if name == host and pid.isdigit() and not _alive(int(pid)):
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                failed += 1
+        return failed
+
+
+NATIVE_CONSTRAINTS = hasattr(optuna.Trial, "set_constraint")
+"""Optuna >= 5 takes constraints on the trial; older versions through the sampler's constraints_func."""
+
+
+def set_constraint(trial: optuna.Trial, violation: float) -> None:
+    """Attach the budget constraint (``<= 0`` feasible) to an open trial."""
+    trial.set_user_attr("constraint", violation)
+    if NATIVE_CONSTRAINTS:
+        trial.set_constraint("budget", violation)
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Tag an open trial with this process, so a later resume can tell it was abandoned."""
+    trial.set_user_attr("worker", _worker())
+
+
+def trial_candidate(trial: FrozenTrial) -> Candidate:
+    return Candidate.from_dict(trial.user_attrs["candidate"])

@@ -150,6 +150,16 @@ class TaskSpec:
         data = apply_overrides(read_yaml(path, "task"), overrides)
         return cls.from_dict(data, source=path)
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "TaskSpec":
+        """Inverse of :meth:`to_dict` (a run directory's saved task)."""
+        data = dict(data)
+        for key, settings in (("train", TrainSettings), ("evaluation", EvalSettings), ("finetune", FinetuneSettings)):
+            data[key] = _settings(settings, data.get(key), key)
+        data["checkpoint"] = Path(data["checkpoint"])
+        data["source"] = Path(data["source"]) if data.get("source") else None
+        return cls(**data)
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["checkpoint"], out["source"] = str(self.checkpoint), str(self.source) if self.source else None

@@ -55,3 +55,32 @@ def trained_digits_model(digits):
 @pytest.fixture(scope="session")
 def digits_space(trained_digits_model, digits):
     return SearchSpace(trained_digits_model, digits.example_input())
+
+
+@pytest.fixture(scope="session")
+def digits_evaluator(trained_digits_model, digits_space, digits):
+    from automlprune.evaluator import Evaluator
+    from automlprune.tasks import EvalSettings
+
+    return Evaluator(trained_digits_model, digits_space, digits, EvalSettings(bn_batches=2, bn_batch_size=64))
+
+
+def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0, max_evals=8, run_name="run", evaluator=None):
+    """One search with a fresh evaluator (so its cache counts this search's evaluations only)."""
+    from automlprune.cost import CostModel
+    from automlprune.evaluator import Evaluator
+    from automlprune.search import STRATEGIES
+    from automlprune.search.base import SearchContext, run_strategy
+    from automlprune.search.budget import parse_budget
+    from automlprune.search.store import RunStore
+    from automlprune.tasks import EvalSettings
+
+    if evaluator is None:
+        evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(tmp_path / run_name)
+    b = parse_budget(budget)
+    study = store.study(RunStore.study_name(strategy, b.label, seed), {"strategy": strategy, "budget": b.label, "seed": seed})
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.order, model)
+    instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals)
+    outcome = run_strategy(instance, evaluator, store, study, max_evals=max_evals)
+    return outcome, store, study, evaluator

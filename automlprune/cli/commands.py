@@ -118,8 +118,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from automlprune.models import MODELS
     from automlprune.tasks import list_configs
 
-    if args.what in ("models", "datasets", "criteria"):
-        registry = {"models": MODELS, "datasets": DATASETS, "criteria": CRITERIA}[args.what]
+    from automlprune.search import STRATEGIES
+
+    if args.what in ("models", "datasets", "criteria", "strategies"):
+        registry = {"models": MODELS, "datasets": DATASETS, "criteria": CRITERIA, "strategies": STRATEGIES}[args.what]
         rows = {name: registry.metadata(name).get("description", "") for name in registry.names()}
         if args.what == "models":
             rows["torchvision:<name>"] = "any torchvision classification model, adapted to the task's channels and classes"
@@ -134,4 +136,201 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     report = run_engine_benchmark(Path(args.out), resolve_device(args.device), candidates=args.candidates, quick=args.quick)
     _emit(args, report, f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
+# ---- search, compare, plot, export -----------------------------------------------------------------
+def _budgets(args: argparse.Namespace):
+    from automlprune.search.budget import parse_budget, parse_budgets
+
+    if args.budgets:
+        return parse_budgets(args.budgets)
+    return [parse_budget(args.budget or "macs=0.5")]
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"strategy option '{item}' is not of the form key=value")
+        options[key] = yaml.safe_load(raw)
+    return options
+
+
+def _check_search_args(args: argparse.Namespace) -> None:
+    if args.evals < 1:
+        raise ConfigError("--evals must be at least 1")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ConfigError("--time-limit must be a positive number of seconds")
+    if getattr(args, "finetune_epochs", None) is not None and args.finetune_epochs < 0:
+        raise ConfigError("--finetune-epochs cannot be negative")
+
+
+def _session(args: argparse.Namespace, run_dir: Path):
+    from automlprune.search.runner import SearchSession
+    from automlprune.search.store import RunStore
+
+    task = _task(args)
+    store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
+    return SearchSession(task, resolve_device(args.device), store, args.space, progress=not args.json)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from automlprune.report.collect import collect
+    from automlprune.report.plots import plot_pareto
+    from automlprune.search import STRATEGIES
+
+    _check_search_args(args)
+    STRATEGIES.get(args.strategy)
+    budgets, options = _budgets(args), _options(args.options)
+    from automlprune.tasks import TaskSpec
+
+    spec = TaskSpec.load(args.env, args.overrides)
+    run_dir = Path(args.run_dir or Path("results") / "runs" / spec.name / args.strategy)
+    session = _session(args, run_dir)
+    for budget in budgets:  # refuse impossible budgets before searching any
+        from automlprune.search.budget import check_achievable
+
+        check_achievable(budget, session.cost_model)
+    session.save_config([args.strategy], budgets, [args.seed], args.evals, args.time_limit, options)
+    answers, lines = [], []
+    for budget in budgets:
+        outcome = session.run(args.strategy, budget, args.seed, args.evals, args.time_limit, options)
+        entry = {"budget": budget.label, "strategy": args.strategy, "seed": args.seed, "evaluations": outcome.evaluations,
+                 "seconds": outcome.seconds, "answer": outcome.answer.to_dict() if outcome.answer else None}
+        if outcome.answer is None:
+            lines.append(f"{budget.label}: no feasible candidate found in {outcome.evaluations} evaluations")
+        else:
+            a = outcome.answer
+            lines.append(f"{budget.label}: accuracy {_pct(a.accuracy)} at {_pct(a.relative['macs'])} MACs, "
+                         f"{_pct(a.relative['params'])} params ({outcome.evaluations} evaluations, {outcome.seconds:.1f}s)")
+            if args.finetune_epochs:
+                from dataclasses import replace
+
+                tuned = session.evaluator.finetune(a.candidate, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
+                                                   progress=not args.json)
+                entry["finetune"] = {"epochs": tuned.epochs, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy}
+                lines.append(f"  after {tuned.epochs} fine-tune epochs: test accuracy {_pct(tuned.test_accuracy)}")
+                network = tuned.model
+            else:
+                network = session.evaluator.network(a.candidate)
+            if not args.no_export:
+                from automlprune.export import export_model
+
+                path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{_slug(budget.label)}.pt2")
+                entry["export"] = str(path)
+                lines.append(f"  saved {path}")
+        answers.append(entry)
+    (run_dir / "answers.json").write_text(json.dumps(answers, indent=2))
+    records = collect(session.store)
+    plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}")
+    lines.append(f"Pareto plot: {plot}; run store: {session.store.url}")
+    _emit(args, {"run_dir": str(run_dir), "answers": answers, "pareto_plot": str(plot)}, "\n".join(lines))
+    return 0
+
+
+def _slug(label: str) -> str:
+    return label.replace("=", "").replace(".", "p")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from automlprune.search import STRATEGIES
+    from automlprune.search.budget import check_achievable
+    from automlprune.search.compare import finish_answers, write_report
+    from automlprune.tasks import TaskSpec
+
+    _check_search_args(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise ConfigError("--strategies lists no strategy; give names like uniform,random")
+    for name in strategies:
+        STRATEGIES.get(name)
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    budgets, options = _budgets(args), _options(args.options)
+    spec = TaskSpec.load(args.env, args.overrides)
+    run_dir = Path(args.run_dir or Path("results") / "compare" / spec.name)
+    session = _session(args, run_dir)
+    for budget in budgets:
+        check_achievable(budget, session.cost_model)
+    seeds = list(range(args.seeds))
+    session.save_config(strategies, budgets, seeds, args.evals, args.time_limit, options)
+    for name in strategies:
+        for seed in seeds if STRATEGIES.get(name).uses_seed else seeds[:1]:
+            for budget in budgets:
+                session.run(name, budget, seed, args.evals, args.time_limit, options)
+    epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
+    finish_answers(session, epochs, progress=not args.json)
+    command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."
+    report = write_report(session, budgets, run_dir, command)
+    _emit(args, {"run_dir": str(run_dir), "report": str(report)}, f"wrote {report}")
+    return 0
+
+
+def _run_context(run_dir: Path, storage: str | None):
+    from automlprune.search.store import RunStore
+    from automlprune.tasks import Task, TaskSpec
+
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json); give the folder a search or compare wrote")
+    store = RunStore(run_dir, storage or (json.loads((run_dir / "config.json").read_text()).get("storage")))
+    config = store.load_config()
+    return store, config, Task(TaskSpec.from_saved(config["task"]))
+
+
+def _saved_space(task, config: dict, model=None):
+    from automlprune.space import SearchSpace, SpaceConfig
+
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config["space"].items()}
+    model = model if model is not None else task.build_model()
+    return SearchSpace(model, task.data.example_input().to(next(model.parameters()).device), SpaceConfig(**cfg))
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from automlprune.report.collect import collect
+    from automlprune.report.plots import plot_pareto, plot_profiles, plot_progress
+
+    run_dir = Path(args.run_dir)
+    store, config, task = _run_context(run_dir, args.storage)
+    records = collect(store)
+    if not records:
+        raise ConfigError(f"the run in {run_dir} holds no searches yet; run a search first")
+    paths = [plot_pareto(records, run_dir / "pareto.png", task.spec.name), plot_progress(records, run_dir / "progress.png"),
+             plot_profiles(records, _saved_space(task, config), run_dir / "profiles.png")]
+    _emit(args, {"plots": [str(p) for p in paths]}, "wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from automlprune.evaluator import Evaluator
+    from automlprune.export import export_model
+    from automlprune.report.collect import collect
+    from automlprune.search.budget import parse_budget
+    from automlprune.space import Candidate
+
+    run_dir = Path(args.run_dir)
+    store, config, task = _run_context(run_dir, args.storage)
+    label = parse_budget(args.budget).label
+    records = [r for r in collect(store) if r.budget.label == label and (args.strategy is None or r.strategy == args.strategy)]
+    answered = [r for r in records if r.answer]
+    if not answered:
+        known = sorted({r.budget.label for r in collect(store)})
+        raise ConfigError(f"the run in {run_dir} has no feasible candidate for budget {label}"
+                          + (f" from strategy {args.strategy}" if args.strategy else "") + f"; its budgets are: {', '.join(known) or 'none'}")
+    best = max(answered, key=lambda r: r.answer["accuracy"])
+    device = resolve_device(args.device)
+    model = task.load_model().to(device)
+    space = _saved_space(task, config, model)
+    evaluator = Evaluator(model, space, task.data, task.spec.evaluation, device)
+    candidate = Candidate.from_dict(best.answer["candidate"])
+    ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
+    out = Path(args.out) if args.out else run_dir / f"model-{_slug(label)}{ext}"
+    fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx"}[args.format]
+    path = export_model(evaluator.network(candidate).cpu(), task.data.example_input(), out, fmt)
+    _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},
+          f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
+          f"{_pct(best.answer['relative']['macs'])} MACs)")
     return 0

@@ -18,6 +18,19 @@ def _common(parser: argparse.ArgumentParser, env: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _search_args(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--budget", help="one budget, e.g. macs=0.5 (fraction) or params=1.2M (absolute); default macs=0.5")
+    which.add_argument("--budgets", help="several budgets, e.g. macs=0.3,0.5,0.7")
+    parser.add_argument("--space", help="search space name from search_spaces/ or a YAML path (default: the task's)")
+    parser.add_argument("--evals", type=int, default=50, help="evaluations per search (default %(default)s)")
+    parser.add_argument("--time-limit", type=float, metavar="S", help="seconds of search per strategy, budget and seed")
+    parser.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the run directory; journal:PATH for a journal file)")
+    parser.add_argument("--run-dir", help="run directory (default: results/runs/<task>/<strategy> or results/compare/<task>)")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="strategy option, e.g. --option probes=3 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from automlprune import __version__
 
@@ -43,8 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune for E epochs and report test accuracy")
     p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx)")
 
-    p = sub.add_parser("list", help="list models, datasets, criteria, envs or spaces")
-    p.add_argument("what", choices=["models", "datasets", "criteria", "envs", "spaces"])
+    p = sub.add_parser("search", help="search widths under one or several budgets with one strategy")
+    _common(p)
+    _search_args(p)
+    p.add_argument("--strategy", default="optuna-tpe", help="strategy name (see 'automlprune list strategies'; default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="strategy seed (default %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune each answer for E epochs and report test accuracy")
+    p.add_argument("--no-export", action="store_true", help="do not save the answers' networks")
+
+    p = sub.add_parser("compare", help="run several strategies under the same budgets, seeds and fine-tune; write a report")
+    _common(p)
+    _search_args(p)
+    p.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. uniform,random,optuna-tpe")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds per strategy (0..K-1; default %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E", help="identical fine-tune of every answer (default: the task's finetune.epochs)")
+
+    p = sub.add_parser("plot", help="redraw a run's Pareto, progress and width-profile plots from its store")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    p = sub.add_parser("export", help="save the network a run found for a budget")
+    _common(p, env=False)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--budget", required=True, help="one of the run's budgets, e.g. macs=0.5")
+    p.add_argument("--strategy", help="only this strategy's answers (default: the most accurate of all)")
+    p.add_argument("--format", choices=["pt", "pt2", "torchscript", "onnx"], default="pt2", help="default %(default)s (torch.export)")
+    p.add_argument("--out", help="output file (default RUN_DIR/model-<budget>.<ext>)")
+    p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
+
+    p = sub.add_parser("list", help="list models, datasets, criteria, strategies, envs or spaces")
+    p.add_argument("what", choices=["models", "datasets", "criteria", "strategies", "envs", "spaces"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
     p = sub.add_parser("benchmark", help="engine benchmark: cost model, evaluator overhead, latency vs MACs; writes a report")

@@ -53,6 +53,8 @@ class Strategy:
 
     name: ClassVar[str] = "strategy"
     replays_on_resume: ClassVar[bool] = True
+    uses_seed: ClassVar[bool] = True
+    """False for deterministic strategies: comparisons run them once, not once per seed."""
 
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
         self.context = context
@@ -118,6 +120,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     ``time_limit`` seconds of search (all sessions together) have passed."""
     base: Costs = strategy.cost_model.base
     budget = strategy.budget
+    attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
     store.fail_stale_trials(study)
     stored = store.records(study)
     evaluator.prime([r.result for r in stored])
@@ -137,10 +140,10 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             break
         result = evaluator.evaluate(candidate)
         if candidate.key not in stored_keys or strategy.pending_trial is not None:
+            repeat = candidate.key in stored_keys  # an Optuna re-proposal: told to the sampler, not a new evaluation
             store.record(study, strategy.space, result, violation=budget.violation(result.costs, base),
                          cost_fraction=result.costs.get(budget.metric) / base.get(budget.metric),
-                         attrs={**(attrs or {}), "evaluated": True, "elapsed_s": elapsed(),
-                                "repeat": candidate.key in stored_keys},
+                         attrs={**attrs, "evaluated": not repeat, "repeat": repeat, "elapsed_s": elapsed()},
                          trial=strategy.pending_trial)
             strategy.pending_trial = None
             stored_keys.add(candidate.key)

@@ -19,6 +19,7 @@ class UniformStrategy(Strategy):
     bisection on the continuous ratio (the common baseline). One evaluation."""
 
     name = "uniform"
+    uses_seed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +91,7 @@ class GreedyStrategy(Strategy):
     """
 
     name = "greedy"
+    uses_seed = False
 
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50,
                  probes: int | None = None, **options: Any) -> None:
@@ -160,6 +162,7 @@ class GlobalStrategy(Strategy):
     The criterion is the evaluator's, so the channels removed are the ones ranked lowest. One evaluation."""
 
     name = "global"
+    uses_seed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -5,6 +5,7 @@ violated and ``evaluated = False``, so the sampler learns to avoid them; reports
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, ClassVar
 
 import optuna
@@ -34,7 +35,9 @@ def _sampler(kind: str, seed: int, max_evals: int) -> optuna.samplers.BaseSample
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, constraints_func=constraints),
     }
-    return samplers[kind]()
+    with warnings.catch_warnings():  # NSGA-III and QMC are marked experimental by Optuna; we offer them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return samplers[kind]()
 
 
 class OptunaStrategy(Strategy):

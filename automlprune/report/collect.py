@@ -1,0 +1,68 @@
+"""Reading a run back from its store: one :class:`SearchRecord` per (strategy, budget, seed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from automlprune.evaluator import EvalResult
+from automlprune.search.budget import Budget, parse_budget
+from automlprune.search.store import RunStore
+
+
+@dataclass
+class SearchRecord:
+    """One stored search. ``points`` are its evaluations in order; ``answer`` the strategy's
+    answer (an :class:`EvalResult` dict); ``finetune`` and ``latency_ms`` are filled by ``compare``."""
+
+    study_name: str
+    strategy: str
+    budget: Budget
+    seed: int
+    points: list[EvalResult]
+    elapsed_s: list[float]
+    answer: dict[str, Any] | None
+    finetune: dict[str, Any] | None = None
+    latency_ms: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return self.budget.metric
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.points)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.elapsed_s, default=0.0)
+
+    def cost_fractions(self) -> list[float]:
+        return [p.relative[self.metric] for p in self.points]
+
+    def accuracies(self) -> list[float]:
+        return [p.accuracy for p in self.points]
+
+
+def _parse_label(label: str) -> Budget:
+    if label.endswith("abs"):
+        return parse_budget(label[:-3])
+    return parse_budget(label)
+
+
+def collect(store: RunStore) -> list[SearchRecord]:
+    """Every search of the run, in (strategy, budget, seed) order."""
+    import optuna
+
+    out = []
+    for name in store.study_names():
+        study = optuna.load_study(study_name=name, storage=store.storage)
+        attrs = study.user_attrs
+        if "strategy" not in attrs:
+            continue
+        records = store.records(study)
+        out.append(SearchRecord(name, attrs["strategy"], _parse_label(attrs["budget"]), int(attrs["seed"]),
+                                [r.result for r in records], [r.elapsed_s for r in records], attrs.get("answer"),
+                                attrs.get("finetune"), attrs.get("latency_ms")))
+    return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

@@ -1,0 +1,122 @@
+"""Plots of a run: Pareto fronts, search progress and per-layer width profiles.
+
+Each function computes what it draws first, draws onto Matplotlib axes and saves a PNG;
+nothing is ever shown on screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from automlprune.report.collect import SearchRecord  # noqa: E402
+from automlprune.report.pareto import best_within, pareto_front  # noqa: E402
+from automlprune.space import Candidate, SearchSpace  # noqa: E402
+
+
+def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {s: cmap(i % 10) for i, s in enumerate(dict.fromkeys(strategies))}
+
+
+def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Path:
+    """Validation accuracy against cost (fraction of the unpruned network) of every evaluation,
+    one colour per strategy, its Pareto front as a line, each budget as a dashed vertical line."""
+    metric = records[0].metric
+    records = [r for r in records if r.metric == metric]
+    colors = _colors([r.strategy for r in records])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for strategy, color in colors.items():
+        mine = [r for r in records if r.strategy == strategy]
+        costs = np.concatenate([r.cost_fractions() for r in mine]) if mine else np.array([])
+        accs = np.concatenate([r.accuracies() for r in mine]) if mine else np.array([])
+        if len(costs) == 0:
+            continue
+        ax.scatter(costs, accs, s=12, alpha=0.35, color=color)
+        front = pareto_front(costs, accs)
+        ax.step(costs[front], accs[front], where="post", color=color, linewidth=1.8, label=f"{strategy} ({len(costs)} evals)")
+    for value in sorted({r.budget.value for r in records if r.budget.relative}):
+        ax.axvline(value, color="grey", linestyle="--", linewidth=0.9)
+    ax.set_xlabel(f"{metric} / unpruned {metric}")
+    ax.set_ylabel("validation accuracy (BN re-estimated)")
+    ax.set_xlim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "Accuracy vs cost: every evaluation and each strategy's Pareto front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def best_so_far(record: SearchRecord) -> list[float]:
+    """Best feasible accuracy after each evaluation (NaN until one meets the budget)."""
+    limit = record.budget.value if record.budget.relative else None
+    costs, accs = record.cost_fractions(), record.accuracies()
+    out, best = [], np.nan
+    for k in range(len(accs)):
+        idx = best_within(costs[: k + 1], accs[: k + 1], limit if limit is not None else np.inf)
+        best = accs[idx] if idx is not None else np.nan
+        out.append(best)
+    return out
+
+
+def plot_progress(records: list[SearchRecord], path: Path) -> Path:
+    """Best feasible accuracy at each budget against evaluations (top) and search wall time (bottom)."""
+    budgets = list(dict.fromkeys(r.budget.label for r in records))
+    colors = _colors([r.strategy for r in records])
+    fig, axes = plt.subplots(2, len(budgets), figsize=(4.2 * len(budgets), 6.5), squeeze=False)
+    for col, label in enumerate(budgets):
+        for r in (r for r in records if r.budget.label == label):
+            best = best_so_far(r)
+            steps = np.arange(1, len(best) + 1)
+            kwargs = dict(color=colors[r.strategy], alpha=0.9, linewidth=1.4, label=r.strategy if r.seed == min(
+                x.seed for x in records if x.strategy == r.strategy) else None)
+            axes[0, col].step(steps, best, where="post", **kwargs)
+            axes[1, col].step(r.elapsed_s, best, where="post", **kwargs)
+        axes[0, col].set_title(f"budget {label}")
+        axes[0, col].set_xlabel("evaluations")
+        axes[1, col].set_xlabel("search wall time (s)")
+        for row in range(2):
+            axes[row, col].set_ylabel("best feasible accuracy")
+            axes[row, col].grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -> Path:
+    """Keep ratio of every channel group (network order) in each strategy's answer, per budget."""
+    budgets = list(dict.fromkeys(r.budget.label for r in records))
+    colors = _colors([r.strategy for r in records])
+    groups = [g.name for g in space.groups]
+    fig, axes = plt.subplots(len(budgets), 1, figsize=(max(7, 0.35 * len(groups) + 3), 3 * len(budgets)), squeeze=False)
+    for row, label in enumerate(budgets):
+        ax = axes[row, 0]
+        shown = set()
+        for r in (r for r in records if r.budget.label == label and r.answer):
+            if r.strategy in shown:  # first seed only: one line per strategy
+                continue
+            shown.add(r.strategy)
+            cand = Candidate.from_dict(r.answer["candidate"])
+            kept = space.kept_channels(cand) / np.array([g.channels for g in space.groups])
+            ax.plot(range(len(groups)), kept, marker="o", markersize=3, color=colors[r.strategy], label=r.strategy)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("kept fraction")
+        ax.set_title(f"per-group widths of the answers, budget {label}")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=75, fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

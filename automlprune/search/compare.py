@@ -1,0 +1,109 @@
+"""Comparing strategies on the same footing: same evaluator, evaluation budget, seeds and
+fine-tune; a report with tables (Markdown, CSV, JSON) and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+
+from automlprune.latency import measure_latency
+from automlprune.report.collect import SearchRecord, collect
+from automlprune.report.plots import plot_pareto, plot_profiles, plot_progress
+from automlprune.search.budget import Budget
+from automlprune.search.runner import SearchSession
+from automlprune.space import Candidate
+
+
+def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True) -> None:
+    """Fine-tune every answer of the run identically and measure its latency; results are stored
+    on each study, so a rerun skips the ones already done."""
+    settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
+    shape = session.task.data.example_input().shape[1:]
+    for record in collect(session.store):
+        if not record.answer:
+            continue
+        study = optuna.load_study(study_name=record.study_name, storage=session.store.storage)
+        candidate = Candidate.from_dict(record.answer["candidate"])
+        done = study.user_attrs.get("finetune")
+        if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate.to_dict():
+            tuned = session.evaluator.finetune(candidate, settings, progress=progress)
+            study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate.to_dict(),
+                                             "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
+                                             "seconds": tuned.seconds})
+        if not study.user_attrs.get("latency_ms"):
+            net = session.evaluator.network(candidate)
+            lat = measure_latency(net, shape, session.task.spec.evaluation.latency_batch_sizes, session.device)
+            study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
+    """One row per (strategy, budget): means (and spreads) over seeds."""
+    rows = []
+    keys = list(dict.fromkeys((r.strategy, r.budget.label) for r in records))
+    for strategy, label in keys:
+        mine = [r for r in records if r.strategy == strategy and r.budget.label == label]
+        answered = [r for r in mine if r.answer]
+        val = _mean_sd([r.answer["accuracy"] for r in answered])
+        test = _mean_sd([r.finetune["test_accuracy"] for r in answered if r.finetune])
+        row = {"strategy": strategy, "budget": label, "seeds": len(mine), "answered": len(answered),
+               "val_accuracy": val[0], "val_accuracy_sd": val[1], "test_accuracy": test[0], "test_accuracy_sd": test[1],
+               "finetune_epochs": answered[0].finetune["epochs"] if answered and answered[0].finetune else None,
+               "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
+               "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0}
+        for metric in ("macs", "params", "bytes"):
+            row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
+            row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
+        for b in ("1", "64"):
+            lats = [r.latency_ms[b] for r in answered if r.latency_ms and b in r.latency_ms]
+            row[f"latency_ms_b{b}"] = statistics.fmean(lats) if lats else float("nan")
+        rows.append(row)
+    return rows
+
+
+def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Path, command: str) -> Path:
+    """report.md, results.csv, results.json and the three plots in ``out_dir``."""
+    records = collect(session.store)
+    rows = summarize(records)
+    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "config": session.store.load_config()}, indent=2, default=str))
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if records:
+        plot_pareto(records, out_dir / "pareto.png", f"{session.task.spec.name}: accuracy vs cost")
+        plot_progress(records, out_dir / "progress.png")
+        plot_profiles(records, session.space, out_dir / "profiles.png")
+    base = session.cost_model.base
+    pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
+    spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
+    lines = [f"# Strategy comparison: {session.task.spec.name}", "",
+             f"Command: `{command}`", "",
+             f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
+             f"{base.params / 1e3:.1f}k params. Accuracies in %; validation accuracy is the search-time score "
+             "(BN re-estimated); test accuracy after the identical fine-tune; mean ± sd over seeds.", "",
+             "| strategy | budget | val acc | test acc | MACs | params | bytes | latency b1 (ms) | latency b64 (ms) | evals | search time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['budget']} | {spread(r['val_accuracy'], r['val_accuracy_sd'])} | "
+                     f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
+                     f"{pct(r['bytes_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | "
+                     f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} |")
+    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found.", "",
+              "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",
+              "![Per-group widths of the answers](profiles.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,62 @@
+"""Contract test: every registered strategy, on the digits task."""
+
+import pytest
+
+from automlprune.search import STRATEGIES
+from automlprune.search.budget import parse_budget
+
+from conftest import run_search
+
+STRATEGY_NAMES = STRATEGIES.names()
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.3"])
+def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, digits):
+    max_evals = 8
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy,
+                                                  budget=budget, max_evals=max_evals, seed=1)
+    b = parse_budget(budget)
+    base = evaluator.cost_model.base
+    # answers meet the budget
+    assert outcome.answer is not None, f"{strategy} found no feasible candidate"
+    assert b.met_by(outcome.answer.costs, base)
+    assert evaluator.cost_model(outcome.answer.candidate).get(b.metric) <= b.limit(base) * (1 + 1e-9)
+    # respects the evaluation budget and records every evaluation, once
+    records = store.records(study)
+    assert 1 <= outcome.evaluations <= max_evals
+    assert len(records) == outcome.evaluations == len(evaluator)
+    assert len({r.result.candidate.key for r in records}) == len(records)
+    # deterministic under a seed
+    again, *_ = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy, budget=budget,
+                           max_evals=max_evals, seed=1, run_name="again")
+    assert again.answer.candidate == outcome.answer.candidate
+    assert [r.candidate for r in again.history] == [r.candidate for r in outcome.history]
+
+
+def test_registry_lists_the_issue_strategies():
+    assert {"uniform", "random", "greedy", "global", "optuna-tpe", "optuna-nsga2"} <= set(STRATEGY_NAMES)
+    with pytest.raises(ValueError):
+        STRATEGIES.register("uniform", object)
+
+
+def test_uniform_is_the_largest_uniform_ratio_within_budget(tmp_path, trained_digits_model, digits_space, digits):
+    outcome, _, _, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, "uniform", "macs=0.4")
+    ratio = set(outcome.answer.candidate.ratio_map.values())
+    assert len(ratio) == 1
+    bigger = digits_space.uniform(min(1.0, ratio.pop() + 0.01))
+    assert evaluator.cost_model(bigger).macs > 0.4 * evaluator.cost_model.base.macs
+
+
+def test_global_removes_the_globally_least_important_channels(tmp_path, trained_digits_model, digits_space, digits):
+    outcome, *_ = run_search(tmp_path, trained_digits_model, digits_space, digits, "global", "macs=0.5")
+    ratios = outcome.answer.candidate.ratio_map
+    assert len(set(ratios.values())) > 1  # non-uniform widths
+
+
+def test_greedy_probes_each_group_then_allocates(tmp_path, trained_digits_model, digits_space, digits):
+    outcome, *_ = run_search(tmp_path, trained_digits_model, digits_space, digits, "greedy", "macs=0.5", max_evals=20)
+    probes = [r.candidate for r in outcome.history[1:-1]]
+    assert outcome.history[0].candidate.ratios == ()  # the unpruned reference first
+    assert all(len(c.ratios) == 1 for c in probes)
+    assert {g for c in probes for g in c.ratio_map} == set(digits_space.prunable)

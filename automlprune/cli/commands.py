@@ -160,6 +160,19 @@ def _options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def _options_for(strategy: str, options: dict[str, Any], strategies: list[str]) -> dict[str, Any]:
+    """Options for one strategy of a comparison: ``key`` applies to all, ``strategy.key`` to that one."""
+    out = {}
+    for key, value in options.items():
+        target, dot, name = key.partition(".")
+        if dot and target in strategies:
+            if target == strategy:
+                out[name] = value
+        else:
+            out[key] = value
+    return out
+
+
 def _check_search_args(args: argparse.Namespace) -> None:
     if args.evals < 1:
         raise ConfigError("--evals must be at least 1")
@@ -184,8 +197,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
 
     _check_search_args(args)
-    STRATEGIES.get(args.strategy)
     budgets, options = _budgets(args), _options(args.options)
+    STRATEGIES.get(args.strategy).check_options(options)
     from automlprune.tasks import TaskSpec
 
     spec = TaskSpec.load(args.env, args.overrides)
@@ -246,11 +259,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not strategies:
         raise ConfigError("--strategies lists no strategy; give names like uniform,random")
-    for name in strategies:
-        STRATEGIES.get(name)
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     budgets, options = _budgets(args), _options(args.options)
+    per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
+    for name in strategies:
+        STRATEGIES.get(name).check_options(per_strategy[name])
     spec = TaskSpec.load(args.env, args.overrides)
     run_dir = Path(args.run_dir or Path("results") / "compare" / spec.name)
     session = _session(args, run_dir)
@@ -261,7 +275,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in strategies:
         for seed in seeds if STRATEGIES.get(name).uses_seed else seeds[:1]:
             for budget in budgets:
-                session.run(name, budget, seed, args.evals, args.time_limit, options)
+                session.run(name, budget, seed, args.evals, args.time_limit, per_strategy[name])
     epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
     finish_answers(session, epochs, progress=not args.json)
     command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."

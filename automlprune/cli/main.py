@@ -28,7 +28,7 @@ def _search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the run directory; journal:PATH for a journal file)")
     parser.add_argument("--run-dir", help="run directory (default: results/runs/<task>/<strategy> or results/compare/<task>)")
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="strategy option, e.g. --option probes=3 (repeatable)")
+                        help="strategy option, e.g. --option probes=3; in compare, --option greedy.probes=3 targets one strategy (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ import numpy as np
 import optuna
 
 from automlprune.cost import Costs, CostModel
+from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.search.budget import Budget
 from automlprune.search.store import RunStore
@@ -55,6 +56,8 @@ class Strategy:
     replays_on_resume: ClassVar[bool] = True
     uses_seed: ClassVar[bool] = True
     """False for deterministic strategies: comparisons run them once, not once per seed."""
+    option_names: ClassVar[tuple[str, ...]] = ()
+    """Options accepted beyond the constructor's named parameters."""
 
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
         self.context = context
@@ -65,9 +68,22 @@ class Strategy:
         self.seed = seed
         self.max_evals = max_evals
         self.rng = np.random.default_rng(seed)
+        self.check_options(options)
         self.options = options
         self.history: list[EvalResult] = []
         self.pending_trial: optuna.Trial | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse options the strategy does not take (its named parameters and ``option_names``)."""
+        import inspect
+
+        named = [p for p in inspect.signature(cls.__init__).parameters
+                 if p not in ("self", "context", "budget", "seed", "max_evals", "args", "kwargs", "options")]
+        accepted = sorted(set(named) | set(cls.option_names))
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted) or 'none'}")
 
     # ---- helpers for subclasses ------------------------------------------------------------------
     def cost(self, candidate: Candidate) -> float:

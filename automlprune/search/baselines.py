@@ -162,6 +162,7 @@ class GlobalStrategy(Strategy):
     The criterion is the evaluator's, so the channels removed are the ones ranked lowest. One evaluation."""
 
     name = "global"
+    option_names = ("criterion",)
     uses_seed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 import automlprune
 from automlprune.baseline import ensure_baseline
 from automlprune.cost import CostModel
-from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
@@ -60,10 +59,7 @@ class SearchSession:
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
         context = SearchContext(self.space, self.cost_model, study, self.evaluator.order, self.model)
-        try:
-            instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
-        except TypeError as exc:
-            raise ConfigError(f"strategy '{strategy}' does not take the options {sorted(options or {})} ({exc})") from None
+        instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
         reporter = _Progress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
         try:
             return run_strategy(instance, self.evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,

@@ -1,0 +1,123 @@
+"""search / compare / plot / export from the command line, and their bad input."""
+
+import csv
+import json
+import sqlite3
+
+import pytest
+
+from automlprune.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    assert main(["train", "digits-cnn", "--set", f"checkpoint={path}", "--set", "train.epochs=4", "--json"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, checkpoint):
+    run = tmp_path_factory.mktemp("search") / "run"
+    assert main(["search", "digits-cnn", "--strategy", "random", "--budgets", "macs=0.4,0.6", "--evals", "6",
+                 "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--json"]) == 0
+    return run
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _trial_count(run):
+    with sqlite3.connect(run / "study.db") as db:
+        return db.execute("select count(*) from trials").fetchone()[0]
+
+
+def test_search_writes_answers_plot_exports_and_config(run_dir):
+    answers = json.loads((run_dir / "answers.json").read_text())
+    assert [a["budget"] for a in answers] == ["macs=0.4", "macs=0.6"]
+    for a in answers:
+        limit = float(a["budget"].split("=")[1])
+        assert a["answer"]["relative"]["macs"] <= limit and a["evaluations"] <= 6
+    assert (run_dir / "pareto.png").stat().st_size > 1000
+    assert (run_dir / "model-macs0p4.pt2").is_file() and (run_dir / "model-macs0p6.pt2").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["task"]["name"] == "digits-cnn" and config["strategies"] == ["random"] and config["versions"]["automlprune"]
+
+
+def test_rerunning_a_finished_search_evaluates_nothing_new(run_dir, checkpoint, capsys):
+    before = _trial_count(run_dir)
+    code, out, _ = _run(capsys, "search", "digits-cnn", "--strategy", "random", "--budgets", "macs=0.4,0.6", "--evals", "6",
+                        "--run-dir", run_dir, "--set", f"checkpoint={checkpoint}", "--json", "--no-export")
+    assert code == 0 and _trial_count(run_dir) == before
+
+
+def test_plot_and_export(run_dir, capsys, tmp_path):
+    code, out, _ = _run(capsys, "plot", run_dir, "--json")
+    assert code == 0 and len(json.loads(out)["plots"]) == 3
+    assert (run_dir / "profiles.png").is_file() and (run_dir / "progress.png").is_file()
+    code, out, _ = _run(capsys, "export", run_dir, "--budget", "macs=0.4", "--format", "torchscript", "--out", tmp_path / "m.ts", "--json")
+    assert code == 0 and (tmp_path / "m.ts").is_file() and json.loads(out)["answer"]["relative"]["macs"] <= 0.4
+
+
+def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
+    run = tmp_path / "cmp"
+    code, out, _ = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform,random", "--budgets", "macs=0.5",
+                        "--evals", "4", "--seeds", "2", "--finetune-epochs", "1", "--run-dir", run,
+                        "--set", f"checkpoint={checkpoint}", "--json")
+    assert code == 0
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    by_strategy = {r["strategy"]: r for r in rows}
+    assert by_strategy["random"]["seeds"] == "2" and by_strategy["uniform"]["seeds"] == "1"  # uniform is deterministic
+    assert all(float(r["test_accuracy"]) > 0.3 and float(r["macs_fraction"]) <= 0.5 for r in rows)
+    text = (run / "report.md").read_text()
+    assert "| random | macs=0.5 |" in text and "pareto.png" in text
+    for name in ("pareto.png", "progress.png", "profiles.png", "results.json"):
+        assert (run / name).is_file()
+
+
+BAD = {
+    "unknown strategy": (["--strategy", "annealing"], "unknown strategy 'annealing'"),
+    "malformed budget": (["--budget", "macs:0.5"], "metric=value"),
+    "impossible budget": (["--budget", "macs=0.0001"], "impossible"),
+    "zero evaluations": (["--evals", "0"], "--evals must be at least 1"),
+    "unopenable storage": (["--storage", "sqlite:////nonexistent-dir/sub/x.db"], "cannot open the storage"),
+    "bad strategy option": (["--strategy", "greedy", "--option", "probez=3"], "does not take the options"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_search_input_is_one_sentence_exit_2(case, checkpoint, tmp_path, capsys):
+    extra, expected = BAD[case]
+    code, out, err = _run(capsys, "search", "digits-cnn", "--run-dir", tmp_path / "r", "--evals", "3",
+                          "--set", f"checkpoint={checkpoint}", *extra)
+    assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_conflicting_budget_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "digits-cnn", "--budget", "macs=0.5", "--budgets", "macs=0.3,0.5"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_run_dir_of_another_task_is_refused_and_left_untouched(run_dir, checkpoint, tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    other.write_text(f"name: other-task\nmodel: digits_cnn\ndataset: digits\ncheckpoint: {checkpoint}\n")
+    before = _trial_count(run_dir)
+    code, _, err = _run(capsys, "search", other, "--strategy", "random", "--run-dir", run_dir, "--evals", "3")
+    assert code == 2 and "holds a run of task 'digits-cnn'" in err
+    assert _trial_count(run_dir) == before
+
+
+def test_export_without_a_feasible_candidate_is_refused(run_dir, capsys):
+    code, _, err = _run(capsys, "export", run_dir, "--budget", "macs=0.9")
+    assert code == 2 and "no feasible candidate for budget macs=0.9" in err and "macs=0.4" in err
+    code, _, err = _run(capsys, "export", run_dir.parent / "nowhere", "--budget", "macs=0.4")
+    assert code == 2 and "not a run directory" in err
+
+
+def test_list_strategies(capsys):
+    code, out, _ = _run(capsys, "list", "strategies", "--json")
+    assert code == 0 and {"uniform", "random", "greedy", "global", "optuna-tpe", "optuna-nsga2"} <= set(json.loads(out))

@@ -31,3 +31,16 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'automlprune' has no attribute '{name}'")
+
+
+def _register_environments() -> None:
+    """Register ``automlprune/LayerWidth-v0`` with Gymnasium (lazy entry point)."""
+    try:
+        import gymnasium
+    except ImportError:  # gymnasium is a dependency; tolerate its absence in stripped installs
+        return
+    if "automlprune/LayerWidth-v0" not in gymnasium.registry:
+        gymnasium.register(id="automlprune/LayerWidth-v0", entry_point="automlprune.rl.env:make_layer_width_env")
+
+
+_register_environments()

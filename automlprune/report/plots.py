@@ -67,19 +67,36 @@ def best_so_far(record: SearchRecord) -> list[float]:
     return out
 
 
+def best_curve(records: list[SearchRecord], length: int) -> np.ndarray:
+    """Best feasible accuracy after 1..length evaluations, one row per record (seed); a search
+    that stopped early keeps its last value."""
+    rows = []
+    for r in records:
+        best = best_so_far(r) or [np.nan]
+        rows.append(best[:length] + [best[-1]] * max(0, length - len(best)))
+    return np.array(rows, dtype=float)
+
+
 def plot_progress(records: list[SearchRecord], path: Path) -> Path:
-    """Best feasible accuracy at each budget against evaluations (top) and search wall time (bottom)."""
+    """Best feasible accuracy at each budget against evaluations (top: mean over seeds, band =
+    min..max) and against search wall time (bottom: one line per seed)."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
-    fig, axes = plt.subplots(2, len(budgets), figsize=(4.2 * len(budgets), 6.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(budgets), figsize=(4.6 * len(budgets), 7), squeeze=False)
     for col, label in enumerate(budgets):
-        for r in (r for r in records if r.budget.label == label):
-            best = best_so_far(r)
-            steps = np.arange(1, len(best) + 1)
-            kwargs = dict(color=colors[r.strategy], alpha=0.9, linewidth=1.4, label=r.strategy if r.seed == min(
-                x.seed for x in records if x.strategy == r.strategy) else None)
-            axes[0, col].step(steps, best, where="post", **kwargs)
-            axes[1, col].step(r.elapsed_s, best, where="post", **kwargs)
+        mine = [r for r in records if r.budget.label == label]
+        length = max((r.evaluations for r in mine), default=1)
+        for strategy, color in colors.items():
+            runs = [r for r in mine if r.strategy == strategy]
+            if not runs:
+                continue
+            curve = best_curve(runs, length)
+            steps = np.arange(1, length + 1)
+            with np.errstate(all="ignore"):
+                axes[0, col].plot(steps, np.nanmean(curve, axis=0), color=color, label=f"{strategy} ({len(runs)} seeds)")
+                axes[0, col].fill_between(steps, np.nanmin(curve, axis=0), np.nanmax(curve, axis=0), color=color, alpha=0.15)
+            for r in runs:
+                axes[1, col].step(r.elapsed_s, best_so_far(r), where="post", color=color, alpha=0.8, linewidth=1.2)
         axes[0, col].set_title(f"budget {label}")
         axes[0, col].set_xlabel("evaluations")
         axes[1, col].set_xlabel("search wall time (s)")

@@ -5,17 +5,21 @@ from automlprune.registry import Registry
 STRATEGIES: Registry = Registry("strategy")
 
 for _name, _entry, _desc in [
-    ("uniform", "baselines:UniformStrategy", "one keep ratio for every group, by bisection to the budget"),
-    ("random", "baselines:RandomStrategy", "random feasible candidates from the grid"),
-    ("greedy", "baselines:GreedyStrategy", "per-group sensitivity, then greedy allocation to the budget (AIMET/NetAdapt style)"),
-    ("global", "baselines:GlobalStrategy", "one importance ranking of channels across groups, cut to the budget"),
-    ("optuna-tpe", "optuna_strategies:TPEStrategy", "Optuna multivariate TPE, accuracy vs cost with the budget as constraint"),
-    ("optuna-nsga2", "optuna_strategies:NSGA2Strategy", "Optuna NSGA-II, accuracy vs cost with the budget as constraint"),
-    ("optuna-nsga3", "optuna_strategies:NSGA3Strategy", "Optuna NSGA-III, accuracy vs cost with the budget as constraint"),
-    ("optuna-random", "optuna_strategies:RandomSamplerStrategy", "Optuna's random sampler (refuses over-budget proposals)"),
-    ("optuna-qmc", "optuna_strategies:QMCStrategy", "Optuna's quasi-Monte-Carlo sampler"),
-    ("optuna-gp", "optuna_strategies:GPStrategy", "Optuna's Gaussian-process sampler with the budget as constraint"),
+    ("uniform", "automlprune.search.baselines:UniformStrategy", "one keep ratio for every group, by bisection to the budget"),
+    ("random", "automlprune.search.baselines:RandomStrategy", "random feasible candidates from the grid"),
+    ("greedy", "automlprune.search.baselines:GreedyStrategy", "per-group sensitivity, then greedy allocation to the budget (AIMET/NetAdapt style)"),
+    ("global", "automlprune.search.baselines:GlobalStrategy", "one importance ranking of channels across groups, cut to the budget"),
+    ("optuna-tpe", "automlprune.search.optuna_strategies:TPEStrategy", "Optuna multivariate TPE, accuracy vs cost with the budget as constraint"),
+    ("optuna-nsga2", "automlprune.search.optuna_strategies:NSGA2Strategy", "Optuna NSGA-II, accuracy vs cost with the budget as constraint"),
+    ("optuna-nsga3", "automlprune.search.optuna_strategies:NSGA3Strategy", "Optuna NSGA-III, accuracy vs cost with the budget as constraint"),
+    ("optuna-random", "automlprune.search.optuna_strategies:RandomSamplerStrategy", "Optuna's random sampler (refuses over-budget proposals)"),
+    ("optuna-qmc", "automlprune.search.optuna_strategies:QMCStrategy", "Optuna's quasi-Monte-Carlo sampler"),
+    ("optuna-gp", "automlprune.search.optuna_strategies:GPStrategy", "Optuna's Gaussian-process sampler with the budget as constraint"),
+    ("ddpg", "automlprune.rl.agents:DDPGStrategy", "AMC: DDPG (stable-baselines3) in the layer-width environment"),
+    ("td3", "automlprune.rl.agents:TD3Strategy", "TD3 (stable-baselines3) in the layer-width environment"),
+    ("sac", "automlprune.rl.agents:SACStrategy", "SAC (stable-baselines3) in the layer-width environment"),
+    ("ppo", "automlprune.rl.agents:PPOStrategy", "PPO (stable-baselines3) over the ratio grid in the layer-width environment"),
 ]:
-    STRATEGIES.register(_name, f"automlprune.search.{_entry}", description=_desc)
+    STRATEGIES.register(_name, _entry, description=_desc)
 
 __all__ = ["STRATEGIES"]

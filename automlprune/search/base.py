@@ -43,6 +43,7 @@ class SearchContext:
     study: optuna.Study | None = None
     channel_order: dict | None = None
     model: Any = None
+    run_dir: Any = None
 
 
 class Strategy:
@@ -71,6 +72,8 @@ class Strategy:
         self.check_options(options)
         self.options = options
         self.history: list[EvalResult] = []
+        self.spent: dict[str, float] = {}
+        """What the strategy spent besides evaluations (e.g. training steps, training seconds); recorded on the study."""
         self.pending_trial: optuna.Trial | None = None
 
     @classmethod
@@ -101,6 +104,9 @@ class Strategy:
     def tell(self, candidate: Candidate, result: EvalResult) -> None:
         """Learn from a result (the base class keeps the history)."""
         self.history.append(result)
+
+    def close(self) -> None:
+        """Release what the strategy holds (threads, files); called once the loop ends."""
 
     def answer(self) -> EvalResult | None:
         """The strategy's answer for its budget: by default the most accurate feasible result
@@ -150,29 +156,41 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     start = time.perf_counter()
     elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
     repeats = 0
-    while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
-        candidate = strategy.ask()
-        if candidate is None:
-            break
-        result = evaluator.evaluate(candidate)
-        if candidate.key not in stored_keys or strategy.pending_trial is not None:
-            repeat = candidate.key in stored_keys  # an Optuna re-proposal: told to the sampler, not a new evaluation
-            store.record(study, strategy.space, result, violation=budget.violation(result.costs, base),
-                         cost_fraction=result.costs.get(budget.metric) / base.get(budget.metric),
-                         attrs={**attrs, "evaluated": not repeat, "repeat": repeat, "elapsed_s": elapsed()},
-                         trial=strategy.pending_trial)
-            strategy.pending_trial = None
-            stored_keys.add(candidate.key)
-        repeats = repeats + 1 if candidate.key in seen else 0
-        seen.add(candidate.key)
-        strategy.tell(candidate, result)
-        if progress is not None:
-            progress(len(seen), max_evals, strategy.answer(), elapsed())
-        if repeats >= MAX_REPEATED_ASKS:
-            break
+    try:
+        while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
+            candidate = strategy.ask()
+            if candidate is None:
+                break
+            result = evaluator.evaluate(candidate)
+            if candidate.key not in stored_keys or strategy.pending_trial is not None:
+                _record(store, study, strategy, result, {**attrs, "elapsed_s": elapsed()}, repeat=candidate.key in stored_keys)
+                stored_keys.add(candidate.key)
+            repeats = repeats + 1 if candidate.key in seen else 0
+            seen.add(candidate.key)
+            strategy.tell(candidate, result)
+            if progress is not None:
+                progress(len(seen), max_evals, strategy.answer(), elapsed())
+            if repeats >= MAX_REPEATED_ASKS:
+                break
+    finally:
+        strategy.close()
     answer = strategy.answer()
     if answer is not None and not budget.met_by(answer.costs, base):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
     if answer is not None:
         study.set_user_attr("answer", answer.to_dict())
+    study.set_user_attr("search_seconds", elapsed())
+    if strategy.spent:
+        study.set_user_attr("spent", dict(strategy.spent))
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
+
+
+def _record(store: RunStore, study: optuna.Study, strategy: Strategy, result: EvalResult, attrs: dict[str, Any],
+            repeat: bool) -> None:
+    """Store one result; an Optuna re-proposal of a stored candidate is told to the sampler but
+    not counted as an evaluation."""
+    base, budget = strategy.cost_model.base, strategy.budget
+    store.record(study, strategy.space, result, violation=budget.violation(result.costs, base),
+                 cost_fraction=result.costs.get(budget.metric) / base.get(budget.metric),
+                 attrs={**attrs, "evaluated": not repeat, "repeat": repeat}, trial=strategy.pending_trial)
+    strategy.pending_trial = None

@@ -10,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import optuna
 
 from automlprune.latency import measure_latency
 from automlprune.report.collect import SearchRecord, collect
-from automlprune.report.plots import plot_pareto, plot_profiles, plot_progress
+from automlprune.report.plots import best_curve, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
 from automlprune.space import Candidate
@@ -101,9 +102,33 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
                      f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
                      f"{pct(r['bytes_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | "
                      f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} |")
-    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found.", "",
+    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found.", ""]
+    lines += _progress_table(records)
+    lines += ["",
               "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",
               "![Per-group widths of the answers](profiles.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _progress_table(records: list[SearchRecord]) -> list[str]:
+    """Best feasible validation accuracy after k evaluations, mean ± sd over seeds (a search
+    that stopped early, like uniform's single evaluation, keeps its last value)."""
+    longest = max((r.evaluations for r in records), default=0)
+    marks = [k for k in (1, 5, 10, 25, 50, 100, 200, 500) if k < longest] + [longest]
+    lines = ["Best feasible validation accuracy (%) after k evaluations, mean ± sd over seeds:", "",
+             "| strategy | budget | " + " | ".join(f"k={k}" for k in marks) + " |", "|---|---|" + "---|" * len(marks)]
+    for strategy, label in dict.fromkeys((r.strategy, r.budget.label) for r in records):
+        runs = [r for r in records if r.strategy == strategy and r.budget.label == label]
+        curve = best_curve(runs, longest) * 100
+        cells = []
+        for k in marks:
+            column = curve[:, k - 1]
+            column = column[~np.isnan(column)]
+            if len(column) == 0:
+                cells.append("–")
+            else:
+                cells.append(f"{column.mean():.2f} ± {column.std(ddof=1):.2f}" if len(column) > 1 else f"{column.mean():.2f}")
+        lines.append(f"| {strategy} | {label} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,1 @@
+"""Deep-RL layer-width search: the Gymnasium environment and the stable-baselines3 agents."""

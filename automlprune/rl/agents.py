@@ -1,0 +1,163 @@
+"""Deep-RL strategies: stable-baselines3 agents (DDPG, TD3, SAC, PPO) acting in
+:class:`~automlprune.rl.env.LayerWidthEnv`.
+
+SB3 owns its training loop, and the search loop owns evaluation and recording. They meet
+through a hand-off: the agent trains in a worker thread; when an episode ends, the
+environment passes its candidate to the search loop (``ask``) and waits for the result
+(``tell``). The two never run at once, so a run is deterministic under its seed, and an
+interrupted run resumes by replaying against the stored results.
+
+Episode budget = the run's evaluation budget (episodes whose candidate was already
+evaluated are served from the cache and do not count).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from automlprune.errors import ConfigError
+from automlprune.evaluator import EvalResult
+from automlprune.rl.env import LayerWidthEnv
+from automlprune.search.base import Strategy
+from automlprune.space import Candidate
+
+
+class DecayingGaussianNoise:
+    """AMC's exploration: Gaussian noise of ``sigma`` (0.5 by default) on the action, shrunk by
+    ``decay`` (0.95) at the end of every episode after ``warmup_episodes``. SB3 clips the noisy
+    action to [-1, 1] (AMC draws from a normal truncated to the bounds, which is close)."""
+
+    def __init__(self, sigma: float, decay: float, warmup_episodes: int, seed: int) -> None:
+        self.sigma, self.decay, self.warmup = sigma, decay, warmup_episodes
+        self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> np.ndarray:
+        return self.rng.normal(0.0, self.sigma, size=(1,)).astype(np.float32)
+
+    def reset(self) -> None:
+        self.episodes += 1
+        if self.episodes > self.warmup:
+            self.sigma *= self.decay
+
+
+class _Stop(Exception):
+    """Raised inside the agent's thread to end its training when the search ends."""
+
+
+class RLStrategy(Strategy):
+    """Base of the SB3 strategies. Options (``--option key=value``):
+
+    action_type: continuous | discrete; reward: accuracy | error_log_macs; warmup: episodes of
+    random actions before learning (default min(100, evals // 4)); learning_rate; batch_size;
+    gamma (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
+    noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others off);
+    episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip to start from.
+    The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
+    """
+
+    algorithm: ClassVar[str] = "ddpg"
+    default_action_type: ClassVar[str] = "continuous"
+    option_names = ("action_type", "reward", "warmup", "learning_rate", "batch_size", "gamma", "tau", "net_arch",
+                    "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        o = self.options
+        self.env = LayerWidthEnv(None, self.budget, action_type=o.get("action_type", self.default_action_type),
+                                 reward=o.get("reward", "accuracy"), reward_source=self._request,
+                                 reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
+                                 space=self.space, cost_model=self.cost_model)
+        self.steps_per_episode = len(self.env.groups)
+        self.agent = self._build_agent()
+        self._to_loop: queue.Queue = queue.Queue()
+        self._to_agent: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.spent = {"episodes": 0, "agent_steps": 0}
+
+    # ---- the agent -------------------------------------------------------------------------------
+    def _build_agent(self) -> Any:
+        import stable_baselines3 as sb3
+
+        o, T = self.options, self.steps_per_episode
+        warmup = int(o.get("warmup", min(100, max(1, self.max_evals // 4))))
+        arch = list(o.get("net_arch", [300, 400]))
+        common = dict(seed=self.seed, verbose=0, device="cpu", gamma=float(o.get("gamma", 1.0)))
+        if "init_agent" in o:
+            path = Path(o["init_agent"])
+            if not path.is_file():
+                raise ConfigError(f"agent file {path} does not exist; give the .zip a previous search saved")
+            return getattr(sb3, self.algorithm.upper()).load(path, env=self.env, **common)
+        if self.algorithm == "ppo":
+            episodes = int(o.get("episodes_per_update", 4))
+            return sb3.PPO("MlpPolicy", self.env, n_steps=T * episodes, batch_size=T, n_epochs=int(o.get("n_epochs", 10)),
+                           learning_rate=float(o.get("learning_rate", 3e-4)), policy_kwargs={"net_arch": arch}, **common)
+        if self.env.action_type != "continuous":
+            raise ConfigError(f"{self.algorithm} needs continuous actions; use action_type=continuous (or the ppo strategy)")
+        off_policy = dict(learning_starts=warmup * T, batch_size=int(o.get("batch_size", 64)), tau=float(o.get("tau", 0.01)),
+                          learning_rate=float(o.get("learning_rate", 1e-3)), train_freq=(1, "episode"), gradient_steps=-1,
+                          policy_kwargs={"net_arch": {"pi": arch, "qf": arch}}, buffer_size=100_000, **common)
+        if self.algorithm in ("ddpg", "td3"):
+            off_policy["action_noise"] = DecayingGaussianNoise(float(o.get("noise_sigma", 0.5)), float(o.get("noise_decay", 0.95)),
+                                                               warmup, self.seed)
+        return getattr(sb3, self.algorithm.upper())("MlpPolicy", self.env, **off_policy)
+
+    def _train(self) -> None:
+        try:
+            self.agent.learn(total_timesteps=10 ** 9)
+        except _Stop:
+            pass
+        except BaseException as exc:  # re-raised in the search loop's thread
+            self._error = exc
+        finally:
+            self._to_loop.put(None)
+
+    def _request(self, candidate: Candidate) -> EvalResult:
+        """Called by the environment (agent thread) at the end of an episode."""
+        self.spent["episodes"] += 1
+        self.spent["agent_steps"] += self.steps_per_episode
+        self._to_loop.put(candidate)
+        result = self._to_agent.get()
+        if result is None:
+            raise _Stop()
+        return result
+
+    # ---- ask / tell --------------------------------------------------------------------------------
+    def ask(self) -> Candidate | None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._train, name=f"automlprune-{self.name}", daemon=True)
+            self._thread.start()
+        candidate = self._to_loop.get()
+        if candidate is None and self._error is not None:
+            raise self._error
+        return candidate
+
+    def tell(self, candidate: Candidate, result: EvalResult) -> None:
+        super().tell(candidate, result)
+        self._to_agent.put(result)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._to_agent.put(None)
+            self._thread.join()
+        if self.context.run_dir is not None:
+            label = self.budget.label.replace("=", "").replace(".", "p")
+            self.agent.save(Path(self.context.run_dir) / f"agent-{self.name}-{label}-seed{self.seed}.zip")
+
+
+def _make(algorithm: str, action_type: str = "continuous") -> type[RLStrategy]:
+    doc = f"stable-baselines3 {algorithm.upper()} in the layer-width environment (see RLStrategy for options)."
+    return type(f"{algorithm.upper()}Strategy", (RLStrategy,),
+                {"name": algorithm, "algorithm": algorithm, "default_action_type": action_type, "__doc__": doc})
+
+
+DDPGStrategy = _make("ddpg")
+TD3Strategy = _make("td3")
+SACStrategy = _make("sac")
+PPOStrategy = _make("ppo", "discrete")

@@ -1,0 +1,128 @@
+"""The layer-width Gymnasium environment and the stable-baselines3 strategies."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import automlprune  # noqa: F401  (registers automlprune/LayerWidth-v0)
+from automlprune.cli.main import main
+from automlprune.errors import ConfigError
+from automlprune.rl.env import OBSERVATION_FEATURES, LayerWidthEnv
+from automlprune.search.budget import parse_budget
+
+
+def _episode(env, action_fn, seed=0):
+    obs, _ = env.reset(seed=seed)
+    observations, done, info = [obs], False, {}
+    while not done:
+        obs, reward, done, truncated, info = env.step(action_fn(env))
+        observations.append(obs)
+    return observations, reward, info
+
+
+@pytest.mark.parametrize("action_type", ["continuous", "discrete"])
+@pytest.mark.filterwarnings("ignore:.*different from the unwrapped version")
+def test_env_passes_gymnasium_and_sb3_checkers_through_make(action_type, digits_evaluator):
+    env = gym.make("automlprune/LayerWidth-v0", evaluator=digits_evaluator, budget="macs=0.5", action_type=action_type)
+    check_env(env.unwrapped)
+    check_env(env)  # the wrapped env gym.make returns
+    sb3_check_env(env.unwrapped)
+    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),)
+
+
+def test_make_from_a_task_name(tmp_path):
+    env = gym.make("automlprune/LayerWidth-v0", task="digits-cnn", budget="params=0.5",
+                   overrides=(f"checkpoint={tmp_path / 'c.pt'}", "train.epochs=2"))
+    _, reward, info = _episode(env.unwrapped, lambda e: e.action_space.sample())
+    assert info["feasible"] and 0 <= reward <= 1
+
+
+@pytest.mark.parametrize("budget", ["macs=0.3", "macs=0.6", "params=0.25", "bytes=0.4"])
+@pytest.mark.parametrize("action_type", ["continuous", "discrete"])
+def test_every_episode_meets_the_budget(budget, action_type, digits_evaluator):
+    env = LayerWidthEnv(digits_evaluator, budget, action_type=action_type)
+    env.action_space.seed(0)
+    b = parse_budget(budget)
+    policies = [lambda e: e.action_space.sample()] * 15
+    if action_type == "continuous":
+        policies += [lambda e: np.array([-1.0], np.float32), lambda e: np.array([1.0], np.float32)]
+    else:
+        policies += [lambda e: 0, lambda e: e.action_space.n - 1]
+    for policy in policies:
+        observations, _, info = _episode(env, policy)
+        assert info["feasible"]
+        costs = digits_evaluator.cost_model(automlprune.Candidate.from_dict(info["candidate"]))
+        assert b.met_by(costs, digits_evaluator.cost_model.base)
+        assert all(env.observation_space.contains(o) for o in observations)
+
+
+def test_same_seed_same_episode(digits_evaluator):
+    env = LayerWidthEnv(digits_evaluator, "macs=0.5")
+    actions = [np.array([a], np.float32) for a in (0.3, -0.2, 0.9, -0.7)]
+    runs = []
+    for _ in range(2):
+        it = iter(actions)
+        runs.append(_episode(env, lambda e: next(it), seed=7))
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert runs[0][1] == runs[1][1] and runs[0][2]["candidate"] == runs[1][2]["candidate"]
+
+
+def test_reward_variants_and_baseline(digits_evaluator):
+    plain = LayerWidthEnv(digits_evaluator, "macs=0.5", reward="accuracy")
+    amc = LayerWidthEnv(digits_evaluator, "macs=0.5", reward="error_log_macs")
+    _, r_plain, info = _episode(plain, lambda e: np.array([0.0], np.float32))
+    _, r_amc, _ = _episode(amc, lambda e: np.array([0.0], np.float32))
+    acc, macs = info["result"]["accuracy"], info["result"]["macs"]
+    assert r_plain == pytest.approx(acc) and r_amc == pytest.approx(-(1 - acc) * np.log(macs))
+    shaped = LayerWidthEnv(digits_evaluator, "macs=0.5", reward_baseline=0.5)
+    _, first, _ = _episode(shaped, lambda e: np.array([0.0], np.float32))
+    assert first == 0.0  # the baseline starts at the first episode's reward
+
+
+def test_bad_env_options_are_one_sentence(digits_evaluator):
+    with pytest.raises(ConfigError, match="unknown reward 'speed'"):
+        LayerWidthEnv(digits_evaluator, "macs=0.5", reward="speed")
+    with pytest.raises(ConfigError, match="impossible"):
+        LayerWidthEnv(digits_evaluator, "macs=0.0001")
+    with pytest.raises(ConfigError, match="unknown action type"):
+        LayerWidthEnv(digits_evaluator, "macs=0.5", action_type="multi")
+    with pytest.raises(ConfigError, match="not available yet"):
+        LayerWidthEnv(digits_evaluator, "macs=0.5", mode="bits")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    assert main(["train", "digits-cnn", "--set", f"checkpoint={path}", "--set", "train.epochs=4", "--json"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["ddpg", "ppo"])
+def test_tiny_agent_search_records_evaluations_and_saves_the_agent(strategy, checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5", "--evals", "10", "--run-dir", str(run),
+                 "--set", f"checkpoint={checkpoint}", "--no-export", "--json", "--option", "warmup=2"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["answers"][0]["evaluations"] == 10 and out["answers"][0]["answer"]["relative"]["macs"] <= 0.5
+    agent = run / f"agent-{strategy}-macs0p5-seed0.zip"
+    assert agent.is_file()
+    code = main(["search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5", "--evals", "4", "--seed", "1",
+                 "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--no-export", "--json",
+                 "--option", f"init_agent={agent}"])
+    assert code == 0  # a saved agent continues in a new search
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--strategy", "a2c"], "unknown strategy 'a2c'"),
+    (["--strategy", "ddpg", "--option", "reward=speed"], "unknown reward 'speed'"),
+    (["--strategy", "ddpg", "--option", "action_type=discrete"], "needs continuous actions"),
+    (["--strategy", "ddpg", "--option", "gamma_max=1"], "does not take the options"),
+])
+def test_bad_agent_options_exit_2(extra, message, checkpoint, tmp_path, capsys):
+    code = main(["search", "digits-cnn", "--run-dir", str(tmp_path / "r"), "--evals", "3", "--set", f"checkpoint={checkpoint}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -28,15 +28,16 @@ from automlprune.search.budget import Budget
 from automlprune.search.store import RunStore
 from automlprune.space import Candidate, SearchSpace
 
-MAX_REPEATED_ASKS = 1000
+MAX_REPEATED_ASKS = 200
 """Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
 
 
 @dataclass
 class SearchContext:
     """What a strategy may use: the space and the cost model (free to call), the study of this
-    search (for Optuna-backed strategies), and the importance order used by materialization.
-    Accuracy comes only through ask/tell."""
+    search (for Optuna-backed strategies), the importance order used by materialization, the
+    trained model (to read weights, e.g. for importance ranking) and the run directory (to
+    save artifacts such as RL agents). Accuracy comes only through ask/tell."""
 
     space: SearchSpace
     cost_model: CostModel
@@ -44,6 +45,7 @@ class SearchContext:
     channel_order: dict | None = None
     model: Any = None
     run_dir: Any = None
+    criterion: str = "l1"
 
 
 class Strategy:

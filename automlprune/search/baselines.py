@@ -14,11 +14,9 @@ from automlprune.search.budget import Budget
 from automlprune.space import Candidate
 
 
-class UniformStrategy(Strategy):
-    """One keep ratio for every prunable group: the largest that meets the budget, found by
-    bisection on the continuous ratio (the common baseline). One evaluation."""
+class OneShotStrategy(Strategy):
+    """A strategy that computes one candidate from the cost model (and weights) and evaluates it."""
 
-    name = "uniform"
     uses_seed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -29,6 +27,19 @@ class UniformStrategy(Strategy):
         if self._asked:
             return None
         self._asked = True
+        return self.propose()
+
+    def propose(self) -> Candidate:
+        raise NotImplementedError
+
+
+class UniformStrategy(OneShotStrategy):
+    """One keep ratio for every prunable group: the largest that meets the budget, found by
+    bisection on the continuous ratio (the common baseline). One evaluation."""
+
+    name = "uniform"
+
+    def propose(self) -> Candidate:
         return self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit))
 
 
@@ -155,25 +166,17 @@ class GreedyStrategy(Strategy):
         return current
 
 
-class GlobalStrategy(Strategy):
+class GlobalStrategy(OneShotStrategy):
     """One ranking of all prunable channels across groups by importance (each group's scores
     divided by their mean, so groups compare on one scale, as Torch-Pruning's global pruning
     with a mean normalizer), cut at the largest number of channels kept that meets the budget.
-    The criterion is the evaluator's, so the channels removed are the ones ranked lowest. One evaluation."""
+    The criterion is the evaluator's (the task's ``evaluation.criterion``), so the channels
+    materialization removes are exactly the ones ranked lowest. One evaluation."""
 
     name = "global"
-    option_names = ("criterion",)
-    uses_seed = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._asked = False
-
-    def ask(self) -> Candidate | None:
-        if self._asked:
-            return None
-        self._asked = True
-        criterion = self.options.get("criterion", "l1")
+    def propose(self) -> Candidate:
+        criterion = self.context.criterion
         groups = [self.space.group_by_name[g] for g in self.space.prunable]
         floors = [self.space.channels_for(g.channels, 1e-9) for g in groups]
         entries = []  # (score, group index) for every removable channel, lowest score first

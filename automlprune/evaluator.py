@@ -112,7 +112,9 @@ class Evaluator:
         return net.eval()
 
     def evaluate(self, candidate: Candidate, latency: bool = False) -> EvalResult:
-        """Accuracy and costs of ``candidate`` (cached; latency measured when asked for)."""
+        """Accuracy and costs of ``candidate`` (cached by network: the result holds the canonical
+        candidate, see :meth:`SearchSpace.canonical`; latency measured when asked for)."""
+        candidate = self.space.canonical(self.space.validate(candidate))
         cached = self._cache.get(candidate.key)
         if cached is not None and (cached.latency_ms is not None or not latency):
             return cached

@@ -92,11 +92,12 @@ def test_kill_9_mid_search_then_resume(tmp_path):
     done_before = _count(run_dir, name)
     assert 8 <= done_before < 60
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    kept = [t.user_attrs["candidate"] for t in study.trials if t.user_attrs.get("evaluated")]
+    complete = optuna.trial.TrialState.COMPLETE
+    kept = [t.user_attrs["candidate"] for t in study.trials if t.state == complete and t.user_attrs.get("evaluated")]
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-1000:]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    evaluated = [t for t in study.trials if t.user_attrs.get("evaluated")]
+    evaluated = [t for t in study.trials if t.state == complete and t.user_attrs.get("evaluated")]
     keys = [json.dumps(t.user_attrs["candidate"], sort_keys=True) for t in evaluated]
     assert len(evaluated) == 60 and len(set(keys)) == 60  # nothing lost, nothing repeated
     assert [t.user_attrs["candidate"] for t in evaluated[:len(kept)]] == kept

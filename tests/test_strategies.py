@@ -41,11 +41,15 @@ def test_registry_lists_the_issue_strategies():
 
 
 def test_uniform_is_the_largest_uniform_ratio_within_budget(tmp_path, trained_digits_model, digits_space, digits):
+    from automlprune.cost import uniform_ratio_for_budget
+
     outcome, _, _, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, "uniform", "macs=0.4")
-    ratio = set(outcome.answer.candidate.ratio_map.values())
-    assert len(ratio) == 1
-    bigger = digits_space.uniform(min(1.0, ratio.pop() + 0.01))
-    assert evaluator.cost_model(bigger).macs > 0.4 * evaluator.cost_model.base.macs
+    cost = evaluator.cost_model
+    ratio = uniform_ratio_for_budget(cost, "macs", 0.4 * cost.base.macs)
+    answer = outcome.answer.candidate  # canonical: exact kept fractions of the same network
+    assert (digits_space.kept_channels(answer) == digits_space.kept_channels(digits_space.uniform(ratio))).all()
+    assert cost(answer).macs <= 0.4 * cost.base.macs
+    assert cost(digits_space.uniform(min(1.0, ratio + 0.01))).macs > 0.4 * cost.base.macs
 
 
 def test_global_removes_the_globally_least_important_channels(tmp_path, trained_digits_model, digits_space, digits):

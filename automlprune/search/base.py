@@ -160,16 +160,17 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     repeats = 0
     try:
         while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
-            candidate = strategy.ask()
-            if candidate is None:
+            proposed = strategy.ask()
+            if proposed is None:
                 break
+            candidate = strategy.space.canonical(proposed)  # one key per network, however it was written
             result = evaluator.evaluate(candidate)
             if candidate.key not in stored_keys or strategy.pending_trial is not None:
                 _record(store, study, strategy, result, {**attrs, "elapsed_s": elapsed()}, repeat=candidate.key in stored_keys)
                 stored_keys.add(candidate.key)
             repeats = repeats + 1 if candidate.key in seen else 0
             seen.add(candidate.key)
-            strategy.tell(candidate, result)
+            strategy.tell(proposed, result)
             if progress is not None:
                 progress(len(seen), max_evals, strategy.answer(), elapsed())
             if repeats >= MAX_REPEATED_ASKS:

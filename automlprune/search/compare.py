@@ -88,13 +88,16 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         plot_progress(records, out_dir / "progress.png")
         plot_profiles(records, session.space, out_dir / "profiles.png")
     base = session.cost_model.base
+    epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None}
+    test_meaning = ("test accuracy of the answer without fine-tuning (BN re-estimated)" if epochs == {0}
+                    else f"test accuracy after the identical fine-tune ({', '.join(map(str, sorted(epochs)))} epochs)")
     pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
     spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
              f"{base.params / 1e3:.1f}k params. Accuracies in %; validation accuracy is the search-time score "
-             "(BN re-estimated); test accuracy after the identical fine-tune; mean ± sd over seeds.", "",
+             f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
              "| strategy | budget | val acc | test acc | MACs | params | bytes | latency b1 (ms) | latency b64 (ms) | evals | search time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

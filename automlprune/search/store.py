@@ -11,6 +11,7 @@ strategy, seed, budget, task, wall time and versions; the budget is an Optuna co
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -164,13 +165,18 @@ class RunStore:
         return out
 
     def fail_stale_trials(self, study: optuna.Study) -> int:
-        """Mark as FAIL the running trials left by a dead process of this host (after a crash)."""
+        """Mark as FAIL the running trials left by a dead process of this host (after a crash),
+        and those never tagged with a worker although opened over 2 s ago (a live worker tags its
+        trial right after opening it; a crash in between leaves it untagged)."""
         host = socket.gethostname()
+        now = datetime.datetime.now()
         failed = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = str(t.user_attrs.get("worker", ""))
             name, _, pid = worker.rpartition(":")
-            if name == host and pid.isdigit() and not _alive(int(pid)):
+            dead = name == host and pid.isdigit() and not _alive(int(pid))
+            untagged = not worker and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 2
+            if dead or untagged:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 failed += 1
         return failed

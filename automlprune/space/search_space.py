@@ -121,6 +121,12 @@ class SearchSpace:
         floor = max(self.config.min_channels, step)
         return int(min(channels, max(kept, floor)))
 
+    def canonical(self, candidate: Candidate) -> Candidate:
+        """The same network with each ratio replaced by its exact kept fraction (kept / channels),
+        so candidates describing the same network share one key (cache, evaluation budget, store)."""
+        ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, self.kept_channels(candidate)) if k < g.channels}
+        return Candidate.make(ratios, candidate.bit_map)
+
     def weight_bits(self, candidate: Candidate) -> dict[str, int]:
         """Weight bits of every Conv/Linear layer under ``candidate`` (32 = float32)."""
         bits = {layer: 32 for layer in self.quantizable}

@@ -46,6 +46,21 @@ class DecayingGaussianNoise:
             self.sigma *= self.decay
 
 
+def _separate_actor_rate(algorithm_class: type, actor_learning_rate: float) -> type:
+    """An SB3 off-policy class whose actor trains at its own learning rate (AMC: actor 1e-4,
+    critic 1e-3); SB3 itself applies one rate to both."""
+
+    class SeparateActorRate(algorithm_class):  # type: ignore[misc, valid-type]
+        def _update_learning_rate(self, optimizers: Any) -> None:
+            super()._update_learning_rate(optimizers)
+            actor = getattr(getattr(self, "actor", None), "optimizer", None)
+            for group in (actor.param_groups if actor is not None else []):
+                group["lr"] = actor_learning_rate
+
+    SeparateActorRate.__name__ = algorithm_class.__name__
+    return SeparateActorRate
+
+
 class _Stop(Exception):
     """Raised inside the agent's thread to end its training when the search ends."""
 
@@ -54,7 +69,8 @@ class RLStrategy(Strategy):
     """Base of the SB3 strategies. Options (``--option key=value``):
 
     action_type: continuous | discrete; reward: accuracy | error_log_macs; warmup: episodes of
-    random actions before learning (default min(100, evals // 4)); learning_rate; batch_size;
+    random actions before learning (default min(100, evals // 4)); learning_rate (critic, and actor
+    unless actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size;
     gamma (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
     noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others off);
     episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip to start from.
@@ -63,7 +79,7 @@ class RLStrategy(Strategy):
 
     algorithm: ClassVar[str] = "ddpg"
     default_action_type: ClassVar[str] = "continuous"
-    option_names = ("action_type", "reward", "warmup", "learning_rate", "batch_size", "gamma", "tau", "net_arch",
+    option_names = ("action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
                     "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -106,7 +122,11 @@ class RLStrategy(Strategy):
         if self.algorithm in ("ddpg", "td3"):
             off_policy["action_noise"] = DecayingGaussianNoise(float(o.get("noise_sigma", 0.5)), float(o.get("noise_decay", 0.95)),
                                                                warmup, self.seed)
-        return getattr(sb3, self.algorithm.upper())("MlpPolicy", self.env, **off_policy)
+        algorithm_class = getattr(sb3, self.algorithm.upper())
+        actor_rate = o.get("actor_learning_rate", 1e-4 if self.algorithm in ("ddpg", "td3") else None)  # AMC: 1e-4
+        if actor_rate is not None:
+            algorithm_class = _separate_actor_rate(algorithm_class, float(actor_rate))
+        return algorithm_class("MlpPolicy", self.env, **off_policy)
 
     def _train(self) -> None:
         try:

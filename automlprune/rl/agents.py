@@ -105,11 +105,15 @@ class RLStrategy(Strategy):
         warmup = int(o.get("warmup", min(100, max(1, self.max_evals // 4))))
         arch = list(o.get("net_arch", [300, 400]))
         common = dict(seed=self.seed, verbose=0, device="cpu", gamma=float(o.get("gamma", 1.0)))
+        algorithm_class = getattr(sb3, self.algorithm.upper())
+        actor_rate = o.get("actor_learning_rate", 1e-4 if self.algorithm in ("ddpg", "td3") else None)  # AMC: 1e-4
+        if actor_rate is not None and self.algorithm != "ppo":
+            algorithm_class = _separate_actor_rate(algorithm_class, float(actor_rate))
         if "init_agent" in o:
             path = Path(o["init_agent"])
             if not path.is_file():
                 raise ConfigError(f"agent file {path} does not exist; give the .zip a previous search saved")
-            return getattr(sb3, self.algorithm.upper()).load(path, env=self.env, **common)
+            return algorithm_class.load(path, env=self.env, **common)
         if self.algorithm == "ppo":
             episodes = int(o.get("episodes_per_update", 4))
             return sb3.PPO("MlpPolicy", self.env, n_steps=T * episodes, batch_size=T, n_epochs=int(o.get("n_epochs", 10)),
@@ -122,10 +126,6 @@ class RLStrategy(Strategy):
         if self.algorithm in ("ddpg", "td3"):
             off_policy["action_noise"] = DecayingGaussianNoise(float(o.get("noise_sigma", 0.5)), float(o.get("noise_decay", 0.95)),
                                                                warmup, self.seed)
-        algorithm_class = getattr(sb3, self.algorithm.upper())
-        actor_rate = o.get("actor_learning_rate", 1e-4 if self.algorithm in ("ddpg", "td3") else None)  # AMC: 1e-4
-        if actor_rate is not None:
-            algorithm_class = _separate_actor_rate(algorithm_class, float(actor_rate))
         return algorithm_class("MlpPolicy", self.env, **off_policy)
 
     def _train(self) -> None:

@@ -15,6 +15,7 @@ import optuna
 
 from automlprune.latency import measure_latency
 from automlprune.report.collect import SearchRecord, collect
+from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
@@ -62,6 +63,7 @@ def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
         row = {"strategy": strategy, "budget": label, "seeds": len(mine), "answered": len(answered),
                "val_accuracy": val[0], "val_accuracy_sd": val[1], "test_accuracy": test[0], "test_accuracy_sd": test[1],
                "finetune_epochs": answered[0].finetune["epochs"] if answered and answered[0].finetune else None,
+               "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0}
         for metric in ("macs", "params", "bytes"):
@@ -98,14 +100,16 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
              f"{base.params / 1e3:.1f}k params. Accuracies in %; validation accuracy is the search-time score "
              f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
-             "| strategy | budget | val acc | test acc | MACs | params | bytes | latency b1 (ms) | latency b64 (ms) | evals | search time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| strategy | budget | val acc | test acc | MACs | params | bytes | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['budget']} | {spread(r['val_accuracy'], r['val_accuracy_sd'])} | "
                      f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
-                     f"{pct(r['bytes_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | "
+                     f"{pct(r['bytes_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | {r['hypervolume']:.4f} | "
                      f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} |")
-    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found.", ""]
+    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found. "
+              "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
+              "plane, reference (1, 0); mean over seeds.", ""]
     lines += _progress_table(records)
     lines += ["",
               "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",

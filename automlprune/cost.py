@@ -11,11 +11,14 @@ Units: MACs are multiply-accumulates of Conv2d and Linear layers for one input s
 counts; bytes are the storage of the parameters: Conv/Linear weights at the candidate's
 bits (params x bits / 8) plus one float32 scale per output channel of every layer below
 32 bits, biases and batch-norm parameters as float32; BitOps = MACs x weight bits x
-activation bits (activations at 32 bits).
+activation bits (activations at 32 bits); latency_ms is the predicted latency of the
+materialized network from a measured per-layer table (:mod:`automlprune.latency_table`),
+present only when one is attached.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +33,7 @@ from automlprune.space.search_space import SearchSpace
 
 ACTIVATION_BITS = 32
 METRICS = ("macs", "params", "bytes", "bitops")
+BUDGET_METRICS = METRICS + ("latency",)
 
 
 @dataclass(frozen=True)
@@ -40,18 +44,31 @@ class Costs:
     params: float
     bytes: float
     bitops: float
+    latency_ms: float = math.nan
 
     @property
     def flops(self) -> float:
         return 2 * self.macs
 
     def get(self, metric: str) -> float:
+        if metric == "latency":
+            if math.isnan(self.latency_ms):
+                raise ConfigError("latency costs need a measured latency table; searches with a latency budget build one")
+            return self.latency_ms
         if metric not in METRICS:
-            raise ConfigError(f"unknown cost metric '{metric}'; choose one of: {', '.join(METRICS)}")
+            raise ConfigError(f"unknown cost metric '{metric}'; choose one of: {', '.join(BUDGET_METRICS)}")
         return getattr(self, metric)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        out = asdict(self)
+        if math.isnan(self.latency_ms):
+            del out["latency_ms"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Costs":
+        latency = data.get("latency_ms")
+        return cls(*(float(data[m]) for m in METRICS), float(latency) if isinstance(latency, (int, float)) else math.nan)
 
 
 class CostModel:
@@ -85,6 +102,7 @@ class CostModel:
                 target[index[member.layer], g] += member.index_map.shape[1]
         self.group_channels = np.array([g.channels for g in space.groups], dtype=np.float64)
         self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.latency_table = None
         self.base = self(space.full())
         if model is not None:
             self.verify(model)
@@ -113,6 +131,7 @@ class CostModel:
             "macs": layer_macs.sum(), "params": layer_params.sum(), "bytes": layer_bytes.sum(),
             "bitops": (layer_macs * bits * ACTIVATION_BITS).sum(),
             "layer_macs": layer_macs, "layer_params": layer_params,
+            "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k,
         }
 
     def _arrays_like(self, kept: Any) -> dict[str, Any]:
@@ -137,12 +156,20 @@ class CostModel:
         """Costs of the network ``candidate`` describes (validated against the space)."""
         self.space.validate(candidate)
         out = self.from_kept(self.space.kept_channels(candidate).astype(np.float64), self.bits_vector(candidate))
-        return Costs(float(out["macs"]), float(out["params"]), float(out["bytes"]), float(out["bitops"]))
+        latency = math.nan
+        if self.latency_table is not None:
+            latency = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
+                                                 float(out["macs"]) / self.base.macs)  # set before a table can be attached
+        return Costs(float(out["macs"]), float(out["params"]), float(out["bytes"]), float(out["bitops"]), latency)
+
+    def attach_latency_table(self, table: Any) -> None:
+        """Predict latency (the ``latency`` metric) with ``table`` from now on."""
+        self.latency_table = table
+        self.base = self(self.space.full())
 
     def relative(self, candidate: Candidate) -> dict[str, float]:
-        """Each cost of ``candidate`` as a fraction of the full network's."""
-        costs = self(candidate)
-        return {m: costs.get(m) / self.base.get(m) for m in METRICS}
+        """Each cost of ``candidate`` as a fraction of the full network's (latency when a table is attached)."""
+        return relative_costs(self(candidate), self.base)
 
     def per_layer(self, candidate: Candidate) -> dict[str, dict[str, float]]:
         """MACs and params of each layer under ``candidate``: {layer: {"macs", "params"}}."""
@@ -164,6 +191,14 @@ class CostModel:
                 f"the model holds {params} parameters but its Conv2d/Linear/BatchNorm layers account for {int(self.base.params)}; "
                 "parameters outside such layers cannot be costed: move them into supported layers"
             )
+
+
+def relative_costs(costs: Costs, base: Costs) -> dict[str, float]:
+    """Each cost over the full network's; ``latency`` only when both are known."""
+    out = {m: costs.get(m) / base.get(m) for m in METRICS}
+    if not math.isnan(costs.latency_ms) and not math.isnan(base.latency_ms):
+        out["latency"] = costs.latency_ms / base.latency_ms
+    return out
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from automlprune.cost import Costs, CostModel
+from automlprune.cost import Costs, CostModel, relative_costs
 from automlprune.data import DataSplits, cached_batches
 from automlprune.importance import channel_order
 from automlprune.latency import measure_latency
@@ -31,7 +31,8 @@ class EvalResult:
 
     accuracy / top5: fractions in [0, 1] on the validation subset (top5 only when classes > 10);
     costs: see :mod:`automlprune.cost`; relative: each cost over the full network's;
-    seconds: wall time of the evaluation; latency_ms: {batch size: median ms} when asked for.
+    seconds: wall time of the evaluation; measured_latency_ms: {batch size: median ms} when asked for
+    (``costs.latency_ms`` is the latency table's prediction, when one is attached).
     """
 
     candidate: Candidate
@@ -40,22 +41,20 @@ class EvalResult:
     costs: Costs
     relative: dict[str, float]
     seconds: float
-    latency_ms: dict[int, float] | None = None
+    measured_latency_ms: dict[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate.to_dict(), "accuracy": self.accuracy, "top5": self.top5,
                 **self.costs.to_dict(), "flops": self.costs.flops,
                 "relative": self.relative, "seconds": self.seconds,
-                "latency_ms": {str(k): v for k, v in self.latency_ms.items()} if self.latency_ms else None}
+                "latency_measured_ms": {str(k): v for k, v in self.measured_latency_ms.items()} if self.measured_latency_ms else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
         """Inverse of :meth:`to_dict` (used to restore stored results when a run resumes)."""
-        from automlprune.cost import METRICS
-
-        latency = data.get("latency_ms")
+        latency = data.get("latency_measured_ms")
         return cls(Candidate.from_dict(data["candidate"]), data["accuracy"], data.get("top5"),
-                   Costs(*(data[m] for m in METRICS)), dict(data["relative"]), data["seconds"],
+                   Costs.from_dict(data), dict(data["relative"]), data["seconds"],
                    {int(k): v for k, v in latency.items()} if latency else None)
 
 
@@ -116,18 +115,17 @@ class Evaluator:
         candidate, see :meth:`SearchSpace.canonical`; latency measured when asked for)."""
         candidate = self.space.canonical(self.space.validate(candidate))
         cached = self._cache.get(candidate.key)
-        if cached is not None and (cached.latency_ms is not None or not latency):
+        if cached is not None and (cached.measured_latency_ms is not None or not latency):
             return cached
         start = time.perf_counter()
         costs = self.cost_model(candidate)
         net = self.network(candidate)
         acc = accuracy(net, self.val_batches, self.topk)
-        latency_ms = None
+        measured = None
         if latency:
-            latency_ms = measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
-        result = EvalResult(candidate, acc[1], acc.get(5), costs,
-                            {m: costs.get(m) / self.cost_model.base.get(m) for m in ("macs", "params", "bytes", "bitops")},
-                            time.perf_counter() - start, latency_ms)
+            measured = measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
+        result = EvalResult(candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
+                            time.perf_counter() - start, measured)
         self._cache[candidate.key] = result
         return result
 

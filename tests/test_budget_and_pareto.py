@@ -12,11 +12,14 @@ def test_budget_parsing():
     assert parse_budget("params=1.2M").value == pytest.approx(1.2e6) and not parse_budget("params=1.2M").relative
     assert parse_budget("bytes=250k").value == 250e3
     assert [x.label for x in parse_budgets("macs=0.3,0.5,params=0.7")] == ["macs=0.3", "macs=0.5", "params=0.7"]
+    assert parse_budget("latency=0.6").relative and parse_budget("latency=0.6").label == "latency=0.6"
+    ms = parse_budget("latency=2.5ms")
+    assert (ms.value, ms.relative, ms.label) == (2.5, False, "latency=2.5ms") and parse_budget(ms.label) == ms
 
 
 @pytest.mark.parametrize("text,message", [
     ("macs", "metric=value"), ("flops=0.5", "unknown budget metric"), ("macs=half", "not a number"),
-    ("macs=0", "must be positive"), ("latency=0.5", "latency budgets"),
+    ("macs=0", "must be positive"), ("macs=5ms", "unit of latency budgets only"),
 ])
 def test_malformed_budgets_are_refused(text, message):
     with pytest.raises(ConfigError, match=message):

@@ -92,8 +92,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     human = [f"accuracy {_pct(result.accuracy)} (validation, BN re-estimated)   "
              f"MACs {_si(result.costs.macs)} ({_pct(rel['macs'])})   params {_si(result.costs.params)} ({_pct(rel['params'])})   "
              f"bytes {_si(result.costs.bytes)} ({_pct(rel['bytes'])})"]
-    if result.latency_ms:
-        human.append("latency " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in result.latency_ms.items()))
+    if result.measured_latency_ms:
+        human.append("latency " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in result.measured_latency_ms.items()))
     network = None
     if args.finetune_epochs > 0:
         from dataclasses import replace
@@ -204,6 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec = TaskSpec.load(args.env, args.overrides)
     run_dir = Path(args.run_dir or Path("results") / "runs" / spec.name / args.strategy)
     session = _session(args, run_dir)
+    session.prepare(budgets)
     for budget in budgets:  # refuse impossible budgets before searching any
         from automlprune.search.budget import check_achievable
 
@@ -268,6 +269,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     spec = TaskSpec.load(args.env, args.overrides)
     run_dir = Path(args.run_dir or Path("results") / "compare" / spec.name)
     session = _session(args, run_dir)
+    session.prepare(budgets)
     for budget in budgets:
         check_achievable(budget, session.cost_model)
     seeds = list(range(args.seeds))

@@ -48,7 +48,7 @@ class SearchRecord:
 def _parse_label(label: str) -> Budget:
     if label.endswith("abs"):
         return parse_budget(label[:-3])
-    return parse_budget(label)
+    return parse_budget(label)  # relative, or latency in ms
 
 
 def collect(store: RunStore) -> list[SearchRecord]:

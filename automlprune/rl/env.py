@@ -61,6 +61,9 @@ class LayerWidthEnv(gym.Env):
         self.space = space if space is not None else evaluator.space
         self.cost_model = cost_model if cost_model is not None else evaluator.cost_model
         self.budget = parse_budget(budget) if isinstance(budget, str) else budget
+        if self.budget.metric == "latency" and self.cost_model.latency_table is None:
+            raise ConfigError("a latency budget needs a latency table on the cost model: "
+                              "cost_model.attach_latency_table(measure_latency_table(model, space))")
         check_achievable(self.budget, self.cost_model)
         self.limit = self.budget.limit(self.cost_model.base)
         self.metric = self.budget.metric
@@ -188,4 +191,10 @@ def make_layer_width_env(task: str | None = None, budget: str | Budget = "macs=0
         dev = resolve_device(device)
         model = ensure_baseline(the_task, dev, progress=False)
         evaluator = Evaluator(model, the_task.search_space(model, space), the_task.data, the_task.spec.evaluation, dev)
-    return LayerWidthEnv(evaluator, budget, **kwargs)
+    wanted = parse_budget(budget) if isinstance(budget, str) else budget
+    if wanted.metric == "latency" and evaluator.cost_model.latency_table is None:
+        from automlprune.latency_table import measure_latency_table
+
+        evaluator.cost_model.attach_latency_table(
+            measure_latency_table(evaluator.model, evaluator.space, evaluator.device, progress=False))
+    return LayerWidthEnv(evaluator, wanted, **kwargs)

@@ -1,7 +1,9 @@
 """Budgets: a cost metric and a limit, as a fraction of the unpruned network or an absolute value.
 
 Written ``macs=0.5`` (half the unpruned MACs), ``params=1.2M`` or ``bytes=250k`` (absolute),
+``latency=0.6`` (60% of the unpruned network's predicted latency) or ``latency=2.5ms``,
 several at once as ``macs=0.3,0.5,0.7`` (a value without a metric takes the previous one's).
+Latency budgets use the per-layer latency table (:mod:`automlprune.latency_table`).
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from automlprune.cost import METRICS, Costs, CostModel
+from automlprune.cost import BUDGET_METRICS, Costs, CostModel
 from automlprune.errors import ConfigError
 
+UNITS = {"macs": "MACs", "params": "parameters", "bytes": "bytes", "bitops": "BitOps", "latency": "ms (predicted)"}
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-_VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>[kmg]?)\s*$", re.IGNORECASE)
+_VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>ms|[kmg]?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """metric: one of macs, params, bytes, bitops. value: a fraction of the unpruned network's cost
-    when ``relative``, else an absolute amount in the metric's units (see :mod:`automlprune.cost`)."""
+    """metric: one of macs, params, bytes, bitops, latency. value: a fraction of the unpruned
+    network's cost when ``relative``, else an absolute amount in the metric's units (see
+    :mod:`automlprune.cost`; milliseconds for latency)."""
 
     metric: str
     value: float
@@ -27,7 +31,9 @@ class Budget:
 
     @property
     def label(self) -> str:
-        return f"{self.metric}={self.value:g}" if self.relative else f"{self.metric}={self.value:.6g}abs"
+        if self.relative:
+            return f"{self.metric}={self.value:g}"
+        return f"{self.metric}={self.value:.6g}ms" if self.metric == "latency" else f"{self.metric}={self.value:.6g}abs"
 
     def limit(self, base: Costs) -> float:
         """The budget in absolute units of its metric."""
@@ -53,15 +59,16 @@ def parse_budget(text: str, default_metric: str | None = None) -> Budget:
             raise ConfigError(f"budget '{text}' is not of the form metric=value, e.g. macs=0.5")
         metric, raw = default_metric, text
     metric = metric.strip().lower()
-    if metric == "latency":
-        raise ConfigError("latency budgets need the per-layer latency table, which is not built yet; use macs, params, bytes or bitops")
-    if metric not in METRICS:
-        raise ConfigError(f"unknown budget metric '{metric}' in '{text}'; use one of: {', '.join(METRICS)}")
+    if metric not in BUDGET_METRICS:
+        raise ConfigError(f"unknown budget metric '{metric}' in '{text}'; use one of: {', '.join(BUDGET_METRICS)}")
     match = _VALUE.match(raw)
     if not match:
         raise ConfigError(f"budget value '{raw.strip()}' in '{text}' is not a number; write a fraction like 0.5 or an amount like 20M")
-    value = float(match["num"]) * _SUFFIX[match["suffix"].lower()]
-    relative = not match["suffix"] and value <= 1.0
+    suffix = match["suffix"].lower()
+    if suffix == "ms" and metric != "latency":
+        raise ConfigError(f"'ms' is a unit of latency budgets only, not of '{text}'")
+    value = float(match["num"]) * (1.0 if suffix == "ms" else _SUFFIX[suffix])
+    relative = not suffix and value <= 1.0
     if value <= 0:
         raise ConfigError(f"budget '{text}' must be positive")
     return Budget(metric, value, relative)
@@ -86,7 +93,8 @@ def check_achievable(budget: Budget, cost_model: CostModel) -> None:
     smallest = cost_model(cost_model.space.smallest()).get(budget.metric)
     if smallest > budget.limit(cost_model.base) * (1 + 1e-9):
         base = cost_model.base.get(budget.metric)
+        unit = UNITS[budget.metric]
         raise ConfigError(
             f"budget {budget.label} is impossible: the smallest network this space allows costs {smallest:.4g} "
-            f"{budget.metric} ({smallest / base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
+            f"{unit} ({smallest / base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
         )

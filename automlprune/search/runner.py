@@ -16,6 +16,7 @@ import automlprune
 from automlprune.baseline import ensure_baseline
 from automlprune.cost import CostModel
 from automlprune.evaluator import EvalResult, Evaluator
+from automlprune.latency_table import LatencyTable, measure_latency_table
 from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
 from automlprune.search.budget import Budget, check_achievable
@@ -38,7 +39,20 @@ class SearchSession:
         self.model = ensure_baseline(self.task, self.device, progress=self.progress)
         self.space = self.task.search_space(self.model, self.space_name)
         self.cost_model = CostModel(self.space, self.model)
-        self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device)
+        self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device,
+                                   cost_model=self.cost_model)
+
+    def prepare(self, budgets: Sequence[Budget]) -> None:
+        """Attach the latency table when a budget needs it: reloaded from the run directory (so a
+        resumed run keeps its numbers), else measured once (batch 1, this device) and saved there."""
+        if self.cost_model.latency_table is not None or all(b.metric != "latency" for b in budgets):
+            return
+        path = self.store.run_dir / "latency_table.json"
+        table = LatencyTable.load(path) if path.is_file() else None
+        if table is None or table.device != str(self.device):
+            table = measure_latency_table(self.model, self.space, self.device, progress=self.progress)
+            table.save(path)
+        self.cost_model.attach_latency_table(table)
 
     def save_config(self, strategies: Sequence[str], budgets: Sequence[Budget], seeds: Sequence[int],
                     max_evals: int, time_limit: float | None, options: dict[str, Any]) -> None:
@@ -52,6 +66,7 @@ class SearchSession:
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
         """One search; resumes the stored one of the same strategy, budget and seed if any."""
+        self.prepare([budget])
         check_achievable(budget, self.cost_model)
         cls = STRATEGIES.get(strategy)
         name = RunStore.study_name(strategy, budget.label, seed)

@@ -10,5 +10,6 @@ def test_quick_engine_benchmark_writes_a_report(tmp_path, capsys):
     assert report["cost_model"][0]["cost_model_us"] > 0 and report["evaluator"]["overhead_ratio"] >= 1
     assert [row["target_macs"] for row in report["latency"]] == [0.7, 0.5, 0.3]
     assert all(row["macs_ratio"] <= row["target_macs"] + 1e-9 for row in report["latency"])
+    assert report["latency_table"]["rows"] and report["latency_table"]["median_abs_error"] >= 0
     text = (tmp_path / "report.md").read_text()
     assert "FlopCounterMode" in text and (tmp_path / "latency_vs_macs.png").stat().st_size > 1000

@@ -6,6 +6,8 @@
    passes it cannot avoid (BN re-estimation batches + validation batches on the materialized net).
 3. Latency vs MACs: measured CPU latency of materialized networks at 70/50/30% of the MACs,
    as ratios to the unpruned network, next to the MACs ratio.
+4. Latency table: time to build it, and its predictions against the measured latency of
+   materialized networks (uniform and random candidates, batch 1).
 
 The networks have random weights and the data is random tensors of Fashion-MNIST's shape:
 none of these timings depends on the values, and nothing is downloaded.
@@ -125,6 +127,26 @@ def bench_latency(model_name: str, size: int, targets: tuple[float, ...], device
     return rows
 
 
+def bench_latency_table(model_name: str, size: int, device: torch.device, n_random: int) -> dict[str, Any]:
+    from automlprune.latency_table import measure_latency_table
+
+    model = build_model(model_name, 10, 1).eval()
+    space = SearchSpace(model, torch.zeros(1, 1, size, size))
+    cost = CostModel(space, model)
+    start = time.perf_counter()
+    cost.attach_latency_table(measure_latency_table(model, space, device, progress=False))
+    build_s = time.perf_counter() - start
+    cands = [space.uniform(r) for r in (0.875, 0.625, 0.375)] + _random_candidates(space, n_random, seed=2)
+    rows = []
+    for cand in cands:
+        net = materialize(model, cand, space)
+        measured = statistics.median(measure_latency(net, (1, size, size), (1,), device, repeats=20)[1] for _ in range(3))
+        rows.append({"macs_ratio": cost(cand).macs / cost.base.macs, "predicted_ms": cost(cand).latency_ms, "measured_ms": measured})
+    errors = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows]
+    return {"model": model_name, "input": [1, size, size], "build_s": build_s, "rows": rows,
+            "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
+
+
 def run_engine_benchmark(out_dir: Path, device: torch.device, candidates: int = 30, quick: bool = False) -> dict[str, Any]:
     """Run the three measurements and write ``report.md``, ``report.json`` and ``latency_vs_macs.png`` to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +167,7 @@ def run_engine_benchmark(out_dir: Path, device: torch.device, candidates: int = 
         "evaluator": bench_evaluator(eval_model[0], eval_model[1], min(candidates, 8) + 1, settings, device),
         "latency": [row for name in lat_models
                     for row in bench_latency(name, 28 if name != "digits_cnn" else 8, (0.7, 0.5, 0.3), device, repeats, batches)],
+        "latency_table": bench_latency_table(*(("digits_cnn", 8) if quick else ("resnet20", 28)), device, 2 if quick else 7),
     }
     report["seconds"] = time.perf_counter() - started
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -207,4 +230,14 @@ def _markdown(r: dict[str, Any], batches: tuple[int, ...], quick: bool) -> str:
                      + " | ".join(f"{row[f'latency_ratio_b{b}']:.3f}" for b in batches) + " | "
                      + " | ".join(f"{row[f'latency_ms_b{b}']:.2f} ms (full {row[f'base_latency_ms_b{b}']:.2f})" for b in batches) + " |")
     lines += ["", "![latency vs MACs](latency_vs_macs.png)", ""]
+    t = r["latency_table"]
+    lines += ["## 4. Latency table: predicted vs measured latency (batch 1)", "",
+              f"{t['model']} on {'x'.join(map(str, t['input']))}: table built in {t['build_s']:.1f} s; "
+              f"median |error| {t['median_abs_error']:.1%}, max {t['max_abs_error']:.1%} "
+              "(3 uniform candidates, then random ones).", "",
+              "| MACs ratio | predicted (ms) | measured (ms) | predicted / measured |", "|---|---|---|---|"]
+    for row in t["rows"]:
+        lines.append(f"| {row['macs_ratio']:.3f} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} | "
+                     f"{row['predicted_ms'] / row['measured_ms']:.3f} |")
+    lines.append("")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from torch import nn
 
 from automlprune.cost import Costs, CostModel, relative_costs
 from automlprune.data import DataSplits, cached_batches
-from automlprune.importance import channel_order
+from automlprune.importance import channel_scores, order_from_scores
 from automlprune.latency import measure_latency
 from automlprune.materialize import materialize
 from automlprune.space.candidate import Candidate
@@ -86,12 +86,15 @@ class Evaluator:
         self.data = data
         self.seed = seed
         self.cost_model = cost_model or CostModel(space, self.model)
-        self.order = channel_order(self.model, space, self.settings.criterion)
         self.topk = (1, 5) if data.num_classes > 10 else (1,)
         s = self.settings
         self.val_batches = cached_batches(data.val, data, s.batch_size, self.device, max_samples=s.val_samples)
         self.bn_batches = cached_batches(data.train, data, s.bn_batch_size, self.device,
                                          max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
+        start = time.perf_counter()
+        self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, seed=seed)  # data criteria: BN batches
+        self.scoring_seconds = time.perf_counter() - start
+        self.order = order_from_scores(self.scores)
         self._cache: dict[str, EvalResult] = {}
 
     def prime(self, results: list[EvalResult]) -> None:

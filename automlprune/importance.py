@@ -1,27 +1,66 @@
 """Channel importance criteria: which channels of a group survive.
 
-A criterion scores each layer coupled to a group, one score per group channel (higher =
-keep). The group's score is the sum over its layers of each layer's scores divided by
-their mean (so layers of different scale weigh alike; a residual group combines all its
-convs). Registered by name in :data:`CRITERIA`; ``materialize`` and the strategies take
-the name.
+One registry, one signature: a criterion maps (model, group, a few training batches when it
+needs data) to one score per channel of the group, higher = keep. Each criterion scores the
+layers coupled to the group; a group's score combines its layers' scores after dividing each
+by its mean (``combine``: sum by default, or max / mean), so a residual group weighs all its
+convs alike. Data-driven criteria read the group's feature maps: the output of the group's
+last output layer in each block (the batch norm after a conv where there is one).
+
+Registered in :data:`CRITERIA` (``automlprune list criteria``); ``materialize``, the
+evaluator and the ``global`` strategy take the name (``--criterion NAME``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from automlprune.errors import ConfigError
 from automlprune.registry import Registry
 from automlprune.space.graph import ChannelGroup, GroupMember
 from automlprune.space.search_space import SearchSpace
 
-LayerScore = Callable[[nn.Module, GroupMember], Optional[torch.Tensor]]
-"""(layer module, member) -> one score per group channel, or None when the layer does not inform this criterion."""
+Batch = tuple[torch.Tensor, torch.Tensor]
+COMBINE = ("sum", "max", "mean")
 
-CRITERIA: Registry[LayerScore] = Registry("criterion")
+
+class Criterion:
+    """Base: ``layer_score`` for weight-only criteria, or ``score_all`` for data-driven ones
+    (one pass over the batches for every group)."""
+
+    needs_data = False
+
+    def layer_score(self, model: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
+        """Scores of one coupled layer, per group channel, or None when the layer does not inform this criterion."""
+        return None
+
+    def score(self, model: nn.Module, group: ChannelGroup, batches: Sequence[Batch] | None = None,
+              combine: str = "sum", seed: int = 0) -> torch.Tensor:
+        """One score per channel of ``group`` (float, shape (channels,))."""
+        return _combine([self.layer_score(model, m) for m in group.members], group.channels, combine)
+
+    def score_all(self, model: nn.Module, space: SearchSpace, batches: Sequence[Batch] | None = None,
+                  combine: str = "sum", seed: int = 0) -> dict[str, torch.Tensor]:
+        return {g.name: self.score(model, g, batches, combine, seed) for g in space.groups}
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def _combine(scores: list[Optional[torch.Tensor]], channels: int, combine: str) -> torch.Tensor:
+    if combine not in COMBINE:
+        raise ConfigError(f"unknown way to combine layer scores '{combine}'; use one of: {', '.join(COMBINE)}")
+    valid = [s.detach().float().cpu() for s in scores if s is not None]
+    if not valid:
+        return torch.ones(channels)
+    normed = torch.stack([s / s.abs().mean().clamp_min(1e-12) for s in valid])
+    return {"sum": normed.sum(0), "max": normed.max(0).values, "mean": normed.mean(0)}[combine]
 
 
 def _per_channel(values: torch.Tensor, member: GroupMember) -> torch.Tensor:
@@ -30,50 +69,356 @@ def _per_channel(values: torch.Tensor, member: GroupMember) -> torch.Tensor:
     return values[index].sum(dim=1)
 
 
-def _weight_norm(p: float) -> LayerScore:
-    def score(module: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
-        if member.dim != "out" or not isinstance(module, (nn.Conv2d, nn.Linear)):
-            return None
-        w = module.weight.detach().flatten(1)
-        return _per_channel(w.abs().pow(p).sum(dim=1).pow(1 / p), member)
-    return score
-
-
-CRITERIA.register("l1", _weight_norm(1.0), needs_data=False,
-                  description="L1 norm of each output filter (Li et al., 'Pruning Filters for Efficient ConvNets', ICLR 2017)")
-CRITERIA.register("l2", _weight_norm(2.0), needs_data=False,
-                  description="L2 norm of each output filter (Li et al. 2017; He et al., 'Soft Filter Pruning', 2018)")
-
-
-@CRITERIA.register("bn_scale", needs_data=False,
-                   description="|gamma| of the batch norm after the conv (Liu et al., 'Network Slimming', ICCV 2017); groups without BN fall back to L1")
-def _bn_scale(module: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
-    if member.dim != "out" or not isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) or module.weight is None:
+def _out_weights(model: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
+    module = model.get_submodule(member.layer)
+    if member.dim != "out" or not isinstance(module, (nn.Conv2d, nn.Linear)):
         return None
-    return _per_channel(module.weight.detach().abs(), member)
+    return module.weight.detach().flatten(1)
 
 
-def group_scores(model: nn.Module, group: ChannelGroup, criterion: str) -> torch.Tensor:
-    """Importance of each channel of ``group`` in ``model``: float tensor of shape (channels,)."""
-    layer_score = CRITERIA.get(criterion)
-    total = None
-    for member in group.members:
-        s = layer_score(model.get_submodule(member.layer), member)
-        if s is None:
+# ---- weight-only criteria -----------------------------------------------------------------------
+class Norm(Criterion):
+    """L-p norm of each output filter (p = 1: Li et al., 'Pruning Filters for Efficient ConvNets',
+    ICLR 2017; p = 2: He et al., 'Soft Filter Pruning', IJCAI 2018)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def layer_score(self, model: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
+        w = _out_weights(model, member)
+        return None if w is None else _per_channel(w.abs().pow(self.p).sum(1).pow(1 / self.p), member)
+
+
+class BNScale(Criterion):
+    """|gamma| of the batch norm after the conv (Liu et al., 'Network Slimming', ICCV 2017).
+    A group without batch norm falls back to L1."""
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        scores = []
+        for m in group.members:
+            module = model.get_submodule(m.layer)
+            if m.dim == "out" and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                scores.append(_per_channel(module.weight.detach().abs(), m))
+        return _combine(scores, group.channels, combine) if scores else CRITERIA.get("l1").score(model, group, combine=combine)
+
+
+class FPGM(Criterion):
+    """Distance to the geometric median (He et al., 'Filter Pruning via Geometric Median', CVPR
+    2019): a filter's summed Euclidean distance to the layer's other filters; filters near the
+    geometric median (small sums) are the replaceable ones."""
+
+    def layer_score(self, model, member):
+        w = _out_weights(model, member)
+        if w is None:
+            return None
+        index = torch.as_tensor(member.index_map)
+        per_channel = w[index.flatten()].reshape(index.shape[0], -1)  # flatten-coupled indices stay together
+        return torch.cdist(per_channel, per_channel).sum(1)
+
+
+class Lookahead(Criterion):
+    """Lookahead score (Park et al., 'Lookahead: A Far-Sighted Alternative of Magnitude-based
+    Pruning', ICLR 2020) lifted to channels: the norm of a channel's output filters times the
+    norm of the weights that read it in the next layers (and, through the filter, the inputs it
+    reads): ||W_l[c, :]|| x ||W_{l+1}[:, c]||, summed over the group's layers."""
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        outgoing = [Norm(2.0).layer_score(model, m) for m in group.members if m.dim == "out"]
+        incoming = []
+        for m in group.members:
+            module = model.get_submodule(m.layer)
+            if m.dim == "in" and isinstance(module, (nn.Conv2d, nn.Linear)):
+                w = module.weight.detach().transpose(0, 1).flatten(1)  # (in, out * k)
+                incoming.append(_per_channel(w.pow(2).sum(1).sqrt(), m))
+        out_norm = _combine(outgoing, group.channels, combine)
+        in_norm = _combine(incoming, group.channels, combine) if incoming else torch.ones(group.channels)
+        return out_norm * in_norm
+
+
+class RandomScores(Criterion):
+    """The control: uniform random scores from the given seed."""
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        offset = sum(ord(ch) for ch in group.name)
+        return torch.rand(group.channels, generator=torch.Generator().manual_seed(seed * 100_003 + offset))
+
+
+CRITERIA.register("l1", Norm(1.0), needs_data=False, description="L1 norm of each output filter (Li et al., 2017)")
+CRITERIA.register("l2", Norm(2.0), needs_data=False, description="L2 norm of each output filter (He et al., Soft Filter Pruning, 2018)")
+CRITERIA.register("bn_scale", BNScale(), needs_data=False, description="|gamma| of the BN after the conv (Network Slimming, 2017)")
+CRITERIA.register("fpgm", FPGM(), needs_data=False, description="distance to the layer's geometric median (FPGM, 2019)")
+CRITERIA.register("lookahead", Lookahead(), needs_data=False, description="filter norm x norm of the weights reading it (Lookahead, 2020)")
+CRITERIA.register("random", RandomScores(), needs_data=False, description="random scores: the control")
+
+
+# ---- data-driven criteria -------------------------------------------------------------------------
+def feature_layers(space: SearchSpace, group: ChannelGroup) -> list[GroupMember]:
+    """The out-members whose outputs are the group's feature maps: for each conv/linear output
+    layer, its batch norm if one follows in the group, else the layer itself."""
+    outs = [m for m in group.members if m.dim == "out"]
+    chosen, bns = [], {m.layer: m for m in outs if space.layer_by_name[m.layer].kind == "bn"}
+    order = {l.name: l.order for l in space.layers}
+    for m in outs:
+        if space.layer_by_name[m.layer].kind == "bn":
             continue
-        s = s.float().cpu()
-        s = s / s.mean().clamp_min(1e-12)
-        total = s if total is None else total + s
-    if total is None:  # e.g. bn_scale on a group without batch norm
-        return group_scores(model, group, "l1") if criterion != "l1" else torch.ones(group.channels)
-    return total
+        follower = next((b for name, b in sorted(bns.items(), key=lambda kv: order[kv[0]])
+                         if order[name] > order[m.layer] and name not in {c.layer for c in chosen}), None)
+        chosen.append(follower or m)
+    return chosen
 
 
-def channel_order(model: nn.Module, space: SearchSpace, criterion: str = "l1") -> dict[str, torch.Tensor]:
-    """For every group, its channel indices from most to least important (int64, shape (channels,)).
-    Ties keep the lower index first, so the order is deterministic."""
-    order = {}
-    for group in space.groups:
-        scores = group_scores(model, group, criterion)
-        order[group.name] = torch.sort(scores, descending=True, stable=True).indices
-    return order
+@contextlib.contextmanager
+def recording(model: nn.Module, layers: Sequence[str], keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the outputs of ``layers`` during forward passes (with their gradients when ``keep_grad``)."""
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if keep_grad:
+                output.retain_grad()
+                store[name].append(output)
+            else:
+                store[name].append(output.detach())
+        return fn
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class FeatureCriterion(Criterion):
+    """Base of criteria computed from the groups' feature maps over a few batches."""
+
+    needs_data = True
+    keep_grad = False
+
+    def channel_stat(self, outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        """Per-index scores of one layer from its recorded outputs (each (B, C, ...))."""
+        raise NotImplementedError
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        raise ConfigError("data-driven criteria score all groups at once; call channel_scores(model, space, name, batches)")
+
+    def score_all(self, model, space, batches=None, combine="sum", seed=0):
+        if not batches:
+            raise ConfigError(f"criterion '{type(self).__name__}' needs a few training batches")
+        members = {g.name: feature_layers(space, g) for g in space.groups}
+        layers = sorted({m.layer for ms in members.values() for m in ms})
+        was_training = model.training
+        model.eval()
+        labels = []
+        with recording(model, layers, self.keep_grad) as store:
+            for x, y in batches:
+                labels.append(y)
+                if self.keep_grad:
+                    model.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        F.cross_entropy(model(x), y).backward()
+                    self.collect_grads(store)
+                else:
+                    with torch.no_grad():
+                        model(x)
+            stats = {name: self.channel_stat(store[name], labels) for name in layers}
+        model.train(was_training)
+        return {g: _combine([_per_channel(stats[m.layer], m) for m in ms], space.group_by_name[g].channels, combine)
+                for g, ms in members.items()}
+
+    def collect_grads(self, store: dict[str, list[torch.Tensor]]) -> None:
+        """Turn the just-recorded outputs into detached (activation, gradient) pairs."""
+
+
+def _maps(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate recorded outputs to (N, C, H, W) (linear outputs become (N, C, 1, 1))."""
+    x = torch.cat([o.detach().float() for o in outputs])
+    return x if x.ndim == 4 else x.reshape(x.shape[0], x.shape[1], 1, 1)
+
+
+class Taylor(FeatureCriterion):
+    """First-order Taylor estimate of the loss change when a channel is gated off (Molchanov et
+    al., 'Importance Estimation for Neural Network Pruning', CVPR 2019; Gate Decorator, NeurIPS
+    2019): |sum over positions of activation x dLoss/dactivation| per sample, averaged over samples."""
+
+    keep_grad = True
+
+    def collect_grads(self, store):
+        for name, outputs in store.items():
+            last = outputs[-1]
+            outputs[-1] = (last.detach() * last.grad).detach()
+
+    def channel_stat(self, outputs, labels):
+        prod = torch.cat([o.float() for o in outputs])
+        prod = prod.reshape(prod.shape[0], prod.shape[1], -1)
+        return prod.sum(2).abs().mean(0)
+
+
+class HRank(FeatureCriterion):
+    """Average rank of the channel's (post-ReLU) feature maps over the samples (Lin et al.,
+    'HRank: Filter Pruning using High-Rank Feature Map', CVPR 2020)."""
+
+    def channel_stat(self, outputs, labels):
+        maps = _maps(outputs).clamp_min(0)
+        if maps.shape[-1] == 1 and maps.shape[-2] == 1:
+            return (maps.flatten(1) > 0).float().mean(0)  # 1x1 maps: rank is 0 or 1
+        return torch.linalg.matrix_rank(maps).float().mean(0)
+
+
+class EZCrop(FeatureCriterion):
+    """Share of each feature map's spectral energy outside the central low-frequency zone (Lin et
+    al., 'EZCrop: Energy-Zoned Channels for Robust Output Pruning', 2021): 2-D FFT, shifted, zone =
+    the central ``zone`` fraction of each axis (0.5 by default), averaged over samples."""
+
+    def __init__(self, zone: float = 0.5) -> None:
+        self.zone = zone
+
+    def channel_stat(self, outputs, labels):
+        maps = _maps(outputs).clamp_min(0)
+        h, w = maps.shape[-2:]
+        energy = torch.fft.fftshift(torch.fft.fft2(maps), dim=(-2, -1)).abs().pow(2)
+        zh, zw = max(1, int(round(h * self.zone))), max(1, int(round(w * self.zone)))
+        top, left = (h - zh) // 2, (w - zw) // 2
+        inner = energy[..., top:top + zh, left:left + zw].sum((-2, -1))
+        total = energy.sum((-2, -1)).clamp_min(1e-12)
+        return (1 - inner / total).mean(0)
+
+
+class FeatureRelevance(FeatureCriterion):
+    """Feature relevance in the sense of Gradual Channel Pruning while Training (Aketi et al.,
+    2020): how much a channel contributes to the discriminative power of the layer's output. We
+    compute its Fisher ratio: the between-class variance of the channel's spatially averaged
+    activation over its within-class variance, on the batches' labels."""
+
+    def channel_stat(self, outputs, labels):
+        feats = _maps(outputs).mean((2, 3))  # (N, C)
+        y = torch.cat(labels).to(feats.device)
+        overall = feats.mean(0)
+        between = torch.zeros_like(overall)
+        within = torch.zeros_like(overall)
+        for cls in y.unique():
+            part = feats[y == cls]
+            between += len(part) * (part.mean(0) - overall) ** 2
+            within += ((part - part.mean(0)) ** 2).sum(0)
+        return between / within.clamp_min(1e-12)
+
+
+class Similarity(FeatureCriterion):
+    """Channel similarity (Chen et al., 'Exploiting Channel Similarity for Accelerating Deep
+    Convolutional Neural Networks', 2019): average-linkage hierarchical clustering of a layer's
+    channels by correlation distance of their feature maps over the batches, cut at
+    ``threshold`` (0.05 by default: correlation above 0.95). In each cluster the channel with the
+    largest activation energy is its representative and keeps its energy as score; the others
+    score 1e-3 of it (redundant)."""
+
+    def __init__(self, threshold: float = 0.05) -> None:
+        self.threshold = threshold
+
+    def channel_stat(self, outputs, labels):
+        from scipy.cluster.hierarchy import fcluster, linkage
+
+        maps = _maps(outputs)
+        flat = maps.transpose(0, 1).reshape(maps.shape[1], -1).double()
+        energy = flat.pow(2).mean(1)
+        if flat.shape[0] < 2:
+            return energy.float()
+        centered = flat - flat.mean(1, keepdim=True)
+        norms = centered.norm(dim=1).clamp_min(1e-12)
+        corr = (centered @ centered.T) / (norms[:, None] * norms[None, :])
+        dist = (1 - corr).clamp_min(0).numpy()
+        condensed = dist[np.triu_indices(len(dist), 1)]
+        clusters = fcluster(linkage(condensed, method="average"), t=self.threshold, criterion="distance")
+        scores = energy.clone()
+        for c in np.unique(clusters):
+            members = np.flatnonzero(clusters == c)
+            if len(members) > 1:
+                keep = members[int(torch.argmax(energy[members]))]
+                for m in members:
+                    if m != keep:
+                        scores[m] = energy[keep] * 1e-3
+        return scores.float()
+
+
+class Hessian(Criterion):
+    """Covariance-scaled importance (Cai et al., 'Exploring Weight Importance and Hessian Bias in
+    Model Pruning', 2020): with the Gauss-Newton / input-covariance approximation of the Hessian
+    of a linear layer, removing input channel c changes the loss by about
+    1/2 * sum over outputs and kernel taps of W[o, c, k]^2 * E[x_c^2] (diagonal of the input
+    covariance). Computed at every layer that reads the group's channels, from a few batches."""
+
+    needs_data = True
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        raise ConfigError("data-driven criteria score all groups at once; call channel_scores(model, space, name, batches)")
+
+    def score_all(self, model, space, batches=None, combine="sum", seed=0):
+        if not batches:
+            raise ConfigError("criterion 'hessian' needs a few training batches")
+        readers = {m.layer for g in space.groups for m in g.members if m.dim == "in"
+                   and isinstance(model.get_submodule(m.layer), (nn.Conv2d, nn.Linear))}
+        second: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook(name: str):
+            def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                x = args[0].detach().float()
+                x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C_in, N * positions)
+                second[name] = second.get(name, 0) + x.pow(2).sum(1)
+                count[name] = count.get(name, 0) + x.shape[1]
+            return fn
+
+        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in readers]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        out = {}
+        for group in space.groups:
+            per_layer = []
+            for m in group.members:
+                if m.layer in readers and m.dim == "in":
+                    module = model.get_submodule(m.layer)
+                    w2 = module.weight.detach().float().pow(2).transpose(0, 1).flatten(1).sum(1)  # (C_in,)
+                    per_layer.append(_per_channel(0.5 * w2 * second[m.layer] / count[m.layer], m))
+            out[group.name] = _combine(per_layer, group.channels, combine)
+        return out
+
+
+CRITERIA.register("taylor", Taylor(), needs_data=True, description="first-order Taylor: |activation x gradient| (Molchanov 2019, Gate Decorator 2019)")
+CRITERIA.register("hrank", HRank(), needs_data=True, description="average rank of the feature maps (HRank, 2020)")
+CRITERIA.register("ezcrop", EZCrop(), needs_data=True, description="spectral energy outside the central low-frequency zone (EZCrop, 2021)")
+CRITERIA.register("feature_relevance", FeatureRelevance(), needs_data=True, description="Fisher ratio of the channel across classes (Gradual Channel Pruning, 2020)")
+CRITERIA.register("similarity", Similarity(), needs_data=True, description="hierarchical clustering of similar feature maps; one representative kept (2019)")
+CRITERIA.register("hessian", Hessian(), needs_data=True, description="weights^2 x input second moment: diagonal Gauss-Newton Hessian (2020)")
+
+
+# ---- entry points ----------------------------------------------------------------------------------
+def channel_scores(model: nn.Module, space: SearchSpace, criterion: str = "l1", batches: Sequence[Batch] | None = None,
+                   combine: str = "sum", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Scores of every group's channels under ``criterion`` (data-driven ones need ``batches``)."""
+    entry = CRITERIA.get(criterion)
+    if entry.needs_data and not batches:
+        raise ConfigError(f"criterion '{criterion}' needs a few training batches; the evaluator passes its BN batches")
+    return entry.score_all(model, space, batches, combine, seed)
+
+
+def group_scores(model: nn.Module, group: ChannelGroup, criterion: str, batches: Sequence[Batch] | None = None) -> torch.Tensor:
+    """Scores of one group's channels under a weight-only criterion (float tensor, shape (channels,))."""
+    return CRITERIA.get(criterion).score(model, group, batches)
+
+
+def order_from_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For every group, channel indices from most to least important (ties: lower index first)."""
+    return {name: torch.sort(s, descending=True, stable=True).indices for name, s in scores.items()}
+
+
+def channel_order(model: nn.Module, space: SearchSpace, criterion: str = "l1", batches: Sequence[Batch] | None = None,
+                  combine: str = "sum", seed: int = 0) -> dict[str, torch.Tensor]:
+    """For every group, its channel indices from most to least important (int64, shape (channels,))."""
+    return order_from_scores(channel_scores(model, space, criterion, batches, combine, seed))

@@ -20,10 +20,15 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.json and sys.stderr.isatty()
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    criterion = getattr(args, "criterion", None)
+    return list(args.overrides) + ([f"evaluation.criterion={criterion}"] if criterion else [])
+
+
 def _task(args: argparse.Namespace):
     from automlprune.tasks import Task, TaskSpec
 
-    return Task(TaskSpec.load(args.env, args.overrides))
+    return Task(TaskSpec.load(args.env, _overrides(args)))
 
 
 def _pct(x: float) -> str:
@@ -201,7 +206,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     STRATEGIES.get(args.strategy).check_options(options)
     from automlprune.tasks import TaskSpec
 
-    spec = TaskSpec.load(args.env, args.overrides)
+    spec = TaskSpec.load(args.env, _overrides(args))
     run_dir = Path(args.run_dir or Path("results") / "runs" / spec.name / args.strategy)
     session = _session(args, run_dir)
     session.prepare(budgets)
@@ -266,7 +271,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
-    spec = TaskSpec.load(args.env, args.overrides)
+    spec = TaskSpec.load(args.env, _overrides(args))
     run_dir = Path(args.run_dir or Path("results") / "compare" / spec.name)
     session = _session(args, run_dir)
     session.prepare(budgets)

@@ -27,6 +27,7 @@ def _search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, metavar="S", help="seconds of search per strategy, budget and seed")
     parser.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the run directory; journal:PATH for a journal file)")
     parser.add_argument("--run-dir", help="run directory (default: results/runs/<task>/<strategy> or results/compare/<task>)")
+    parser.add_argument("--criterion", help="channel importance criterion (see 'automlprune list criteria'; default: the task's)")
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                         help="strategy option, e.g. --option probes=3; in compare, --option greedy.probes=3 targets one strategy (repeatable)")
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--uniform", type=float, metavar="RATIO", help="keep this fraction of every prunable group")
     p.add_argument("--space", help="search space name or YAML path (default: the task's)")
     p.add_argument("--latency", action="store_true", help="also measure CPU/GPU latency of the materialized network")
+    p.add_argument("--criterion", help="channel importance criterion (see 'automlprune list criteria'; default: the task's)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune for E epochs and report test accuracy")
     p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx)")
 

@@ -35,17 +35,16 @@ MAX_REPEATED_ASKS = 200
 @dataclass
 class SearchContext:
     """What a strategy may use: the space and the cost model (free to call), the study of this
-    search (for Optuna-backed strategies), the importance order used by materialization, the
-    trained model (to read weights, e.g. for importance ranking) and the run directory (to
-    save artifacts such as RL agents). Accuracy comes only through ask/tell."""
+    search (for Optuna-backed strategies), the channel scores of the evaluator's importance
+    criterion (the ones materialization keeps channels by), the trained model (to read weights)
+    and the run directory (to save artifacts such as RL agents). Accuracy comes only through ask/tell."""
 
     space: SearchSpace
     cost_model: CostModel
     study: optuna.Study | None = None
-    channel_order: dict | None = None
+    channel_scores: dict | None = None
     model: Any = None
     run_dir: Any = None
-    criterion: str = "l1"
 
 
 class Strategy:

@@ -8,7 +8,6 @@ import numpy as np
 
 from automlprune.cost import uniform_ratio_for_budget
 from automlprune.evaluator import EvalResult
-from automlprune.importance import group_scores
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
 from automlprune.space import Candidate
@@ -170,19 +169,18 @@ class GlobalStrategy(OneShotStrategy):
     """One ranking of all prunable channels across groups by importance (each group's scores
     divided by their mean, so groups compare on one scale, as Torch-Pruning's global pruning
     with a mean normalizer), cut at the largest number of channels kept that meets the budget.
-    The criterion is the evaluator's (the task's ``evaluation.criterion``), so the channels
+    The scores are the evaluator's (the task's ``evaluation.criterion``), so the channels
     materialization removes are exactly the ones ranked lowest. One evaluation."""
 
     name = "global"
 
     def propose(self) -> Candidate:
-        criterion = self.context.criterion
         groups = [self.space.group_by_name[g] for g in self.space.prunable]
         floors = [self.space.channels_for(g.channels, 1e-9) for g in groups]
         entries = []  # (score, group index) for every removable channel, lowest score first
         for gi, group in enumerate(groups):
-            scores = group_scores(self.context.model, group, criterion)
-            scores = (scores / scores.mean().clamp_min(1e-12)).sort().values.tolist()
+            scores = self.context.channel_scores[group.name]
+            scores = (scores / scores.abs().mean().clamp_min(1e-12)).sort().values.tolist()
             entries += [(s, gi) for s in scores[: group.channels - floors[gi]]]
         entries.sort()
 

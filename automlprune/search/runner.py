@@ -73,8 +73,7 @@ class SearchSession:
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
-        context = SearchContext(self.space, self.cost_model, study, self.evaluator.order, self.model, self.store.run_dir,
-                                self.evaluator.settings.criterion)
+        context = SearchContext(self.space, self.cost_model, study, self.evaluator.scores, self.model, self.store.run_dir)
         instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
         reporter = _Progress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
         try:

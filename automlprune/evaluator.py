@@ -141,7 +141,7 @@ class Evaluator:
         fit(net, self.data, self.device, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
             weight_decay=s.weight_decay, seed=s.seed, teacher=self.model if s.distill else None,
             distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature,
-            description="finetune", progress=progress)
+            description="finetune", progress=progress, steps_per_epoch=s.steps_per_epoch)
         return FinetuneResult(candidate, split_accuracy(net, self.data.val, self.data, self.device),
                               split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
                               time.perf_counter() - start, net)

@@ -62,6 +62,7 @@ class FinetuneSettings:
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
     seed: int = 0
+    steps_per_epoch: int | None = None  # cap on batches per epoch (None = the whole training split)
 
 
 def _settings(cls: type, data: Any, where: str) -> Any:

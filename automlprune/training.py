@@ -52,17 +52,18 @@ def split_accuracy(model: nn.Module, split: Split, data: DataSplits, device: tor
 def fit(model: nn.Module, data: DataSplits, device: torch.device, *, epochs: int, batch_size: int, lr: float,
         momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "cosine", label_smoothing: float = 0.0,
         seed: int = 0, teacher: nn.Module | None = None, distill_alpha: float = 0.5, distill_temperature: float = 4.0,
-        description: str = "train", progress: bool = True) -> FitHistory:
+        description: str = "train", progress: bool = True, steps_per_epoch: int | None = None) -> FitHistory:
     """Train ``model`` in place on ``data.train`` with augmentation, SGD (nesterov) and a cosine
     or one-cycle schedule stepped per batch; validation accuracy after each epoch. With a
-    ``teacher``, the loss mixes cross-entropy and distillation (see FinetuneSettings)."""
+    ``teacher``, the loss mixes cross-entropy and distillation (see FinetuneSettings).
+    ``steps_per_epoch`` caps the batches of an epoch (short, fixed-cost fine-tunes)."""
     if schedule not in ("cosine", "onecycle"):
         raise ConfigError(f"unknown learning-rate schedule '{schedule}'; use cosine or onecycle")
     torch.manual_seed(seed)
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
-    steps_per_epoch = max(1, len(data.train) // batch_size)
+    steps_per_epoch = min(steps_per_epoch or 10 ** 12, max(1, len(data.train) // batch_size))
     total_steps = max(1, epochs * steps_per_epoch)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
     if schedule == "onecycle":

@@ -137,10 +137,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("results") / "benchmarks" / args.suite)
+    if args.suite == "criteria":
+        from automlprune.benchmarks.criteria import run_criteria_benchmark
+
+        if args.finetune_steps < 0:
+            raise ConfigError("--finetune-steps cannot be negative")
+        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), finetune_steps=args.finetune_steps,
+                                        progress=not args.json)
+        _emit(args, report, f"wrote {out / 'criteria.md'}")
+        return 0
     from automlprune.benchmarks.engine import run_engine_benchmark
 
-    report = run_engine_benchmark(Path(args.out), resolve_device(args.device), candidates=args.candidates, quick=args.quick)
-    _emit(args, report, f"wrote {Path(args.out) / 'report.md'}")
+    report = run_engine_benchmark(out, resolve_device(args.device), candidates=args.candidates, quick=args.quick)
+    _emit(args, report, f"wrote {out / 'report.md'}")
     return 0
 
 

@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["models", "datasets", "criteria", "strategies", "envs", "spaces"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
-    p = sub.add_parser("benchmark", help="engine benchmark: cost model, evaluator overhead, latency vs MACs; writes a report")
+    p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency) or the importance criteria")
     _common(p, env=False)
-    p.add_argument("--out", default="results/benchmarks/engine", help="report folder (default: %(default)s)")
+    p.add_argument("--suite", choices=["engine", "criteria"], default="engine", help="which benchmark (default %(default)s)")
+    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria suite (default %(default)s)")
+    p.add_argument("--finetune-steps", type=int, default=50, help="criteria suite: SGD steps of the identical fine-tune")
+    p.add_argument("--out", help="report folder (default: results/benchmarks/<suite>)")
     p.add_argument("--candidates", type=int, default=30, help="random candidates timed per measurement")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     return parser

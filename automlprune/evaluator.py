@@ -92,7 +92,7 @@ class Evaluator:
         self.bn_batches = cached_batches(data.train, data, s.bn_batch_size, self.device,
                                          max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
         start = time.perf_counter()
-        self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, seed=seed)  # data criteria: BN batches
+        self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, s.criterion_combine, seed)  # data: BN batches
         self.scoring_seconds = time.perf_counter() - start
         self.order = order_from_scores(self.scores)
         self._cache: dict[str, EvalResult] = {}

@@ -4,8 +4,9 @@ One registry, one signature: a criterion maps (model, group, a few training batc
 needs data) to one score per channel of the group, higher = keep. Each criterion scores the
 layers coupled to the group; a group's score combines its layers' scores after dividing each
 by its mean (``combine``: sum by default, or max / mean), so a residual group weighs all its
-convs alike. Data-driven criteria read the group's feature maps: the output of the group's
-last output layer in each block (the batch norm after a conv where there is one).
+convs alike. Data-driven criteria read the group's feature maps: the output of each of the
+group's output convs, taken after its batch norm where there is one (and after the activation
+when the network applies it in place, as the zoo's and torchvision's models do).
 
 Registered in :data:`CRITERIA` (``automlprune list criteria``); ``materialize``, the
 evaluator and the ``global`` strategy take the name (``--criterion NAME``).
@@ -406,11 +407,6 @@ def channel_scores(model: nn.Module, space: SearchSpace, criterion: str = "l1", 
     if entry.needs_data and not batches:
         raise ConfigError(f"criterion '{criterion}' needs a few training batches; the evaluator passes its BN batches")
     return entry.score_all(model, space, batches, combine, seed)
-
-
-def group_scores(model: nn.Module, group: ChannelGroup, criterion: str, batches: Sequence[Batch] | None = None) -> torch.Tensor:
-    """Scores of one group's channels under a weight-only criterion (float tensor, shape (channels,))."""
-    return CRITERIA.get(criterion).score(model, group, batches)
 
 
 def order_from_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ class EvalSettings:
 
     bn_recalibration: re-estimate batch-norm statistics on ``bn_batches`` training batches of
     ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
-    first N validation samples (None = all). criterion: which channels survive.
+    first N validation samples (None = all). criterion: which channels survive;
+    criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
     """
 
     batch_size: int = 256
@@ -45,6 +46,7 @@ class EvalSettings:
     bn_batches: int = 10
     bn_batch_size: int = 64
     criterion: str = "l1"
+    criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
     latency_batch_sizes: tuple[int, ...] = (1, 64)
 
 

@@ -91,3 +91,12 @@ def test_cli_criterion_flag(tmp_path, capsys):
     assert main(["evaluate", "digits-cnn", "--uniform", "0.5", "--criterion", "taylor", "--set", f"checkpoint={checkpoint}", "--json"]) == 0
     assert main(["evaluate", "digits-cnn", "--uniform", "0.5", "--criterion", "magic", "--set", f"checkpoint={checkpoint}"]) == 2
     assert "unknown criterion 'magic'" in capsys.readouterr().err
+
+
+def test_combine_modes_differ_on_a_residual_group(resnet):
+    model, space = resnet
+    sums = channel_scores(model, space, "l1", combine="sum")["conv1"]
+    maxes = channel_scores(model, space, "l1", combine="max")["conv1"]
+    means = channel_scores(model, space, "l1", combine="mean")["conv1"]
+    layers = sum(1 for m in space.group_by_name["conv1"].members if m.dim == "out" and "bn" not in m.layer and "shortcut.1" not in m.layer)
+    assert torch.allclose(sums, means * layers, rtol=1e-5) and not torch.allclose(maxes, means)

@@ -37,8 +37,9 @@ def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
                 criterion: str | ChannelOrder = "l1") -> nn.Module:
     """A pruned, quantized copy of ``model``; ``model`` itself is untouched.
 
-    ``criterion`` names an importance criterion, or is a precomputed
-    :func:`channel_order` of ``model`` (reuse it across candidates: it is the same for all).
+    ``criterion`` names a weight-only importance criterion, or is a precomputed
+    :func:`channel_order` of ``model`` (required for data-driven criteria, which need batches;
+    reuse it across candidates: it is the same for all).
     The result is an ordinary module of the original classes with narrower layers; it needs
     no automlprune to run, and exports with ``torch.export`` / ONNX like the original.
     """

@@ -25,6 +25,10 @@ from automlprune.tasks import Task, TaskSpec
 def run_criteria_benchmark(env: str, out_dir: Path, device: torch.device, targets: Sequence[float] = (0.7, 0.5, 0.3),
                            finetune_steps: int = 50, criteria: Sequence[str] | None = None,
                            overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    from automlprune.importance import CRITERIA as registry
+
+    for name in criteria or []:
+        registry.get(name)  # unknown names fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     task = Task(TaskSpec.load(env, overrides))
     model = task.load_model().to(device)

@@ -143,8 +143,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         if args.finetune_steps < 0:
             raise ConfigError("--finetune-steps cannot be negative")
+        names = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria else None
         report = run_criteria_benchmark(args.env, out, resolve_device(args.device), finetune_steps=args.finetune_steps,
-                                        progress=not args.json)
+                                        criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
         return 0
     from automlprune.benchmarks.engine import run_engine_benchmark

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=["engine", "criteria"], default="engine", help="which benchmark (default %(default)s)")
     p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria suite (default %(default)s)")
     p.add_argument("--finetune-steps", type=int, default=50, help="criteria suite: SGD steps of the identical fine-tune")
+    p.add_argument("--criteria", help="criteria suite: comma-separated criteria (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="criteria suite: override a task setting, e.g. --set evaluation.bn_batches=40")
     p.add_argument("--out", help="report folder (default: results/benchmarks/<suite>)")
     p.add_argument("--candidates", type=int, default=30, help="random candidates timed per measurement")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")

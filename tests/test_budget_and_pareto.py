@@ -58,3 +58,24 @@ def test_pareto_front_on_random_points_is_non_dominated():
         assert not np.any((c <= c[i]) & (a >= a[i]) & ((c < c[i]) | (a > a[i])))
     for j in set(range(200)) - set(front.tolist()):
         assert np.any((c <= c[j]) & (a >= a[j]) & ((c < c[j]) | (a > a[j])))
+
+
+def test_best_so_far_counts_only_points_within_absolute_and_relative_budgets():
+    from automlprune.cost import Costs
+    from automlprune.evaluator import EvalResult
+    from automlprune.report.collect import SearchRecord
+    from automlprune.report.plots import best_so_far
+    from automlprune.space import Candidate
+
+    def point(acc, params):  # unpruned network: 1000 parameters
+        costs = Costs(macs=params, params=params, bytes=4 * params, bitops=params)
+        return EvalResult(Candidate(), acc, None, costs, {"macs": params / 1000, "params": params / 1000,
+                                                          "bytes": params / 1000, "bitops": params / 1000}, 0.1)
+
+    points = [point(0.9, 800), point(0.5, 400), point(0.7, 450), point(0.95, 900)]
+    absolute = SearchRecord("s", "random", parse_budget("params=500"), 0, points, [1, 2, 3, 4], None)
+    assert absolute.feasible() == [False, True, True, False]
+    assert best_so_far(absolute)[0] != best_so_far(absolute)[0]  # NaN: nothing within 500 parameters yet
+    assert best_so_far(absolute)[1:] == [0.5, 0.7, 0.7]
+    relative = SearchRecord("s", "random", parse_budget("params=0.85"), 0, points, [1, 2, 3, 4], None)
+    assert best_so_far(relative) == [0.9, 0.9, 0.9, 0.9]

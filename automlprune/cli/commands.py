@@ -250,7 +250,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             if not args.no_export:
                 from automlprune.export import export_model
 
-                path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{_slug(budget.label)}.pt2")
+                path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{budget.slug}.pt2")
                 entry["export"] = str(path)
                 lines.append(f"  saved {path}")
         answers.append(entry)
@@ -260,10 +260,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     lines.append(f"Pareto plot: {plot}; run store: {session.store.url}")
     _emit(args, {"run_dir": str(run_dir), "answers": answers, "pareto_plot": str(plot)}, "\n".join(lines))
     return 0
-
-
-def _slug(label: str) -> str:
-    return label.replace("=", "").replace(".", "p")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -345,7 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     store, config, task = _run_context(run_dir, args.storage)
-    label = parse_budget(args.budget).label
+    budget = parse_budget(args.budget)
+    label = budget.label
     records = [r for r in collect(store) if r.budget.label == label and (args.strategy is None or r.strategy == args.strategy)]
     answered = [r for r in records if r.answer]
     if not answered:
@@ -359,7 +356,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     evaluator = Evaluator(model, space, task.data, task.spec.evaluation, device)
     candidate = Candidate.from_dict(best.answer["candidate"])
     ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
-    out = Path(args.out) if args.out else run_dir / f"model-{_slug(label)}{ext}"
+    out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"
     fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx"}[args.format]
     path = export_model(evaluator.network(candidate).cpu(), task.data.example_input(), out, fmt)
     _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},

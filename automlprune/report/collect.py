@@ -44,6 +44,11 @@ class SearchRecord:
     def accuracies(self) -> list[float]:
         return [p.accuracy for p in self.points]
 
+    def feasible(self) -> list[bool]:
+        """Whether each evaluation met the budget (the unpruned amount is recovered from its relative cost)."""
+        m = self.metric
+        return [self.budget.fits(p.costs.get(m), p.costs.get(m) / p.relative[m]) for p in self.points]
+
 
 def _parse_label(label: str) -> Budget:
     if label.endswith("abs"):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from automlprune.report.collect import SearchRecord  # noqa: E402
-from automlprune.report.pareto import best_within, pareto_front  # noqa: E402
+from automlprune.report.pareto import pareto_front  # noqa: E402
 from automlprune.space import Candidate, SearchSpace  # noqa: E402
 
 
@@ -57,12 +57,10 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
 
 def best_so_far(record: SearchRecord) -> list[float]:
     """Best feasible accuracy after each evaluation (NaN until one meets the budget)."""
-    limit = record.budget.value if record.budget.relative else None
-    costs, accs = record.cost_fractions(), record.accuracies()
     out, best = [], np.nan
-    for k in range(len(accs)):
-        idx = best_within(costs[: k + 1], accs[: k + 1], limit if limit is not None else np.inf)
-        best = accs[idx] if idx is not None else np.nan
+    for ok, acc in zip(record.feasible(), record.accuracies()):
+        if ok and not acc <= best:  # "not <=" also replaces the initial NaN
+            best = acc
         out.append(best)
     return out
 

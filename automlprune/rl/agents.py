@@ -167,8 +167,7 @@ class RLStrategy(Strategy):
             self._to_agent.put(None)
             self._thread.join()
         if self.context.run_dir is not None:
-            label = self.budget.label.replace("=", "").replace(".", "p")
-            self.agent.save(Path(self.context.run_dir) / f"agent-{self.name}-{label}-seed{self.seed}.zip")
+            self.agent.save(Path(self.context.run_dir) / f"agent-{self.name}-{self.budget.slug}-seed{self.seed}.zip")
 
 
 def _make(algorithm: str, action_type: str = "continuous") -> type[RLStrategy]:

@@ -95,7 +95,7 @@ class Strategy:
         return self.cost_model(candidate).get(self.budget.metric)
 
     def feasible(self, candidate: Candidate) -> bool:
-        return self.cost(candidate) <= self.limit * (1 + 1e-9)
+        return self.budget.met_by(self.cost_model(candidate), self.cost_model.base)
 
     # ---- the interface ---------------------------------------------------------------------------
     def ask(self) -> Candidate | None:

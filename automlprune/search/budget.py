@@ -15,6 +15,8 @@ from automlprune.cost import BUDGET_METRICS, Costs, CostModel
 from automlprune.errors import ConfigError
 
 UNITS = {"macs": "MACs", "params": "parameters", "bytes": "bytes", "bitops": "BitOps", "latency": "ms (predicted)"}
+TOLERANCE = 1e-9
+"""Relative slack on a budget's limit, so float rounding never rejects a candidate exactly at it."""
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 _VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>ms|[kmg]?)\s*$", re.IGNORECASE)
 
@@ -37,7 +39,20 @@ class Budget:
 
     def limit(self, base: Costs) -> float:
         """The budget in absolute units of its metric."""
-        return self.value * base.get(self.metric) if self.relative else self.value
+        return self.limit_for(base.get(self.metric))
+
+    def limit_for(self, base_amount: float) -> float:
+        """The budget in absolute units, given the unpruned network's amount of the metric."""
+        return self.value * base_amount if self.relative else self.value
+
+    def fits(self, amount: float, base_amount: float) -> bool:
+        """Whether ``amount`` (absolute units of the metric) is within the budget."""
+        return amount <= self.limit_for(base_amount) * (1 + TOLERANCE)
+
+    @property
+    def slug(self) -> str:
+        """The label as a file-name part: ``macs=0.5`` -> ``macs0p5``."""
+        return self.label.replace("=", "").replace(".", "p")
 
     def fraction(self, base: Costs) -> float:
         """The budget as a fraction of the unpruned network's cost."""
@@ -48,7 +63,7 @@ class Budget:
         return costs.get(self.metric) / self.limit(base) - 1.0
 
     def met_by(self, costs: Costs, base: Costs) -> bool:
-        return costs.get(self.metric) <= self.limit(base) * (1 + 1e-9)
+        return self.fits(costs.get(self.metric), base.get(self.metric))
 
 
 def parse_budget(text: str, default_metric: str | None = None) -> Budget:
@@ -91,8 +106,8 @@ def parse_budgets(text: str) -> list[Budget]:
 def check_achievable(budget: Budget, cost_model: CostModel) -> None:
     """Refuse a budget below what the space's smallest candidate costs, naming that value."""
     smallest = cost_model(cost_model.space.smallest()).get(budget.metric)
-    if smallest > budget.limit(cost_model.base) * (1 + 1e-9):
-        base = cost_model.base.get(budget.metric)
+    base = cost_model.base.get(budget.metric)
+    if not budget.fits(smallest, base):
         unit = UNITS[budget.metric]
         raise ConfigError(
             f"budget {budget.label} is impossible: the smallest network this space allows costs {smallest:.4g} "

@@ -8,7 +8,7 @@ the evaluator's seed (the same BN-recalibration and validation batches for every
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ class EvalResult:
 
     accuracy / top5: fractions in [0, 1] on the validation subset (top5 only when classes > 10);
     costs: see :mod:`automlprune.cost`; relative: each cost over the full network's;
-    seconds: wall time of the evaluation; measured_latency_ms: {batch size: median ms} when asked for
+    seconds: wall time of the accuracy evaluation (latency measurement excluded); measured_latency_ms: {batch size: median ms} when asked for
     (``costs.latency_ms`` is the latency table's prediction, when one is attached).
     """
 
@@ -121,16 +121,21 @@ class Evaluator:
         if cached is not None and (cached.measured_latency_ms is not None or not latency):
             return cached
         start = time.perf_counter()
-        costs = self.cost_model(candidate)
         net = self.network(candidate)
-        acc = accuracy(net, self.val_batches, self.topk)
-        measured = None
+        if cached is None:
+            costs = self.cost_model(candidate)
+            acc = accuracy(net, self.val_batches, self.topk)
+            result = EvalResult(candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
+                                time.perf_counter() - start)
+        else:  # accuracy already known: only the latency is missing
+            result = cached
         if latency:
-            measured = measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
-        result = EvalResult(candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
-                            time.perf_counter() - start, measured)
+            result = replace(result, measured_latency_ms=self._measure(net))
         self._cache[candidate.key] = result
         return result
+
+    def _measure(self, net: nn.Module) -> dict[int, float]:
+        return measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
 
     def finetune(self, candidate: Candidate, settings: FinetuneSettings | None = None, progress: bool = True) -> FinetuneResult:
         """Fine-tune the materialized network of ``candidate`` (distilling from the unpruned

@@ -38,14 +38,14 @@ class LayerTable:
     ms: list[list[float]]
 
     def __post_init__(self) -> None:
-        table = np.asarray(self.ms, dtype=float)
+        self._table = table = np.asarray(self.ms, dtype=float)  # built once: predictions are on a hot path
         if len(self.inputs) == 1 or len(self.outputs) == 1:
             self._interp = None
         else:
             self._interp = RegularGridInterpolator((self.inputs, self.outputs), table, bounds_error=False, fill_value=None)
 
     def __call__(self, kept_in: float, kept_out: float) -> float:
-        table = np.asarray(self.ms, dtype=float)
+        table = self._table
         if self._interp is not None:
             return float(self._interp([[kept_in, kept_out]])[0])
         if len(self.inputs) > 1:
@@ -130,27 +130,14 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
                           repeats: int = 7, progress: bool = True) -> LatencyTable:
     """Time every Conv2d/Linear layer of ``model`` over its width grid, and the whole network."""
     device = torch.device(device)
-    inputs: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # must return None
-            inputs.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    hooks = [model.get_submodule(l.name).register_forward_hook(record(l.name)) for l in space.layers if l.kind != "bn"]
     model = model.to(device).eval()
-    try:
-        model(space.example_input.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
     ratios = space.config.ratios
     start = time.perf_counter()
     layers: dict[str, LayerTable] = {}
     for info in tqdm([l for l in space.layers if l.kind != "bn"], desc="latency table", unit="layer",
                      disable=not progress, dynamic_ncols=True):
         module = model.get_submodule(info.name)
-        shape = inputs[info.name]
+        shape = info.input_shape
         grouped = info.kind == "conv" and info.groups > 1 and not info.depthwise
         ins = [info.in_channels] if grouped else _width_grid(info.in_channels, ratios)
         outs = [info.out_channels] if grouped or info.depthwise else _width_grid(info.out_channels, ratios)

@@ -70,6 +70,13 @@ def test_latency_is_measured_on_request(evaluator, digits_space):
     assert evaluator.evaluate(digits_space.uniform(0.625)).measured_latency_ms is not None  # cached with latency
 
 
+def test_latency_asked_later_is_measured_without_evaluating_again(evaluator, digits_space):
+    first = evaluator.evaluate(digits_space.uniform(0.875))
+    later = evaluator.evaluate(digits_space.uniform(0.875), latency=True)
+    assert first.measured_latency_ms is None and set(later.measured_latency_ms) == {1, 64}
+    assert (later.accuracy, later.seconds, later.costs) == (first.accuracy, first.seconds, first.costs)
+
+
 def test_finetune_recovers_accuracy_and_reports_test_accuracy(evaluator, digits_space):
     cand = digits_space.uniform(0.5)
     before = evaluator.evaluate(cand).accuracy

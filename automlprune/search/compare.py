@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
-from automlprune.latency import measure_latency
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_pareto, plot_profiles, plot_progress
@@ -26,7 +25,6 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
     """Fine-tune every answer of the run identically and measure its latency; results are stored
     on each study, so a rerun skips the ones already done."""
     settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
-    shape = session.task.data.example_input().shape[1:]
     for record in collect(session.store):
         if not record.answer:
             continue
@@ -39,8 +37,7 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds})
         if not study.user_attrs.get("latency_ms"):
-            net = session.evaluator.network(candidate)
-            lat = measure_latency(net, shape, session.task.spec.evaluation.latency_batch_sizes, session.device)
+            lat = session.evaluator.evaluate(candidate, latency=True).measured_latency_ms
             study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
 

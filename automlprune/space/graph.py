@@ -30,7 +30,8 @@ class LayerInfo:
     kind: "conv", "linear" or "bn". For conv/linear, ``in_channels``/``out_channels`` are
     features for linear; ``kernel`` is kh*kw (1 for linear); ``positions`` is the number of
     output positions per sample (H_out*W_out for conv, the product of leading dims for
-    linear). For bn, in = out = num_features.
+    linear); ``input_shape`` is the per-sample shape of its input, e.g. (C, H, W). For bn,
+    in = out = num_features.
     """
 
     name: str
@@ -43,6 +44,7 @@ class LayerInfo:
     positions: int
     has_bias: bool
     order: int
+    input_shape: tuple[int, ...] = ()
 
     @property
     def depthwise(self) -> bool:
@@ -97,7 +99,7 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerIn
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if name in records:
                 raise UnsupportedLayerError(f"layer '{name}' runs more than once per forward pass; automlprune needs each layer used once")
-            records[name] = _layer_info(name, module, output, len(records))
+            records[name] = _layer_info(name, module, output, len(records), tuple(inputs[0].shape[1:]))
         return fn
 
     for name, module in model.named_modules():
@@ -118,16 +120,16 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerIn
     return sorted(records.values(), key=lambda r: r.order)
 
 
-def _layer_info(name: str, module: nn.Module, output: torch.Tensor, order: int) -> LayerInfo:
+def _layer_info(name: str, module: nn.Module, output: torch.Tensor, order: int, input_shape: tuple[int, ...]) -> LayerInfo:
     batch = output.shape[0]
     if isinstance(module, nn.Conv2d):
         return LayerInfo(name, "conv", module.in_channels, module.out_channels, module.groups,
                          int(np.prod(module.kernel_size)), int(module.stride[0]), int(output[0, 0].numel()),
-                         module.bias is not None, order)
+                         module.bias is not None, order, input_shape)
     if isinstance(module, nn.Linear):
         return LayerInfo(name, "linear", module.in_features, module.out_features, 1, 1, 1,
-                         int(output.numel() // (batch * module.out_features)), module.bias is not None, order)
-    return LayerInfo(name, "bn", module.num_features, module.num_features, 1, 1, 1, 1, module.affine, order)
+                         int(output.numel() // (batch * module.out_features)), module.bias is not None, order, input_shape)
+    return LayerInfo(name, "bn", module.num_features, module.num_features, 1, 1, 1, 1, module.affine, order, input_shape)
 
 
 def discover_groups(model: nn.Module, example_input: torch.Tensor, layers: list[LayerInfo]) -> list[ChannelGroup]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -220,12 +220,18 @@ def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, 
     cost = lambda r: cost_model(space.uniform(r)).get(metric)  # noqa: E731
     if cost(1.0) <= budget:
         return 1.0
-    lo, hi = 1e-6, 1.0
+    lo = 1e-6
     if cost(lo) > budget:
         raise ConfigError(
             f"a {metric} budget of {budget:.4g} is below what the narrowest uniform network costs ({cost(lo):.4g}); raise the budget"
         )
-    while hi - lo > tolerance:
+    return largest_within(lambda r: cost(r) <= budget, lo, 1.0, math.ceil(math.log2((1.0 - lo) / tolerance)))
+
+
+def largest_within(fits: Callable[[float], bool], lo: float, hi: float, steps: int) -> float:
+    """Bisection for the largest x in [lo, hi] with ``fits(x)``, given ``fits(lo)`` holds and
+    ``fits`` is monotone (true below a threshold): after ``steps`` halvings, the last fitting x."""
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo

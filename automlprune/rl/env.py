@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from automlprune.cost import largest_within
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.search.budget import Budget, check_achievable, parse_budget
@@ -126,10 +127,7 @@ class LayerWidthEnv(gym.Env):
         cost = lambda r: self._cost({**fixed, current: r, **later})  # noqa: E731
         if cost(1.0) <= self.limit:
             return 1.0
-        lo, hi = self.min_ratio, 1.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if cost(mid) <= self.limit else (lo, mid)
+        lo = largest_within(lambda r: cost(r) <= self.limit, self.min_ratio, 1.0, 30)
         return max(self.min_ratio, math.floor(lo * 1e6) / 1e6)  # tidy candidate keys; flooring keeps it feasible
 
     def action_to_ratio(self, action: Any) -> float:

@@ -198,13 +198,19 @@ def _check_search_args(args: argparse.Namespace) -> None:
         raise ConfigError("--finetune-epochs cannot be negative")
 
 
-def _session(args: argparse.Namespace, run_dir: Path):
+def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> tuple[Any, Path]:
+    """The search session of a ``search`` or ``compare`` run (default directory
+    results/<kind>/<task>[/<name>]), with every budget checked before any search starts."""
     from automlprune.search.runner import SearchSession
     from automlprune.search.store import RunStore
+    from automlprune.tasks import Task, TaskSpec
 
-    task = _task(args)
+    spec = TaskSpec.load(args.env, _overrides(args))
+    run_dir = Path(args.run_dir or Path("results", kind, spec.name, name))
     store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
-    return SearchSession(task, resolve_device(args.device), store, args.space, progress=not args.json)
+    session = SearchSession(Task(spec), resolve_device(args.device), store, args.space, progress=not args.json)
+    session.check_budgets(budgets)
+    return session, run_dir
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -215,16 +221,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
-    from automlprune.tasks import TaskSpec
-
-    spec = TaskSpec.load(args.env, _overrides(args))
-    run_dir = Path(args.run_dir or Path("results") / "runs" / spec.name / args.strategy)
-    session = _session(args, run_dir)
-    session.prepare(budgets)
-    for budget in budgets:  # refuse impossible budgets before searching any
-        from automlprune.search.budget import check_achievable
-
-        check_achievable(budget, session.cost_model)
+    session, run_dir = _open_run(args, "runs", args.strategy, budgets)
     session.save_config([args.strategy], budgets, [args.seed], args.evals, args.time_limit, options)
     answers, lines = [], []
     for budget in budgets:
@@ -264,9 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
-    from automlprune.search.budget import check_achievable
     from automlprune.search.compare import finish_answers, write_report
-    from automlprune.tasks import TaskSpec
 
     _check_search_args(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -278,12 +273,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
-    spec = TaskSpec.load(args.env, _overrides(args))
-    run_dir = Path(args.run_dir or Path("results") / "compare" / spec.name)
-    session = _session(args, run_dir)
-    session.prepare(budgets)
-    for budget in budgets:
-        check_achievable(budget, session.cost_model)
+    session, run_dir = _open_run(args, "compare", "", budgets)
     seeds = list(range(args.seeds))
     session.save_config(strategies, budgets, seeds, args.evals, args.time_limit, options)
     for name in strategies:
@@ -304,8 +294,8 @@ def _run_context(run_dir: Path, storage: str | None):
 
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json); give the folder a search or compare wrote")
-    store = RunStore(run_dir, storage or (json.loads((run_dir / "config.json").read_text()).get("storage")))
-    config = store.load_config()
+    config = json.loads((run_dir / "config.json").read_text())
+    store = RunStore(run_dir, storage or config.get("storage"))
     return store, config, Task(TaskSpec.from_saved(config["task"]))
 
 

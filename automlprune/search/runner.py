@@ -54,6 +54,12 @@ class SearchSession:
             table.save(path)
         self.cost_model.attach_latency_table(table)
 
+    def check_budgets(self, budgets: Sequence[Budget]) -> None:
+        """Refuse impossible budgets (after attaching the latency table if one is needed)."""
+        self.prepare(budgets)
+        for budget in budgets:
+            check_achievable(budget, self.cost_model)
+
     def save_config(self, strategies: Sequence[str], budgets: Sequence[Budget], seeds: Sequence[int],
                     max_evals: int, time_limit: float | None, options: dict[str, Any]) -> None:
         self.store.save_config({
@@ -66,8 +72,7 @@ class SearchSession:
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
         """One search; resumes the stored one of the same strategy, budget and seed if any."""
-        self.prepare([budget])
-        check_achievable(budget, self.cost_model)
+        self.check_budgets([budget])
         cls = STRATEGIES.get(strategy)
         name = RunStore.study_name(strategy, budget.label, seed)
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,

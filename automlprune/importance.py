@@ -190,18 +190,23 @@ def recording(model: nn.Module, layers: Sequence[str], keep_grad: bool = False) 
             h.remove()
 
 
-class FeatureCriterion(Criterion):
-    """Base of criteria computed from the groups' feature maps over a few batches."""
+class DataCriterion(Criterion):
+    """Base of data-driven criteria: they score every group in one pass over the batches."""
 
     needs_data = True
+
+    def score(self, model, group, batches=None, combine="sum", seed=0):
+        raise ConfigError("data-driven criteria score all groups at once; call channel_scores(model, space, name, batches)")
+
+
+class FeatureCriterion(DataCriterion):
+    """Base of criteria computed from the groups' feature maps over a few batches."""
+
     keep_grad = False
 
     def channel_stat(self, outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
         """Per-index scores of one layer from its recorded outputs (each (B, C, ...))."""
         raise NotImplementedError
-
-    def score(self, model, group, batches=None, combine="sum", seed=0):
-        raise ConfigError("data-driven criteria score all groups at once; call channel_scores(model, space, name, batches)")
 
     def score_all(self, model, space, batches=None, combine="sum", seed=0):
         if not batches:
@@ -340,17 +345,12 @@ class Similarity(FeatureCriterion):
         return scores.float()
 
 
-class Hessian(Criterion):
+class Hessian(DataCriterion):
     """Covariance-scaled importance (Cai et al., 'Exploring Weight Importance and Hessian Bias in
     Model Pruning', 2020): with the Gauss-Newton / input-covariance approximation of the Hessian
     of a linear layer, removing input channel c changes the loss by about
     1/2 * sum over outputs and kernel taps of W[o, c, k]^2 * E[x_c^2] (diagonal of the input
     covariance). Computed at every layer that reads the group's channels, from a few batches."""
-
-    needs_data = True
-
-    def score(self, model, group, batches=None, combine="sum", seed=0):
-        raise ConfigError("data-driven criteria score all groups at once; call channel_scores(model, space, name, batches)")
 
     def score_all(self, model, space, batches=None, combine="sum", seed=0):
         if not batches:

@@ -15,7 +15,7 @@ evaluator and the ``global`` strategy take the name (``--criterion NAME``).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -10,11 +9,11 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from automlprune.data import DataSplits, iterate_batches
 from automlprune.data.base import Split
 from automlprune.errors import ConfigError
+from automlprune.progress import Progress
 
 
 @dataclass
@@ -72,10 +71,8 @@ def fit(model: nn.Module, data: DataSplits, device: torch.device, *, epochs: int
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     history = FitHistory()
     start = time.perf_counter()
-    interactive = progress and sys.stderr.isatty()
-    last_line = start
-    bar = tqdm(range(epochs), desc=description, unit="epoch", disable=not interactive, dynamic_ncols=True)
-    for epoch in bar:
+    reporter = Progress(description, epochs, "epoch", progress)
+    for epoch in range(epochs):
         model.train()
         running, count = 0.0, 0
         for step, (x, y) in enumerate(iterate_batches(data.train, data, batch_size, device, shuffle=True, augment=True,
@@ -98,11 +95,10 @@ def fit(model: nn.Module, data: DataSplits, device: torch.device, *, epochs: int
             count += len(y)
         history.train_loss.append(running / max(count, 1))
         history.val_accuracy.append(split_accuracy(model, data.val, data, device))
-        bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", val_acc=f"{history.val_accuracy[-1]:.4f}")
-        if progress and not interactive and (time.perf_counter() - last_line > 10 or epoch + 1 == epochs):
-            last_line = time.perf_counter()  # logs: a concise line at most every 10 s, and at the end
-            print(f"{description}: epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.3f} "
-                  f"val_acc {history.val_accuracy[-1]:.4f} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+        reporter.update(epoch + 1, f"{description}: epoch {epoch + 1}/{epochs} loss {history.train_loss[-1]:.3f} "
+                        f"val_acc {history.val_accuracy[-1]:.4f} ({time.perf_counter() - start:.0f}s)",
+                        loss=f"{history.train_loss[-1]:.3f}", val_acc=f"{history.val_accuracy[-1]:.4f}")
+    reporter.close()
     history.seconds = time.perf_counter() - start
     model.eval()
     return history

@@ -67,7 +67,6 @@ def digits_evaluator(trained_digits_model, digits_space, digits):
 
 def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0, max_evals=8, run_name="run", evaluator=None):
     """One search with a fresh evaluator (so its cache counts this search's evaluations only)."""
-    from automlprune.cost import CostModel
     from automlprune.evaluator import Evaluator
     from automlprune.search import STRATEGIES
     from automlprune.search.base import SearchContext, run_strategy

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from automlprune.cli.main import main
 from automlprune.data import cached_batches

@@ -3,20 +3,17 @@ search per (strategy, seed, budget)."""
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 import automlprune
 from automlprune.baseline import ensure_baseline
 from automlprune.cost import CostModel
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.latency_table import LatencyTable, measure_latency_table
+from automlprune.progress import Progress
 from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
 from automlprune.search.budget import Budget, check_achievable
@@ -80,7 +77,7 @@ class SearchSession:
         study = self.store.study(name, attrs)
         context = SearchContext(self.space, self.cost_model, study, self.evaluator.scores, self.model, self.store.run_dir)
         instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
-        reporter = _Progress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
+        reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
         try:
             return run_strategy(instance, self.evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
                                 attrs=attrs, progress=reporter)
@@ -88,35 +85,14 @@ class SearchSession:
             reporter.close()
 
 
-class _Progress:
-    """A progress bar on a terminal; a concise line every 10 s (and at the end) in logs."""
+class _SearchProgress(Progress):
+    """The search loop's progress callback: evaluations done and the best feasible accuracy."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.interactive = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=label, unit="eval", disable=not self.interactive, dynamic_ncols=True)
-        self.last_line = time.perf_counter()
-        self.state = (0, None, 0.0)
+        super().__init__(label, total, "eval", enabled)
+        self.label = label
 
     def __call__(self, done: int, total: int, best: EvalResult | None, elapsed: float) -> None:
-        self.bar.update(done - self.bar.n)
         best_text = f"{best.accuracy:.4f}" if best else "none feasible yet"
-        self.bar.set_postfix(best=best_text)
-        self.state = (done, best_text, elapsed)
-        if self.enabled and not self.interactive and time.perf_counter() - self.last_line > 10:
-            self._line()
-
-    def _line(self) -> None:
-        done, best, elapsed = self.state
-        print(f"{self.label}: {done}/{self.total} evaluations, best feasible accuracy {best}, {elapsed:.0f}s",
-              file=sys.stderr, flush=True)
-        self.last_line = time.perf_counter()
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.enabled and not self.interactive and self.state[0]:
-            self._line()
-
-
-def default_run_dir(task: Task, strategy: str, kind: str = "runs") -> Path:
-    return Path("results") / kind / task.spec.name / strategy
+        self.update(done, f"{self.label}: {done}/{total} evaluations, best feasible accuracy {best_text}, {elapsed:.0f}s",
+                    best=best_text)

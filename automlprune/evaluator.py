@@ -16,13 +16,18 @@ from torch import nn
 
 from automlprune.cost import Costs, CostModel, relative_costs
 from automlprune.data import DataSplits, cached_batches
+from automlprune.errors import ConfigError
 from automlprune.importance import channel_scores, order_from_scores
 from automlprune.latency import measure_latency
 from automlprune.materialize import materialize
+from automlprune.reconstruction import Reconstruction
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import SearchSpace
 from automlprune.tasks import EvalSettings, FinetuneSettings
 from automlprune.training import accuracy, fit, split_accuracy
+
+
+RECONSTRUCTIONS = ("none", "least_squares")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class Evaluator:
         self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, s.criterion_combine, seed)  # data: BN batches
         self.scoring_seconds = time.perf_counter() - start
         self.order = order_from_scores(self.scores)
+        if s.reconstruction not in RECONSTRUCTIONS:
+            raise ConfigError(f"evaluation.reconstruction '{s.reconstruction}' is unknown; use one of: {', '.join(RECONSTRUCTIONS)}")
+        self.reconstruction = (Reconstruction.collect(self.model, space, self.bn_batches)
+                               if s.reconstruction == "least_squares" else None)
         self._cache: dict[str, EvalResult] = {}
 
     def prime(self, results: list[EvalResult]) -> None:
@@ -108,7 +117,7 @@ class Evaluator:
 
     def network(self, candidate: Candidate) -> nn.Module:
         """The materialized network of ``candidate``, BN statistics re-estimated when configured, in eval mode."""
-        net = materialize(self.model, candidate, self.space, self.order)
+        net = materialize(self.model, candidate, self.space, self.order, self.reconstruction)
         if self.settings.bn_recalibration:
             recalibrate_batchnorm(net, self.bn_batches)
         return net.eval()

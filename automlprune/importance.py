@@ -396,6 +396,8 @@ CRITERIA.register("hrank", HRank(), needs_data=True, description="average rank o
 CRITERIA.register("ezcrop", EZCrop(), needs_data=True, description="spectral energy outside the central low-frequency zone (EZCrop, 2021)")
 CRITERIA.register("feature_relevance", FeatureRelevance(), needs_data=True, description="Fisher ratio of the channel across classes (Gradual Channel Pruning, 2020)")
 CRITERIA.register("similarity", Similarity(), needs_data=True, description="hierarchical clustering of similar feature maps; one representative kept (2019)")
+CRITERIA.register("prunenet", "automlprune.reconstruction:RECONSTRUCTION_IMPORTANCE", needs_data=True,
+                  description="cumulative least-squares reconstruction loss of the reading layers under backward elimination (PruneNet strategy)")
 CRITERIA.register("hessian", Hessian(), needs_data=True, description="weights^2 x input second moment: diagonal Gauss-Newton Hessian (2020)")
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from automlprune.importance import channel_order
+from automlprune.reconstruction import Reconstruction
 from automlprune.space.candidate import Candidate
 from automlprune.space.graph import build_dependency_graph
 from automlprune.space.search_space import SearchSpace
@@ -33,19 +34,34 @@ def dropped_channels(space: SearchSpace, candidate: Candidate, order: ChannelOrd
     return dropped
 
 
+def kept_channels_by_group(space: SearchSpace, candidate: Candidate, order: ChannelOrder) -> dict[str, torch.Tensor]:
+    """Group name -> indices of the channels ``candidate`` keeps, for the groups it shrinks."""
+    return {g.name: order[g.name][: int(k)] for g, k in zip(space.groups, space.kept_channels(candidate)) if k < g.channels}
+
+
+def _prepared_copy(model: nn.Module, candidate: Candidate, space: SearchSpace, order: ChannelOrder,
+                   reconstruction: Reconstruction | None) -> nn.Module:
+    copied = copy.deepcopy(model)
+    if reconstruction is not None:
+        reconstruction.fold_(copied, kept_channels_by_group(space, candidate, order))
+    return copied
+
+
 def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
-                criterion: str | ChannelOrder = "l1") -> nn.Module:
+                criterion: str | ChannelOrder = "l1", reconstruction: Reconstruction | None = None) -> nn.Module:
     """A pruned, quantized copy of ``model``; ``model`` itself is untouched.
 
     ``criterion`` names a weight-only importance criterion, or is a precomputed
     :func:`channel_order` of ``model`` (required for data-driven criteria, which need batches;
-    reuse it across candidates: it is the same for all).
+    reuse it across candidates: it is the same for all). With ``reconstruction``, the removed
+    channels are first folded into the kept ones at the layers reading them (least squares, see
+    :mod:`automlprune.reconstruction`).
     The result is an ordinary module of the original classes with narrower layers; it needs
     no automlprune to run, and exports with ``torch.export`` / ONNX like the original.
     """
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     dropped = dropped_channels(space, candidate, order)
-    pruned = copy.deepcopy(model)
+    pruned = _prepared_copy(model, candidate, space, order, reconstruction)
     if dropped:
         device = next(pruned.parameters()).device
         graph = build_dependency_graph(pruned, space.example_input.to(device))
@@ -58,12 +74,12 @@ def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
 
 
 def mask(model: nn.Module, candidate: Candidate, space: SearchSpace,
-         criterion: str | ChannelOrder = "l1") -> nn.Module:
+         criterion: str | ChannelOrder = "l1", reconstruction: Reconstruction | None = None) -> nn.Module:
     """A same-shape copy of ``model`` whose dropped channels output exactly zero: every layer
     producing a dropped channel has that channel's weights, bias and BN affine set to zero."""
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     dropped = dropped_channels(space, candidate, order)
-    masked = copy.deepcopy(model)
+    masked = _prepared_copy(model, candidate, space, order, reconstruction)
     with torch.no_grad():
         for group in space.groups:
             if group.name not in dropped:

@@ -38,6 +38,8 @@ class EvalSettings:
     ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
     first N validation samples (None = all). criterion: which channels survive;
     criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
+    reconstruction: "none", or "least_squares" to fold removed channels into the kept ones at
+    the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's).
     """
 
     batch_size: int = 256
@@ -48,6 +50,7 @@ class EvalSettings:
     criterion: str = "l1"
     criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
     latency_batch_sizes: tuple[int, ...] = (1, 64)
+    reconstruction: str = "none"
 
 
 @dataclass(frozen=True)

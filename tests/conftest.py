@@ -75,7 +75,8 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     from automlprune.tasks import EvalSettings
 
     if evaluator is None:
-        evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+        settings = STRATEGIES.get(strategy).evaluation_settings(EvalSettings(bn_batches=2, bn_batch_size=64))
+        evaluator = Evaluator(model, space, data, settings)
     store = RunStore(tmp_path / run_name)
     b = parse_budget(budget)
     study = store.study(RunStore.study_name(strategy, b.label, seed), {"strategy": strategy, "budget": b.label, "seed": seed})

@@ -237,13 +237,13 @@ def cmd_search(args: argparse.Namespace) -> int:
             if args.finetune_epochs:
                 from dataclasses import replace
 
-                tuned = session.evaluator.finetune(a.candidate, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
+                tuned = session.evaluator_for(args.strategy).finetune(a.candidate, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
                                                    progress=not args.json)
                 entry["finetune"] = {"epochs": tuned.epochs, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy}
                 lines.append(f"  after {tuned.epochs} fine-tune epochs: test accuracy {_pct(tuned.test_accuracy)}")
                 network = tuned.model
             else:
-                network = session.evaluator.network(a.candidate)
+                network = session.evaluator_for(args.strategy).network(a.candidate)
             if not args.no_export:
                 from automlprune.export import export_model
 
@@ -326,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from automlprune.evaluator import Evaluator
     from automlprune.export import export_model
     from automlprune.report.collect import collect
+    from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
     from automlprune.space import Candidate
 
@@ -343,7 +344,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = task.load_model().to(device)
     space = _saved_space(task, config, model)
-    evaluator = Evaluator(model, space, task.data, task.spec.evaluation, device)
+    settings = STRATEGIES.get(best.strategy).evaluation_settings(task.spec.evaluation)
+    evaluator = Evaluator(model, space, task.data, settings, device)
     candidate = Candidate.from_dict(best.answer["candidate"])
     ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
     out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"

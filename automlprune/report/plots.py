@@ -135,3 +135,43 @@ def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_allocation(profile: dict[str, dict], path: Path, title: str) -> Path:
+    """Left: each group's redundancy curve (relative reconstruction loss against the fraction
+    of channels kept), its allocated width marked. Right: kept fraction per group (network
+    order), allocated vs uniform at the same budget. ``profile``: group -> {"channels",
+    "kept", "uniform_kept", "loss_curve" (loss at k = 0..channels kept)}."""
+    groups = list(profile)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    cmap = plt.get_cmap("viridis")
+    for i, g in enumerate(groups):
+        p = profile[g]
+        curve = np.asarray(p["loss_curve"])
+        fractions = np.arange(len(curve)) / p["channels"]
+        color = cmap(i / max(1, len(groups) - 1))
+        left.plot(fractions, curve, color=color, linewidth=1.2, label=g if len(groups) <= 12 else None)
+        left.plot(p["kept"] / p["channels"], curve[p["kept"]], "o", color=color, markersize=4)
+    left.set_yscale("symlog", linthresh=1e-3)
+    left.set_xlabel("fraction of the group's channels kept")
+    left.set_ylabel("relative reconstruction loss (summed over readers)")
+    left.set_title("redundancy per group (dots: allocated width)")
+    left.grid(alpha=0.3)
+    if len(groups) <= 12:
+        left.legend(fontsize=6, ncol=2)
+    x = np.arange(len(groups))
+    right.plot(x, [profile[g]["kept"] / profile[g]["channels"] for g in groups], marker="o", markersize=3, label="allocated")
+    right.plot(x, [profile[g]["uniform_kept"] / profile[g]["channels"] for g in groups], marker="s", markersize=3,
+               linestyle="--", label="uniform")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("kept fraction")
+    right.set_xticks(x)
+    right.set_xticklabels(groups, rotation=75, fontsize=7)
+    right.set_title("per-group widths at the same budget")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -15,7 +15,7 @@ continues from the study, which already holds its history.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -27,6 +27,7 @@ from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.search.budget import Budget
 from automlprune.search.store import RunStore
 from automlprune.space import Candidate, SearchSpace
+from automlprune.tasks import EvalSettings
 
 MAX_REPEATED_ASKS = 200
 """Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
@@ -60,6 +61,9 @@ class Strategy:
     """False for deterministic strategies: comparisons run them once, not once per seed."""
     option_names: ClassVar[tuple[str, ...]] = ()
     """Options accepted beyond the constructor's named parameters."""
+    evaluation: ClassVar[dict[str, Any]] = {}
+    """Evaluation settings the strategy's candidates are materialized with, over the task's
+    (e.g. its own importance criterion); see :meth:`evaluation_settings`."""
 
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
         self.context = context
@@ -88,6 +92,11 @@ class Strategy:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted) or 'none'}")
+
+    @classmethod
+    def evaluation_settings(cls, task_settings: EvalSettings) -> EvalSettings:
+        """The task's evaluation settings with the strategy's own (``evaluation``) applied."""
+        return replace(task_settings, **cls.evaluation)
 
     # ---- helpers for subclasses ------------------------------------------------------------------
     def cost(self, candidate: Candidate) -> float:

@@ -32,12 +32,12 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
         candidate = Candidate.from_dict(record.answer["candidate"])
         done = study.user_attrs.get("finetune")
         if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate.to_dict():
-            tuned = session.evaluator.finetune(candidate, settings, progress=progress)
+            tuned = session.evaluator_for(record.strategy).finetune(candidate, settings, progress=progress)
             study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate.to_dict(),
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds})
         if not study.user_attrs.get("latency_ms"):
-            lat = session.evaluator.evaluate(candidate, latency=True).measured_latency_ms
+            lat = session.evaluator_for(record.strategy).evaluate(candidate, latency=True).measured_latency_ms
             study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
 

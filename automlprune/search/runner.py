@@ -38,6 +38,17 @@ class SearchSession:
         self.cost_model = CostModel(self.space, self.model)
         self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device,
                                    cost_model=self.cost_model)
+        self._evaluators = {self.evaluator.settings: self.evaluator}
+
+    def evaluator_for(self, strategy: str) -> Evaluator:
+        """The evaluator a strategy's candidates are scored and fine-tuned with: the task's, or,
+        for a strategy with its own evaluation settings (e.g. its importance criterion), one
+        built once with them (same data, seed and cost model)."""
+        settings = STRATEGIES.get(strategy).evaluation_settings(self.task.spec.evaluation)
+        if settings not in self._evaluators:
+            self._evaluators[settings] = Evaluator(self.model, self.space, self.task.data, settings, self.device,
+                                                   cost_model=self.cost_model)
+        return self._evaluators[settings]
 
     def prepare(self, budgets: Sequence[Budget]) -> None:
         """Attach the latency table when a budget needs it: reloaded from the run directory (so a
@@ -75,11 +86,12 @@ class SearchSession:
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
-        context = SearchContext(self.space, self.cost_model, study, self.evaluator.scores, self.model, self.store.run_dir)
+        evaluator = self.evaluator_for(strategy)
+        context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.run_dir)
         instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
         reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
         try:
-            return run_strategy(instance, self.evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
+            return run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
                                 attrs=attrs, progress=reporter)
         finally:
             reporter.close()

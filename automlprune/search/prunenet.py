@@ -1,0 +1,117 @@
+"""PruneNet-style global channel importance and width allocation (after Khetan & Karnin,
+'PruneNet: Channel Pruning via Global Importance', 2020, built from its abstract).
+
+What is computed (the paper's exact equations are not available to us):
+
+1. Importance, once per run, from a few training batches (the evaluator's BN batches): the
+   ``prunenet`` criterion of :mod:`automlprune.reconstruction`. For each group, the layers
+   reading its channels define a least-squares reconstruction problem; channels are eliminated
+   backward, each time the one whose loss is best absorbed by re-weighting the kept channels.
+   A channel's score is the group's cumulative loss once it and every channel eliminated
+   before it are gone, as a fraction of the readers' output energy: one scale across layers.
+   Sorted, a group's scores are its redundancy curve (loss vs channels kept).
+2. Allocation, per budget, with the one cost model: start from the full network and repeatedly
+   remove one rounding unit of channels from the group with the least loss added per unit of
+   budget metric saved (costs recomputed after every removal, so a channel's cost reflects its
+   neighbours' current widths), until the budget is met; then add back, while anything fits,
+   the unit with the most loss recovered per unit of cost. The answer meets the budget and no
+   single unit can be added back within it. No evaluation is spent on the allocation.
+3. The candidate is materialized with the same importance and the least-squares fold of the
+   removed channels into the kept ones (``evaluation.reconstruction: least_squares``), then goes
+   through the shared evaluator, run store and fine-tune like every strategy's answer.
+
+One scoring pass serves every budget of a run (the evaluator's scores are computed once); each
+budget costs one allocation (well under a second) and one evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+
+from automlprune.search.baselines import OneShotStrategy
+from automlprune.space import Candidate
+
+
+class PruneNetStrategy(OneShotStrategy):
+    """Reconstruction-loss importance on one global scale, then a cost-aware allocation exact for the budget."""
+
+    name = "prunenet"
+    evaluation: ClassVar[dict[str, Any]] = {"criterion": "prunenet", "reconstruction": "least_squares"}
+
+    def loss_curves(self) -> dict[str, np.ndarray]:
+        """Group -> loss when keeping k channels, k = 0..channels (the sorted scores; 0 at full width)."""
+        curves = {}
+        for name in self.space.prunable:
+            scores = np.sort(self.context.channel_scores[name].double().cpu().numpy())[::-1]
+            curves[name] = np.append(scores, 0.0)  # keeping k channels loses the score of the (k+1)-th best
+        return curves
+
+    def _candidate(self, kept: dict[str, int]) -> Candidate:
+        return Candidate.make({g: k / self.space.group_by_name[g].channels for g, k in kept.items()})
+
+    def propose(self) -> Candidate:
+        curves = self.loss_curves()
+        channels = {g: self.space.group_by_name[g].channels for g in curves}
+        floor = {g: self.space.channels_for(c, 1e-9) for g, c in channels.items()}
+        unit = self.space.config.round_to
+        kept = dict(channels)
+
+        def step(g: str, direction: int) -> int | None:
+            """The width of group g one unit narrower (-1) or wider (+1), None outside its range."""
+            if direction < 0:
+                k = (kept[g] - 1) // unit * unit if kept[g] % unit else kept[g] - unit
+                return k if k >= floor[g] else None
+            k = min(channels[g], (kept[g] // unit + 1) * unit)
+            return k if k > kept[g] else None
+
+        current = self.cost(self._candidate(kept))
+        while not self.feasible(self._candidate(kept)):
+            best, best_ratio = None, np.inf
+            for g in curves:
+                k = step(g, -1)
+                if k is None:
+                    continue
+                cost = self.cost(self._candidate({**kept, g: k}))
+                saved = current - cost
+                if saved > 0 and (curves[g][k] - curves[g][kept[g]]) / saved < best_ratio:
+                    best, best_ratio, best_cost, best_k = g, (curves[g][k] - curves[g][kept[g]]) / saved, cost, k
+            if best is None:
+                break
+            kept[best], current = best_k, best_cost
+        while True:  # add back what still fits, best recovered loss per unit of cost first
+            best, best_ratio = None, -np.inf
+            for g in curves:
+                k = step(g, +1)
+                if k is None:
+                    continue
+                trial = {**kept, g: k}
+                if not self.feasible(self._candidate(trial)):
+                    continue
+                added = max(self.cost(self._candidate(trial)) - current, 1e-12)
+                ratio = (curves[g][kept[g]] - curves[g][k]) / added
+                if ratio > best_ratio:
+                    best, best_ratio, best_k = g, ratio, k
+            if best is None:
+                break
+            kept[best] = best_k
+            current = self.cost(self._candidate(kept))
+        self._save_profile(curves, kept)
+        return self._candidate(kept)
+
+    def _save_profile(self, curves: dict[str, np.ndarray], kept: dict[str, int]) -> None:
+        """Per-group redundancy curves and the allocated widths next to the uniform ones, in the run directory."""
+        if self.context.run_dir is None:
+            return
+        from automlprune.cost import uniform_ratio_for_budget
+        from automlprune.report.plots import plot_allocation
+
+        uniform = self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit))
+        uniform_kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(uniform).tolist()))
+        slug = self.budget.slug
+        profile = {g: {"channels": int(len(c) - 1), "kept": int(kept[g]), "uniform_kept": int(uniform_kept[g]),
+                       "loss_at_kept": float(c[kept[g]]), "loss_curve": [float(v) for v in c]} for g, c in curves.items()}
+        (self.context.run_dir / f"prunenet-{slug}.json").write_text(json.dumps(profile, indent=1))
+        plot_allocation(profile, self.context.run_dir / f"prunenet-{slug}.png", f"prunenet at {self.budget.label}")

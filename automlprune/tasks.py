@@ -120,6 +120,8 @@ class TaskSpec:
     train: TrainSettings = field(default_factory=TrainSettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Default options per strategy name (``--option`` overrides them), e.g. DMCP's epochs."""
     description: str = ""
     source: Path | None = None
 
@@ -127,7 +129,10 @@ class TaskSpec:
     def from_dict(cls, data: dict[str, Any], source: Path | None = None) -> "TaskSpec":
         where = f"task '{source}'" if source else "task"
         check_keys(data, {"name", "description", "model", "dataset", "checkpoint", "auto_train", "space", "train",
-                          "evaluation", "finetune"}, where)
+                          "evaluation", "finetune", "strategies"}, where)
+        strategies = data.get("strategies") or {}
+        if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
+            raise ConfigError(f"{where} strategies must map strategy names to their options, e.g. strategies: {{dmcp: {{search_epochs: 4}}}}")
         for key in ("model", "dataset"):
             if key not in data:
                 raise ConfigError(f"{where} has no '{key}' section; add one (see envs/digits-cnn.yaml)")
@@ -147,6 +152,7 @@ class TaskSpec:
             train=_settings(TrainSettings, data.get("train"), f"{where} train"),
             evaluation=_settings(EvalSettings, data.get("evaluation"), f"{where} evaluation"),
             finetune=_settings(FinetuneSettings, data.get("finetune"), f"{where} finetune"),
+            strategies={str(k): dict(v) for k, v in strategies.items()},
             description=str(data.get("description", "")), source=source,
         )
 

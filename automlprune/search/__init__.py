@@ -16,6 +16,7 @@ for _name, _entry, _desc in [
     ("optuna-qmc", "automlprune.search.optuna_strategies:QMCStrategy", "Optuna's quasi-Monte-Carlo sampler"),
     ("optuna-gp", "automlprune.search.optuna_strategies:GPStrategy", "Optuna's Gaussian-process sampler with the budget as constraint"),
     ("prunenet", "automlprune.search.prunenet:PruneNetStrategy", "global reconstruction-loss importance, cost-aware allocation exact for the budget (PruneNet)"),
+    ("dmcp", "automlprune.search.dmcp:DMCPStrategy", "DMCP: differentiable Markov channel gates trained against a budget loss (Guo et al., 2020)"),
     ("ddpg", "automlprune.rl.agents:DDPGStrategy", "AMC: DDPG (stable-baselines3) in the layer-width environment"),
     ("td3", "automlprune.rl.agents:TD3Strategy", "TD3 (stable-baselines3) in the layer-width environment"),
     ("sac", "automlprune.rl.agents:SACStrategy", "SAC (stable-baselines3) in the layer-width environment"),

@@ -37,8 +37,9 @@ MAX_REPEATED_ASKS = 200
 class SearchContext:
     """What a strategy may use: the space and the cost model (free to call), the study of this
     search (for Optuna-backed strategies), the channel scores of the evaluator's importance
-    criterion (the ones materialization keeps channels by), the trained model (to read weights)
-    and the run directory (to save artifacts such as RL agents). Accuracy comes only through ask/tell."""
+    criterion (the ones materialization keeps channels by), the trained model (to read weights),
+    the run directory (to save artifacts such as RL agents), and the task's data and device for
+    strategies that train (DMCP). Accuracy of a candidate comes only through ask/tell."""
 
     space: SearchSpace
     cost_model: CostModel
@@ -46,6 +47,8 @@ class SearchContext:
     channel_scores: dict | None = None
     model: Any = None
     run_dir: Any = None
+    data: Any = None
+    device: Any = "cpu"
 
 
 class Strategy:

@@ -33,6 +33,8 @@ class SearchSession:
     model: Any = field(init=False)
 
     def __post_init__(self) -> None:
+        for name, options in self.task.spec.strategies.items():
+            STRATEGIES.get(name).check_options(options)
         self.model = ensure_baseline(self.task, self.device, progress=self.progress)
         self.space = self.task.search_space(self.model, self.space_name)
         self.cost_model = CostModel(self.space, self.model)
@@ -87,8 +89,10 @@ class SearchSession:
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
         evaluator = self.evaluator_for(strategy)
-        context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.run_dir)
-        instance = cls(context, budget, seed=seed, max_evals=max_evals, **(options or {}))
+        context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.run_dir,
+                                self.task.data, self.device)
+        options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}
+        instance = cls(context, budget, seed=seed, max_evals=max_evals, **options)
         reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
         try:
             return run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,

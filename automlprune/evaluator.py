@@ -98,12 +98,13 @@ class Evaluator:
                                          max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
         start = time.perf_counter()
         self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, s.criterion_combine, seed)  # data: BN batches
-        self.scoring_seconds = time.perf_counter() - start
         self.order = order_from_scores(self.scores)
         if s.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"evaluation.reconstruction '{s.reconstruction}' is unknown; use one of: {', '.join(RECONSTRUCTIONS)}")
         self.reconstruction = (Reconstruction.collect(self.model, space, self.bn_batches)
                                if s.reconstruction == "least_squares" else None)
+        self.scoring_seconds = time.perf_counter() - start
+        """Wall time of the importance scores (and reconstruction statistics): once per evaluator."""
         self._cache: dict[str, EvalResult] = {}
 
     def prime(self, results: list[EvalResult]) -> None:

@@ -121,3 +121,41 @@ def test_export_without_a_feasible_candidate_is_refused(run_dir, capsys):
 def test_list_strategies(capsys):
     code, out, _ = _run(capsys, "list", "strategies", "--json")
     assert code == 0 and {"uniform", "random", "greedy", "global", "optuna-tpe", "optuna-nsga2"} <= set(json.loads(out))
+
+
+def test_prunenet_and_dmcp_compare_and_export(checkpoint, tmp_path, capsys):
+    run = tmp_path / "pd"
+    code, out, err = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform,prunenet,dmcp", "--budgets", "macs=0.5",
+                          "--finetune-epochs", "1", "--run-dir", run, "--set", f"checkpoint={checkpoint}",
+                          "--set", "strategies.dmcp.search_epochs=3", "--json")
+    assert code == 0, err
+    rows = {r["strategy"]: r for r in csv.DictReader(open(run / "results.csv"))}
+    assert set(rows) == {"uniform", "prunenet", "dmcp"}
+    assert all(float(r["macs_fraction"]) <= 0.5 and float(r["test_accuracy"]) > 0.3 for r in rows.values())
+    assert (run / "prunenet-macs0p5.png").is_file() and (run / "dmcp-macs0p5-seed0.json").is_file()
+    assert json.loads((run / "dmcp-macs0p5-seed0.json").read_text())["settings"]["search_epochs"] == 3
+    code, out, _ = _run(capsys, "export", run, "--budget", "macs=0.5", "--strategy", "prunenet", "--format", "pt",
+                        "--out", tmp_path / "p.pt", "--json")
+    assert code == 0 and json.loads(out)["strategy"] == "prunenet"
+
+
+def test_strategy_evaluators(checkpoint, tmp_path):
+    import torch
+
+    from automlprune.search.runner import SearchSession
+    from automlprune.search.store import RunStore
+    from automlprune.tasks import Task, TaskSpec
+
+    spec = TaskSpec.load("digits-cnn", [f"checkpoint={checkpoint}"])
+    session = SearchSession(Task(spec), torch.device("cpu"), RunStore(tmp_path / "s"), progress=False)
+    assert session.evaluator_for("uniform") is session.evaluator
+    prunenet = session.evaluator_for("prunenet")
+    assert prunenet is session.evaluator_for("prunenet") and prunenet is not session.evaluator
+    assert prunenet.settings.criterion == "prunenet" and prunenet.reconstruction is not None
+    assert prunenet.cost_model is session.cost_model
+
+
+def test_unknown_strategy_option_in_the_task_is_exit_2(checkpoint, tmp_path, capsys):
+    code, out, err = _run(capsys, "search", "digits-cnn", "--strategy", "uniform", "--run-dir", tmp_path / "r",
+                          "--set", f"checkpoint={checkpoint}", "--set", "strategies.dmcp.epochz=3")
+    assert code == 2 and "does not take the options ['epochz']" in err and "Traceback" not in err

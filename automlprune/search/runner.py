@@ -89,6 +89,7 @@ class SearchSession:
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
         evaluator = self.evaluator_for(strategy)
+        study.set_user_attr("scoring_seconds", evaluator.scoring_seconds)  # shared by every search of this evaluator
         context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.run_dir,
                                 self.task.data, self.device)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}

@@ -72,7 +72,7 @@ class MarkovGates(nn.Module):
                 continue
             size = block_size or math.ceil(group.channels / 8)
             size = max(unit, math.ceil(size / unit) * unit)
-            first = min(group.channels, max(space.channels_for(group.channels, 1e-9), size))
+            first = min(group.channels, max(space.min_width(group.channels), size))
             sizes = [first] + [size] * ((group.channels - first) // size)
             if group.channels - sum(sizes) > 0:
                 sizes.append(group.channels - sum(sizes))
@@ -150,6 +150,7 @@ class ChannelScaler:
 
     def __init__(self, model: nn.Module, space: SearchSpace, groups: Sequence[str]) -> None:
         self.factors: dict[str, torch.Tensor] | None = None
+        self.channels = {name: space.group_by_name[name].channels for name in groups}
         self.handles = []
         for name in groups:
             for member in feature_layers(space, space.group_by_name[name]):
@@ -168,9 +169,9 @@ class ChannelScaler:
     def set(self, factors: dict[str, torch.Tensor] | None) -> None:
         self.factors = factors
 
-    def masks(self, widths: Mapping[str, int], channels: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    def masks(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """0/1 factors keeping the first ``widths[g]`` channels of each group."""
-        return {g: (torch.arange(channels[g]) < w).float() for g, w in widths.items()}
+        return {g: (torch.arange(self.channels[g]) < w).float() for g, w in widths.items()}
 
     def remove(self) -> None:
         for h in self.handles:

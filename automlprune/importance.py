@@ -15,7 +15,7 @@ evaluator and the ``global`` strategy take the name (``--criterion NAME``).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -190,6 +190,28 @@ def recording(model: nn.Module, layers: Sequence[str], keep_grad: bool = False) 
             h.remove()
 
 
+def run_reading_inputs(model: nn.Module, layers: Iterable[str], batches: Sequence[Batch],
+                       read: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``model`` in eval mode without gradients over ``batches``, calling ``read(layer, input)``
+    with the (detached) input of each of ``layers`` as it runs; the model's mode is restored."""
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple) -> None:
+            read(name, args[0].detach())
+        return fn
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 class DataCriterion(Criterion):
     """Base of data-driven criteria: they score every group in one pass over the batches."""
 
@@ -360,25 +382,12 @@ class Hessian(DataCriterion):
         second: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
 
-        def hook(name: str):
-            def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                x = args[0].detach().float()
-                x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C_in, N * positions)
-                second[name] = second.get(name, 0) + x.pow(2).sum(1)
-                count[name] = count.get(name, 0) + x.shape[1]
-            return fn
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            x = x.float().transpose(0, 1).reshape(x.shape[1], -1)  # (C_in, N * positions)
+            second[name] = second.get(name, 0) + x.pow(2).sum(1)
+            count[name] = count.get(name, 0) + x.shape[1]
 
-        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in readers]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, _ in batches:
-                    model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        run_reading_inputs(model, readers, batches, accumulate)
         out = {}
         for group in space.groups:
             per_layer = []

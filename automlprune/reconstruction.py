@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from automlprune.errors import ConfigError
-from automlprune.importance import CRITERIA, DataCriterion
+from automlprune.importance import CRITERIA, Batch, DataCriterion, run_reading_inputs
 from automlprune.space.graph import GroupMember
 from automlprune.space.search_space import SearchSpace
 
 RIDGE = 1e-6
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,6 @@ def group_features(x: torch.Tensor, member: GroupMember) -> torch.Tensor:
     return feats.transpose(0, 1).reshape(index.shape[0], -1)
 
 
-@torch.no_grad()
 def reader_grams(model: nn.Module, space: SearchSpace, batches: Sequence[Batch]) -> dict[str, list[ReaderGram]]:
     """Group name -> the Gram matrices at each of its readers, from one pass over ``batches``."""
     members = {g.name: readers_of(model, space, g.name) for g in space.groups}
@@ -77,26 +75,14 @@ def reader_grams(model: nn.Module, space: SearchSpace, batches: Sequence[Batch])
         for m in ms:
             by_layer.setdefault(m.layer, []).append((g_index, m))
 
-    def hook(layer: str):
-        def fn(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().double()
-            for g_index, m in by_layer[layer]:
-                f = group_features(x, m)
-                key = (layer, g_index)
-                sums[key] = sums.get(key, 0) + f @ f.T
-                counts[key] = counts.get(key, 0) + f.shape[1]
-        return fn
+    def accumulate(layer: str, x: torch.Tensor) -> None:
+        for g_index, m in by_layer[layer]:
+            f = group_features(x.double(), m)
+            key = (layer, g_index)
+            sums[key] = sums.get(key, 0) + f @ f.T
+            counts[key] = counts.get(key, 0) + f.shape[1]
 
-    handles = [model.get_submodule(layer).register_forward_pre_hook(hook(layer)) for layer in wanted]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_reading_inputs(model, wanted, batches, accumulate)
     return {name: [ReaderGram(m.layer, m, (sums[(m.layer, gi)] / counts[(m.layer, gi)]).cpu())
                    for m in ms if (m.layer, gi) in sums]
             for gi, (name, ms) in enumerate(members.items())}

@@ -176,7 +176,7 @@ class GlobalStrategy(OneShotStrategy):
 
     def propose(self) -> Candidate:
         groups = [self.space.group_by_name[g] for g in self.space.prunable]
-        floors = [self.space.channels_for(g.channels, 1e-9) for g in groups]
+        floors = [self.space.min_width(g.channels) for g in groups]
         entries = []  # (score, group index) for every removable channel, lowest score first
         for gi, group in enumerate(groups):
             scores = self.context.channel_scores[group.name]

@@ -98,7 +98,6 @@ class DMCPStrategy(Strategy):
         if not gates.names:
             raise ConfigError("dmcp found no group that can shrink in this search space; unpin some groups")
         scaler = ChannelScaler(net, self.space, gates.names)
-        channels = {n: self.space.group_by_name[n].channels for n in gates.names}
         data = self.context.data
         steps = min(s["steps_per_epoch"] or 10 ** 12, max(1, len(data.train) // s["batch_size"]))
         total = (s["warmup_epochs"] + s["search_epochs"]) * steps
@@ -130,7 +129,7 @@ class DMCPStrategy(Strategy):
                     if searching and step % 2 == 1:
                         task_losses.append(self._arch_step(net, scaler, arch_opt, x, y))
                         continue
-                    loss = self._weight_step(net, scaler, weights_opt, gates, channels, generator, x, y, uniform=not searching)
+                    loss = self._weight_step(net, scaler, weights_opt, generator, x, y, uniform=not searching)
                     schedule.step()
                     if not searching:
                         task_losses.append(loss)
@@ -145,7 +144,7 @@ class DMCPStrategy(Strategy):
         self._save_log()
         return self.extract()
 
-    def _weight_step(self, net, scaler, optimizer, gates, channels, generator, x, y, uniform: bool) -> float:
+    def _weight_step(self, net, scaler, optimizer, generator, x, y, uniform: bool) -> float:
         """Sandwich rule: largest width on the labels, smallest and random widths distilled from it."""
         optimizer.zero_grad(set_to_none=True)
         scaler.set(None)
@@ -153,10 +152,11 @@ class DMCPStrategy(Strategy):
         loss = F.cross_entropy(logits, y)
         loss.backward()
         teacher = F.softmax(logits.detach(), dim=1)
+        gates = self.gates
         smallest = [1] * len(gates.names)
         widths = [smallest] + [gates.sample_blocks(generator, uniform) for _ in range(self.settings["random_widths"])]
         for blocks in widths:
-            scaler.set(scaler.masks(gates.widths_of_blocks(blocks), channels))
+            scaler.set(scaler.masks(gates.widths_of_blocks(blocks)))
             student = F.log_softmax(net(x), dim=1)
             F.kl_div(student, teacher, reduction="batchmean").backward()
         scaler.set(None)
@@ -210,8 +210,10 @@ class DMCPStrategy(Strategy):
             blocks = self.gates.sample_blocks(generator)
             widths = self.gates.widths_of_blocks(blocks)
             cost = self.cost(Candidate.make(snap_widths(self.space, widths)))
-            if abs(cost / self.limit - 1) <= 0.01 and self.gates.log_prob(blocks) > best_logp:
-                best, best_logp = {k: float(v) for k, v in widths.items()}, self.gates.log_prob(blocks)
+            if abs(cost / self.limit - 1) <= 0.01:
+                logp = self.gates.log_prob(blocks)
+                if logp > best_logp:
+                    best, best_logp = {k: float(v) for k, v in widths.items()}, logp
         return best
 
     # ---- artifacts ------------------------------------------------------------------------------

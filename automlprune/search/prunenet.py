@@ -55,7 +55,7 @@ class PruneNetStrategy(OneShotStrategy):
     def propose(self) -> Candidate:
         curves = self.loss_curves()
         channels = {g: self.space.group_by_name[g].channels for g in curves}
-        floor = {g: self.space.channels_for(c, 1e-9) for g, c in channels.items()}
+        floor = {g: self.space.min_width(c) for g, c in channels.items()}
         unit = self.space.config.round_to
         kept = dict(channels)
 
@@ -67,37 +67,39 @@ class PruneNetStrategy(OneShotStrategy):
             k = min(channels[g], (kept[g] // unit + 1) * unit)
             return k if k > kept[g] else None
 
-        current = self.cost(self._candidate(kept))
-        while not self.feasible(self._candidate(kept)):
-            best, best_ratio = None, np.inf
+        metric, base = self.budget.metric, self.cost_model.base
+        costs_of = lambda widths: self.cost_model(self._candidate(widths))  # noqa: E731
+        now = costs_of(kept)
+        while not self.budget.met_by(now, base):  # remove the cheapest loss per unit of cost saved
+            best = None
             for g in curves:
                 k = step(g, -1)
                 if k is None:
                     continue
-                cost = self.cost(self._candidate({**kept, g: k}))
-                saved = current - cost
-                if saved > 0 and (curves[g][k] - curves[g][kept[g]]) / saved < best_ratio:
-                    best, best_ratio, best_cost, best_k = g, (curves[g][k] - curves[g][kept[g]]) / saved, cost, k
+                trial = costs_of({**kept, g: k})
+                saved = now.get(metric) - trial.get(metric)
+                if saved > 0:
+                    ratio = (curves[g][k] - curves[g][kept[g]]) / saved
+                    if best is None or ratio < best[0]:
+                        best = (ratio, g, k, trial)
             if best is None:
                 break
-            kept[best], current = best_k, best_cost
+            _, g, kept[g], now = best
         while True:  # add back what still fits, best recovered loss per unit of cost first
-            best, best_ratio = None, -np.inf
+            best = None
             for g in curves:
                 k = step(g, +1)
                 if k is None:
                     continue
-                trial = {**kept, g: k}
-                if not self.feasible(self._candidate(trial)):
+                trial = costs_of({**kept, g: k})
+                if not self.budget.met_by(trial, base):
                     continue
-                added = max(self.cost(self._candidate(trial)) - current, 1e-12)
-                ratio = (curves[g][kept[g]] - curves[g][k]) / added
-                if ratio > best_ratio:
-                    best, best_ratio, best_k = g, ratio, k
+                ratio = (curves[g][kept[g]] - curves[g][k]) / max(trial.get(metric) - now.get(metric), 1e-12)
+                if best is None or ratio > best[0]:
+                    best = (ratio, g, k, trial)
             if best is None:
                 break
-            kept[best] = best_k
-            current = self.cost(self._candidate(kept))
+            _, g, kept[g], now = best
         self._save_profile(curves, kept)
         return self._candidate(kept)
 

@@ -121,6 +121,10 @@ class SearchSpace:
         floor = max(self.config.min_channels, step)
         return int(min(channels, max(kept, floor)))
 
+    def min_width(self, channels: int) -> int:
+        """The fewest channels a group of ``channels`` may keep (``min_channels``, one rounding unit)."""
+        return self.channels_for(channels, 1e-9)
+
     def canonical(self, candidate: Candidate) -> Candidate:
         """The same network with each ratio replaced by its exact kept fraction (kept / channels),
         so candidates describing the same network share one key (cache, evaluation budget, store)."""

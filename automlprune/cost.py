@@ -9,9 +9,11 @@ Optuna constraints and the plots.
 Units: MACs are multiply-accumulates of Conv2d and Linear layers for one input sample
 (FLOPs = 2 x MACs, the convention of ``torch.utils.flop_counter``); params are parameter
 counts; bytes are the storage of the parameters: Conv/Linear weights at the candidate's
-bits (params x bits / 8) plus one float32 scale per output channel of every layer below
-32 bits, biases and batch-norm parameters as float32; BitOps = MACs x weight bits x
-activation bits (activations at 32 bits); latency_ms is the predicted latency of the
+bits (params x bits / 8) plus, for every layer below 32 bits, its quantization scales (one per
+output channel, or one per tensor, as float32, with an int32 zero point each for asymmetric
+schemes: :mod:`automlprune.quantization`), biases and batch-norm parameters as float32;
+BitOps = MACs x weight bits x activation bits (the space's ``bits.activations``, 32 by
+default); latency_ms is the predicted latency of the
 materialized network from a measured per-layer table (:mod:`automlprune.latency_table`),
 present only when one is attached.
 """
@@ -28,10 +30,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from automlprune.errors import ConfigError, UnsupportedLayerError
+from automlprune.quantization import per_channel, scale_bytes_per_entry
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import SearchSpace
 
-ACTIVATION_BITS = 32
 METRICS = ("macs", "params", "bytes", "bitops")
 BUDGET_METRICS = METRICS + ("latency",)
 
@@ -101,6 +103,10 @@ class CostModel:
                 target = self.removed_out if member.dim == "out" else self.removed_in
                 target[index[member.layer], g] += member.index_map.shape[1]
         self.group_channels = np.array([g.channels for g in space.groups], dtype=np.float64)
+        scheme = space.config.bit_scheme
+        self.per_channel_scales = per_channel(scheme)
+        self.scale_entry_bytes = scale_bytes_per_entry(scheme)
+        self.activation_bits = space.config.activation_bits
         self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.latency_table = None
         self.base = self(space.full())
@@ -126,10 +132,12 @@ class CostModel:
         layer_params = weights + biases + bn_params
         bits = a["full_bits"] if weight_bits is None else weight_bits
         quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
-        layer_bytes = weights * bits / 8 + (biases + bn_params) * 4 + quantized * out_k * 4
+        scale_entries = out_k if self.per_channel_scales else 1.0
+        layer_bytes = weights * bits / 8 + (biases + bn_params) * 4 + quantized * scale_entries * self.scale_entry_bytes
         return {
             "macs": layer_macs.sum(), "params": layer_params.sum(), "bytes": layer_bytes.sum(),
-            "bitops": (layer_macs * bits * ACTIVATION_BITS).sum(),
+            "bitops": (layer_macs * bits * self.activation_bits).sum(),
+            "layer_bytes": layer_bytes,
             "layer_macs": layer_macs, "layer_params": layer_params,
             "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k,
         }

@@ -20,6 +20,7 @@ from automlprune.errors import ConfigError
 from automlprune.importance import channel_scores, order_from_scores
 from automlprune.latency import measure_latency
 from automlprune.materialize import materialize
+from automlprune.quantization import ActivationFakeQuant, quantization_aware
 from automlprune.reconstruction import Reconstruction
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import SearchSpace
@@ -117,10 +118,14 @@ class Evaluator:
         return len(self._cache)
 
     def network(self, candidate: Candidate) -> nn.Module:
-        """The materialized network of ``candidate``, BN statistics re-estimated when configured, in eval mode."""
+        """The materialized network of ``candidate``, BN statistics re-estimated when configured, in
+        eval mode; with activation bits below 32, its layer inputs quantized over ranges calibrated
+        on the BN batches (see :mod:`automlprune.quantization`)."""
         net = materialize(self.model, candidate, self.space, self.order, self.reconstruction)
         if self.settings.bn_recalibration:
             recalibrate_batchnorm(net, self.bn_batches)
+        if self.space.config.activation_bits < 32:
+            ActivationFakeQuant(net, self.space.quantizable, self.space.config.activation_bits).calibrate(self.bn_batches)
         return net.eval()
 
     def evaluate(self, candidate: Candidate, latency: bool = False) -> EvalResult:
@@ -147,16 +152,41 @@ class Evaluator:
     def _measure(self, net: nn.Module) -> dict[int, float]:
         return measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
 
+    def int8(self, candidate: Candidate, network: nn.Module | None = None) -> dict[str, Any]:
+        """For a candidate with every Conv2d/Linear layer at 8 bits: PyTorch's own int8 network of
+        it (x86 backend, calibrated on the BN batches) with its validation accuracy and measured
+        CPU latency (ms per batch size), next to the float32 network's. ``network`` (e.g. a
+        fine-tuned one) replaces the materialized network. Returns {"int8": {...}, "float32": {...}, "model"}."""
+        from automlprune.int8 import all_eight_bit, int8_network
+
+        if not all_eight_bit(self.space.weight_bits(candidate)):
+            raise ConfigError("a real int8 network needs every Conv2d/Linear layer at 8 bits; "
+                              "give the candidate 8 bits everywhere (e.g. a space with bits.choices [8])")
+        float_net = (network or self.network(candidate)).cpu().eval()
+        quantized = int8_network(float_net, self.data.example_input(), [(x.cpu(), y) for x, y in self.bn_batches])
+        cpu_val = [(x.cpu(), y.cpu()) for x, y in self.val_batches]
+        shape = self.data.example_input().shape[1:]
+        out = {}
+        for label, net in (("float32", float_net), ("int8", quantized)):
+            out[label] = {"accuracy": accuracy(net, cpu_val, (1,))[1],
+                          "latency_ms": measure_latency(net, shape, self.settings.latency_batch_sizes, "cpu")}
+        out["model"] = quantized
+        float_net.to(self.device)
+        return out
+
     def finetune(self, candidate: Candidate, settings: FinetuneSettings | None = None, progress: bool = True) -> FinetuneResult:
         """Fine-tune the materialized network of ``candidate`` (distilling from the unpruned
-        network when configured) and report its validation and test accuracy."""
+        network when configured) and report its validation and test accuracy. Quantized layers
+        are fine-tuned quantization-aware (straight-through estimator): the returned network's
+        weights are still on their bit grids."""
         s = settings or FinetuneSettings()
         start = time.perf_counter()
         net = self.network(candidate)
-        fit(net, self.data, self.device, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
-            weight_decay=s.weight_decay, seed=s.seed, teacher=self.model if s.distill else None,
-            distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature,
-            description="finetune", progress=progress, steps_per_epoch=s.steps_per_epoch)
+        with quantization_aware(net, self.space.weight_bits(candidate), self.space.config.bit_scheme):
+            fit(net, self.data, self.device, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
+                weight_decay=s.weight_decay, seed=s.seed, teacher=self.model if s.distill else None,
+                distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature,
+                description="finetune", progress=progress, steps_per_epoch=s.steps_per_epoch)
         return FinetuneResult(candidate, split_accuracy(net, self.data.val, self.data, self.device),
                               split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
                               time.perf_counter() - start, net)

@@ -1,7 +1,8 @@
 """Turning a candidate into a network.
 
 :func:`materialize` returns a physically narrower copy (channels removed with
-Torch-Pruning, weights fake-quantized to the candidate's bits); :func:`mask` returns a
+Torch-Pruning, weights snapped to the candidate's bits with the space's quantization scheme and
+the bits and scales recorded on the module, see :mod:`automlprune.quantization`); :func:`mask` returns a
 same-shape copy whose dropped channels are forced to zero. The two compute the same
 function (the tests check it), which is what makes masked training and physical
 removal interchangeable.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from automlprune.importance import channel_order
+from automlprune.quantization import quantize_weights_
 from automlprune.reconstruction import Reconstruction
 from automlprune.space.candidate import Candidate
 from automlprune.space.graph import build_dependency_graph
@@ -69,7 +71,7 @@ def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
             root = pruned.get_submodule(group_name)
             handler = graph.get_pruner_of_module(root).prune_out_channels
             graph.get_pruning_group(root, handler, idxs).prune(record_history=False)
-    quantize_weights_(pruned, space.weight_bits(candidate))
+    _quantize(pruned, candidate, space)
     return pruned
 
 
@@ -93,19 +95,9 @@ def mask(model: nn.Module, candidate: Candidate, space: SearchSpace,
                 for param in (module.weight, getattr(module, "bias", None)):
                     if param is not None:
                         param[idx] = 0
-    quantize_weights_(masked, space.weight_bits(candidate))
+    _quantize(masked, candidate, space)
     return masked
 
 
-def quantize_weights_(model: nn.Module, bits: Mapping[str, int]) -> None:
-    """In place: fake-quantize the weights of the named Conv/Linear layers to their bits,
-    per output channel, symmetric, uniform (scale = max|w| / (2^(b-1) - 1)); 32 = untouched."""
-    with torch.no_grad():
-        for name, b in bits.items():
-            if b >= 32:
-                continue
-            weight = model.get_submodule(name).weight
-            levels = 2 ** (b - 1) - 1 if b > 1 else 1
-            scale = weight.abs().flatten(1).amax(dim=1).clamp_min(1e-12) / levels
-            scale = scale.view(-1, *([1] * (weight.ndim - 1)))
-            weight.copy_(torch.clamp(torch.round(weight / scale), -levels, levels) * scale)
+def _quantize(model: nn.Module, candidate: Candidate, space: SearchSpace) -> None:
+    quantize_weights_(model, space.weight_bits(candidate), space.config.bit_scheme, space.config.activation_bits)

@@ -8,7 +8,8 @@ import torch
 
 from automlprune.export import export_model
 from automlprune.importance import CRITERIA, channel_order
-from automlprune.materialize import mask, materialize, quantize_weights_
+from automlprune.materialize import mask, materialize
+from automlprune.quantization import quantize_weights_
 from automlprune.models import build_model
 from automlprune.space import Candidate, SearchSpace, SpaceConfig
 

@@ -90,8 +90,10 @@ def test_bad_env_options_are_one_sentence(digits_evaluator):
         LayerWidthEnv(digits_evaluator, "macs=0.0001")
     with pytest.raises(ConfigError, match="unknown action type"):
         LayerWidthEnv(digits_evaluator, "macs=0.5", action_type="multi")
-    with pytest.raises(ConfigError, match="not available yet"):
+    with pytest.raises(ConfigError, match="has no bit choices"):
         LayerWidthEnv(digits_evaluator, "macs=0.5", mode="bits")
+    with pytest.raises(ConfigError, match="unknown RL mode 'layers'"):
+        LayerWidthEnv(digits_evaluator, "macs=0.5", mode="layers")
 
 
 @pytest.fixture(scope="module")

@@ -250,6 +250,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                 path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{budget.slug}.pt2")
                 entry["export"] = str(path)
                 lines.append(f"  saved {path}")
+                if a.candidate.bits:
+                    packed = export_model(network, session.task.data.example_input(), run_dir / f"model-{budget.slug}.qpt")
+                    entry["export_packed"] = str(packed)
+                    lines.append(f"  saved {packed} ({packed.stat().st_size / 1024:.1f} KiB on disk, "
+                                 f"{a.costs.bytes / 1024:.1f} KiB of parameters reported)")
         answers.append(entry)
     (run_dir / "answers.json").write_text(json.dumps(answers, indent=2))
     records = collect(session.store)
@@ -347,9 +352,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = STRATEGIES.get(best.strategy).evaluation_settings(task.spec.evaluation)
     evaluator = Evaluator(model, space, task.data, settings, device)
     candidate = Candidate.from_dict(best.answer["candidate"])
-    ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
+    ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx", "packed": ".qpt"}[args.format]
     out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"
-    fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx"}[args.format]
+    fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx", "packed": "packed"}[args.format]
     path = export_model(evaluator.network(candidate).cpu(), task.data.example_input(), out, fmt)
     _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},
           f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "

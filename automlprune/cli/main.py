@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", action="store_true", help="also measure CPU/GPU latency of the materialized network")
     p.add_argument("--criterion", help="channel importance criterion (see 'automlprune list criteria'; default: the task's)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune for E epochs and report test accuracy")
-    p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx)")
+    p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx, .qpt packed quantized weights)")
 
     p = sub.add_parser("search", help="search widths under one or several budgets with one strategy")
     _common(p)
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--budget", required=True, help="one of the run's budgets, e.g. macs=0.5")
     p.add_argument("--strategy", help="only this strategy's answers (default: the most accurate of all)")
-    p.add_argument("--format", choices=["pt", "pt2", "torchscript", "onnx"], default="pt2", help="default %(default)s (torch.export)")
+    p.add_argument("--format", choices=["pt", "pt2", "torchscript", "onnx", "packed"], default="pt2",
+                   help="default %(default)s (torch.export); packed: bit-packed quantized weights (.qpt)")
     p.add_argument("--out", help="output file (default RUN_DIR/model-<budget>.<ext>)")
     p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
 

@@ -68,7 +68,7 @@ class _Stop(Exception):
 class RLStrategy(Strategy):
     """Base of the SB3 strategies. Options (``--option key=value``):
 
-    action_type: continuous | discrete; reward: accuracy | error_log_macs; warmup: episodes of
+    mode: channels | bits | joint (see :mod:`automlprune.rl.env`); action_type: continuous | discrete; reward: accuracy | error_log_macs; warmup: episodes of
     random actions before learning (default min(100, evals // 4)); learning_rate (critic, and actor
     unless actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size;
     gamma (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
@@ -79,7 +79,7 @@ class RLStrategy(Strategy):
 
     algorithm: ClassVar[str] = "ddpg"
     default_action_type: ClassVar[str] = "continuous"
-    option_names = ("action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
+    option_names = ("mode", "action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
                     "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -88,8 +88,8 @@ class RLStrategy(Strategy):
         self.env = LayerWidthEnv(None, self.budget, action_type=o.get("action_type", self.default_action_type),
                                  reward=o.get("reward", "accuracy"), reward_source=self._request,
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
-                                 space=self.space, cost_model=self.cost_model)
-        self.steps_per_episode = len(self.env.groups)
+                                 mode=o.get("mode", "channels"), space=self.space, cost_model=self.cost_model)
+        self.steps_per_episode = len(self.env.decisions)
         self.agent = self._build_agent()
         self._to_loop: queue.Queue = queue.Queue()
         self._to_agent: queue.Queue = queue.Queue()

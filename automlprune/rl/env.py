@@ -1,10 +1,18 @@
-"""The layer-width search as a Gymnasium environment (AMC, He et al., ECCV 2018).
+"""The layer-width and bit-width search as a Gymnasium environment (AMC, He et al., ECCV
+2018; HAQ, Wang et al., CVPR 2019).
 
-One episode walks the prunable channel groups in network order; each step sets one
-group's keep ratio. The observation is AMC's layer embedding; actions are clipped so the
-budget stays reachable whatever the agent does (the groups still to come are assumed to
-go to their minimum), so every finished episode yields a candidate that meets the budget.
-The reward, given at the last step only, comes from the shared evaluator.
+One episode walks the decisions of its ``mode`` in network order, one per step:
+
+* ``channels``: each prunable channel group's keep ratio (AMC);
+* ``bits``: each bit-searchable layer's weight bits, channels kept whole (HAQ);
+* ``joint``: the channel groups first, then the layers' bits, in the same episode.
+
+Keep ratios are clipped as in AMC so the budget stays reachable whatever the agent does (the
+decisions still to come are assumed to go to their minimum, bits included). Bit widths are
+taken as chosen and, if the finished candidate is over budget, lowered as in HAQ: one choice
+at a time, sweeping from the last layer backward, until the budget is met. So every finished
+episode yields a candidate that meets the budget. The reward, given at the last step only,
+comes from the shared evaluator.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ from gymnasium import spaces
 from automlprune.cost import largest_within
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
-from automlprune.search.budget import Budget, check_achievable, parse_budget
+from automlprune.search.budget import UNITS, Budget, check_achievable, parse_budget
 from automlprune.space import Candidate
 
 REWARDS = ("accuracy", "error_log_macs")
+MODES = ("channels", "bits", "joint")
 OBSERVATION_FEATURES = (
     "step index", "is linear", "is depthwise", "in channels", "out channels", "stride", "kernel size",
-    "group MACs", "group params", "budget metric removed so far", "budget metric of the groups to come", "previous action",
+    "decision MACs", "decision params", "budget metric removed so far", "budget metric of the decisions to come",
+    "previous action", "decides bits",
 )
 
 
@@ -33,12 +43,16 @@ class LayerWidthEnv(gym.Env):
     """``reward_baseline``: when set (AMC uses 0.5 for DDPG), the reward is the raw reward minus
     an exponential moving average of past episodes' raw rewards with that rate.
 
-    Observation: float32 vector of :data:`OBSERVATION_FEATURES`, each in [0, 1] (channels,
-    kernel, stride, MACs and params divided by their maximum over groups; costs by the unpruned
-    network's). Action: ``Box(-1, 1, (1,))`` mapped linearly to a keep ratio in [min grid
-    ratio, 1] (``action_type="continuous"``), or ``Discrete(len(grid))`` over the ratio grid
-    (``"discrete"``). Reward: 0 until the last step, then the evaluator's validation accuracy
-    (``reward="accuracy"``) or AMC's ``-error * log(MACs)`` (``"error_log_macs"``).
+    Observation: float32 vector of :data:`OBSERVATION_FEATURES`, each in [0, 1] (for a channel
+    decision, the group's root layer and the MACs / params of all its layers; for a bit decision,
+    the layer itself; channels, kernel, stride, MACs and params divided by their maximum over the
+    episode's decisions; costs by the unpruned network's; the previous action as a keep ratio or as
+    the position of the bits among the choices). Action: ``Box(-1, 1, (1,))`` mapped linearly to a
+    keep ratio in [min grid ratio, 1] or to the nearest bit choice (``action_type="continuous"``),
+    or ``Discrete(n)`` over the ratio grid / bit choices (``"discrete"``; in ``joint`` mode n is the
+    longer of the two and indices are scaled to the shorter). Reward: 0 until the last step, then
+    the evaluator's validation accuracy (``reward="accuracy"``) or AMC's ``-error * log(MACs)``
+    (``"error_log_macs"``).
 
     ``reward_source`` (default ``evaluator.evaluate``) turns the finished candidate into a
     result; searches route it through the run's recording loop.
@@ -53,8 +67,8 @@ class LayerWidthEnv(gym.Env):
         super().__init__()
         if evaluator is None and (space is None or cost_model is None or reward_source is None):
             raise ConfigError("LayerWidthEnv needs an evaluator, or a space, a cost model and a reward source")
-        if mode != "channels":
-            raise ConfigError(f"RL mode '{mode}' is not available yet (bit-width search comes with mixed precision); use mode channels")
+        if mode not in MODES:
+            raise ConfigError(f"unknown RL mode '{mode}'; use one of: {', '.join(MODES)}")
         if action_type not in ("continuous", "discrete"):
             raise ConfigError(f"unknown action type '{action_type}'; use continuous or discrete")
         if reward not in REWARDS:
@@ -68,94 +82,142 @@ class LayerWidthEnv(gym.Env):
         check_achievable(self.budget, self.cost_model)
         self.limit = self.budget.limit(self.cost_model.base)
         self.metric = self.budget.metric
+        self.mode = mode
         self.reward_kind = reward
         self.action_type = action_type
         self.reward_source = reward_source or evaluator.evaluate
         self.reward_baseline = reward_baseline
         self._baseline: float | None = None
-        self.groups = list(self.space.prunable)
-        if not self.groups:
-            raise ConfigError("the search space has no prunable group; unpin some groups")
+        self.groups = list(self.space.prunable) if mode in ("channels", "joint") else []
+        self.bit_layers = list(self.space.bit_searchable) if mode in ("bits", "joint") else []
+        if mode != "bits" and not self.groups:
+            raise ConfigError("the search space has no prunable group; unpin some groups or use mode bits")
+        if mode != "channels" and not self.bit_layers:
+            raise ConfigError(f"mode {mode} searches bit widths but the search space has no bit choices; "
+                              "use a space with bits.choices (e.g. --space mixed-precision) or mode channels")
+        self.decisions = [("ratio", g) for g in self.groups] + [("bits", l) for l in self.bit_layers]
         self.grid = list(self.space.config.ratios)
         self.min_ratio = self.grid[0]
+        self.bit_choices = list(self.space.config.bit_choices)
+        self._check_reachable()
         self.static = self._static_features()
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        sizes = ([len(self.grid)] if self.groups else []) + ([len(self.bit_choices)] if self.bit_layers else [])
         self.action_space = (spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32) if action_type == "continuous"
-                             else spaces.Discrete(len(self.grid)))
+                             else spaces.Discrete(max(sizes)))
         self._ratios: dict[str, float] = {}
+        self._bits: dict[str, int] = {}
         self._t = 0
         self._prev = 1.0
 
+    def _check_reachable(self) -> None:
+        """In ``bits`` mode channels stay whole: refuse budgets that even the fewest bits cannot meet."""
+        if self.mode != "bits":
+            return
+        lowest = self._cost({}, {l: self.bit_choices[0] for l in self.bit_layers})
+        if lowest > self.limit:
+            base = self.cost_model.base.get(self.metric)
+            raise ConfigError(f"budget {self.budget.label} is out of reach in mode bits: at {self.bit_choices[0]} bits everywhere and "
+                              f"all channels kept the network costs {lowest:.4g} {UNITS[self.metric]} ({lowest / base:.1%}); "
+                              "use mode joint, or a bytes or bitops budget")
+
     # ---- features --------------------------------------------------------------------------------
     def _static_features(self) -> np.ndarray:
-        """Per-group, per-episode-constant features (columns 1..8 of the observation)."""
+        """Per-decision, per-episode-constant features (columns 1..8 of the observation)."""
         layer_costs = self.cost_model.per_layer(self.space.full())
         rows = []
-        for name in self.groups:
-            group = self.space.group_by_name[name]
-            root = self.space.layer_by_name[group.name]
-            layers = {m.layer for m in group.members}
+        for kind, name in self.decisions:
+            if kind == "ratio":
+                group = self.space.group_by_name[name]
+                root = self.space.layer_by_name[group.name]
+                layers = {m.layer for m in group.members}
+            else:
+                root, layers = self.space.layer_by_name[name], {name}
             rows.append([float(root.kind == "linear"), float(root.depthwise), root.in_channels, root.out_channels,
                          root.stride, math.sqrt(root.kernel), sum(layer_costs[l]["macs"] for l in layers),
                          sum(layer_costs[l]["params"] for l in layers)])
         table = np.array(rows, dtype=np.float64)
         return table / np.maximum(table.max(axis=0), 1e-12)
 
-    def _cost(self, ratios: dict[str, float]) -> float:
-        return self.cost_model(Candidate.make(ratios)).get(self.metric)
+    def _cost(self, ratios: dict[str, float], bits: dict[str, int]) -> float:
+        return self.cost_model(Candidate.make(ratios, bits)).get(self.metric)
+
+    def _at_minimum_after(self, t: int) -> tuple[dict[str, float], dict[str, int]]:
+        """The decisions after step ``t`` at their minimum (lowest ratio, fewest bits)."""
+        later = self.decisions[t + 1:]
+        return ({n: self.min_ratio for k, n in later if k == "ratio"}, {n: self.bit_choices[0] for k, n in later if k == "bits"})
 
     def _observation(self) -> np.ndarray:
-        """AMC's embedding of the current group; costs in the budget's metric, as fractions of
-        the unpruned network: removed by the decided groups, and still removable by the later ones."""
-        t = min(self._t, len(self.groups) - 1)
+        """AMC's embedding of the current decision; costs in the budget's metric, as fractions of
+        the unpruned network: removed by the decisions taken, and still removable by the later ones."""
+        t = min(self._t, len(self.decisions) - 1)
         base = self.cost_model.base.get(self.metric)
-        decided = {g: self._ratios[g] for g in self.groups[:self._t]}
-        later_at_min = {g: self.min_ratio for g in self.groups[self._t + 1:]}
-        now = self._cost(decided)
-        removable_later = now - self._cost({**decided, **later_at_min})
-        obs = np.concatenate([[t / max(1, len(self.groups) - 1)], self.static[t],
-                              [(base - now) / base, removable_later / base, self._prev]])
+        now = self._cost(self._ratios, self._bits)
+        later_ratios, later_bits = self._at_minimum_after(self._t)
+        kind = self.decisions[t][0]
+        removable_later = now - self._cost({**self._ratios, **later_ratios}, {**self._bits, **later_bits})
+        obs = np.concatenate([[t / max(1, len(self.decisions) - 1)], self.static[t],
+                              [(base - now) / base, removable_later / base, self._prev, float(kind == "bits")]])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     # ---- dynamics --------------------------------------------------------------------------------
     def max_feasible_ratio(self) -> float:
         """AMC's clipping bound: the largest keep ratio for the current group such that, with the
-        groups still to come at their minimum, the budget is met."""
-        fixed = {g: self._ratios[g] for g in self.groups[:self._t]}
-        later = {g: self.min_ratio for g in self.groups[self._t + 1:]}
-        current = self.groups[self._t]
-        cost = lambda r: self._cost({**fixed, current: r, **later})  # noqa: E731
+        decisions still to come at their minimum, the budget is met."""
+        later_ratios, later_bits = self._at_minimum_after(self._t)
+        current = self.decisions[self._t][1]
+        bits = {**self._bits, **later_bits}
+        cost = lambda r: self._cost({**self._ratios, current: r, **later_ratios}, bits)  # noqa: E731
         if cost(1.0) <= self.limit:
             return 1.0
         lo = largest_within(lambda r: cost(r) <= self.limit, self.min_ratio, 1.0, 30)
         return max(self.min_ratio, math.floor(lo * 1e6) / 1e6)  # tidy candidate keys; flooring keeps it feasible
 
+    def _index(self, action: Any, n: int) -> int:
+        """The agent's action as an index into a list of ``n`` choices."""
+        if self.action_type == "discrete":
+            i, size = int(np.asarray(action).reshape(-1)[0]), int(self.action_space.n)
+            return int(round(i * (n - 1) / max(1, size - 1))) if size != n else i
+        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+        return int(np.floor((a + 1.0) / 2.0 * (n - 1) + 0.5))
+
     def action_to_ratio(self, action: Any) -> float:
         """The agent's keep ratio before clipping."""
         if self.action_type == "discrete":
-            return self.grid[int(np.asarray(action).reshape(-1)[0])]
+            return self.grid[self._index(action, len(self.grid))]
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
         return round(self.min_ratio + (a + 1.0) / 2.0 * (1.0 - self.min_ratio), 6)
 
+    def action_to_bits(self, action: Any) -> int:
+        """The agent's bit width (the nearest choice)."""
+        return self.bit_choices[self._index(action, len(self.bit_choices))]
+
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self._ratios, self._t, self._prev = {}, 0, 1.0
+        self._ratios, self._bits, self._t, self._prev = {}, {}, 0, 1.0
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        wanted = self.action_to_ratio(action)
-        bound = self.max_feasible_ratio()
-        ratio = min(wanted, bound)
-        if self.action_type == "discrete" and ratio < wanted:
-            ratio = max([r for r in self.grid if r <= bound + 1e-12], default=self.min_ratio)
-        group = self.groups[self._t]
-        self._ratios[group] = ratio
-        self._prev = ratio
+        kind, name = self.decisions[self._t]
+        if kind == "ratio":
+            wanted = self.action_to_ratio(action)
+            bound = self.max_feasible_ratio()
+            ratio = min(wanted, bound)
+            if self.action_type == "discrete" and ratio < wanted:
+                ratio = max([r for r in self.grid if r <= bound + 1e-12], default=self.min_ratio)
+            self._ratios[name] = ratio
+            self._prev = ratio
+            info: dict[str, Any] = {"group": name, "ratio": ratio, "clipped": ratio < wanted}
+        else:
+            bits = self.action_to_bits(action)
+            self._bits[name] = bits
+            self._prev = self.bit_choices.index(bits) / max(1, len(self.bit_choices) - 1)
+            info = {"layer": name, "bits": bits}
         self._t += 1
-        info: dict[str, Any] = {"group": group, "ratio": ratio, "clipped": ratio < wanted}
-        if self._t < len(self.groups):
+        if self._t < len(self.decisions):
             return self._observation(), 0.0, False, False, info
-        candidate = Candidate.make(self._ratios)
+        info["bits_lowered"] = self.lower_bits_to_budget()
+        candidate = Candidate.make(self._ratios, self._bits)
         result = self.reward_source(candidate)
         raw = self.reward(result)
         shaped = raw
@@ -166,6 +228,24 @@ class LayerWidthEnv(gym.Env):
         info.update(candidate=candidate.to_dict(), result=result.to_dict(), raw_reward=raw,
                     feasible=self.budget.met_by(result.costs, self.cost_model.base))
         return self._observation(), float(shaped), True, False, info
+
+    def lower_bits_to_budget(self) -> int:
+        """HAQ's budget enforcement: while the episode's candidate is over budget, lower the bits
+        one choice at a time, sweeping from the last layer backward; returns how many steps it took."""
+        steps = 0
+        while self._cost(self._ratios, self._bits) > self.limit:
+            lowered = False
+            for layer in reversed(self.bit_layers):
+                position = self.bit_choices.index(self._bits[layer])
+                if position == 0:
+                    continue
+                self._bits[layer] = self.bit_choices[position - 1]
+                steps, lowered = steps + 1, True
+                if self._cost(self._ratios, self._bits) <= self.limit:
+                    return steps
+            if not lowered:
+                break
+        return steps
 
     def reward(self, result: EvalResult) -> float:
         if self.reward_kind == "accuracy":

@@ -3,8 +3,9 @@
 One study per (strategy, budget, seed), all in one storage (a SQLite file in the run
 directory by default, or any Optuna storage URL; ``journal:PATH`` for a journal file).
 Directions: maximize accuracy, minimize the budget metric (as a fraction of the unpruned
-network). Params are the candidate's grid position per dimension (the [-1, 1] encoding is
-``2 * index / (choices - 1) - 1``); user attributes hold the exact candidate, every metric,
+network). Params are the candidate's grid position per keep-ratio dimension (the [-1, 1]
+encoding is ``2 * index / (choices - 1) - 1``) and its bit width per bit dimension (categorical:
+the space's bit choices); user attributes hold the exact candidate, every metric,
 strategy, seed, budget, task, wall time and versions; the budget is an Optuna constraint
 (``cost / limit - 1 <= 0``), so ``optuna.load_study`` and optuna-dashboard read a run like any study.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from automlprune.errors import ConfigError
@@ -33,27 +34,33 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 DIRECTIONS = ["maximize", "minimize"]
 
 
-def distributions(space: SearchSpace) -> dict[str, IntDistribution]:
-    """One integer (grid index) distribution per dimension of the space with a choice to make."""
-    return {f"{d.kind}:{d.name}": IntDistribution(0, len(d.choices) - 1) for d in space.dimensions if len(d.choices) > 1}
+def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
+    """Per dimension of the space with a choice to make: an integer grid index for keep ratios
+    (ordered), a categorical over the bit choices for bit widths."""
+    return {f"{d.kind}:{d.name}": (IntDistribution(0, len(d.choices) - 1) if d.kind == "ratio"
+                                   else CategoricalDistribution([int(c) for c in d.choices]))
+            for d in space.dimensions if len(d.choices) > 1}
 
 
 def to_params(space: SearchSpace, candidate: Candidate) -> dict[str, int]:
-    """Candidate -> grid indices (nearest grid point for off-grid ratios)."""
+    """Candidate -> params: grid indices of ratios (nearest grid point when off-grid), bit widths."""
     vector = space.encode(candidate)
     params = {}
     for x, d in zip(vector, space.dimensions):
         if len(d.choices) > 1:
-            params[f"{d.kind}:{d.name}"] = int(round((float(x) + 1) / 2 * (len(d.choices) - 1)))
+            index = int(round((float(x) + 1) / 2 * (len(d.choices) - 1)))
+            params[f"{d.kind}:{d.name}"] = index if d.kind == "ratio" else int(d.choices[index])
     return params
 
 
 def from_params(space: SearchSpace, params: dict[str, int]) -> Candidate:
-    """Grid indices -> candidate (dimensions missing from ``params`` stay at their first choice)."""
+    """Params -> candidate (dimensions missing from ``params`` stay at their first choice)."""
     vector = np.zeros(space.ndim)
     for i, d in enumerate(space.dimensions):
         n = len(d.choices)
-        vector[i] = 2 * params.get(f"{d.kind}:{d.name}", 0) / (n - 1) - 1 if n > 1 else 0.0
+        value = params.get(f"{d.kind}:{d.name}")
+        index = 0 if value is None else (int(value) if d.kind == "ratio" else d.choices.index(float(value)))
+        vector[i] = 2 * index / (n - 1) - 1 if n > 1 else 0.0
     return space.decode(vector)
 
 

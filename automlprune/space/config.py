@@ -10,6 +10,7 @@ import numpy as np
 
 from automlprune.config_files import check_keys, read_yaml
 from automlprune.errors import ConfigError
+from automlprune.quantization import SCHEMES
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class SpaceConfig:
     pin_first: never prune the group holding the first layer's output channels.
     bit_choices: weight bit widths the search may give a Conv/Linear layer (32 = float32).
     pin_first_last_bits: bits for the first and last layer when bit widths are searched (HAQ pins 8); None = searched too.
+    bit_scheme: how weights are quantized (:data:`automlprune.quantization.SCHEMES`; per-channel symmetric by default).
+    activation_bits: bits of every Conv2d/Linear layer's input activations (32 = float32, the default).
     """
 
     ratios: tuple[float, ...] = tuple(np.round(np.arange(1, 9) / 8, 6))
@@ -32,6 +35,8 @@ class SpaceConfig:
     pin_first: bool = False
     bit_choices: tuple[int, ...] = (32,)
     pin_first_last_bits: int | None = None
+    bit_scheme: str = "per_channel_symmetric"
+    activation_bits: int = 32
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -39,8 +44,14 @@ class SpaceConfig:
             raise ConfigError(f"space '{self.name}': ratios must be distinct ascending keep ratios in (0, 1], got {list(self.ratios)}")
         if self.min_channels < 1 or self.round_to < 1:
             raise ConfigError(f"space '{self.name}': min_channels and round_to must be at least 1")
-        if not self.bit_choices or any(b < 1 or b > 32 for b in self.bit_choices):
-            raise ConfigError(f"space '{self.name}': bit choices must be whole numbers from 1 to 32, got {list(self.bit_choices)}")
+        if not self.bit_choices or any(b < 2 or b > 32 for b in self.bit_choices):
+            raise ConfigError(f"space '{self.name}': bit choices must be whole numbers from 2 to 32, got {list(self.bit_choices)}")
+        if self.pin_first_last_bits is not None and not 2 <= self.pin_first_last_bits <= 32:
+            raise ConfigError(f"space '{self.name}': bits.pin_first_last must be from 2 to 32, got {self.pin_first_last_bits}")
+        if not 2 <= self.activation_bits <= 32:
+            raise ConfigError(f"space '{self.name}': bits.activations must be from 2 to 32, got {self.activation_bits}")
+        if self.bit_scheme not in SCHEMES:
+            raise ConfigError(f"space '{self.name}': bits.scheme '{self.bit_scheme}' is unknown; use one of: {', '.join(SCHEMES)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str = "space") -> "SpaceConfig":
@@ -60,11 +71,15 @@ class SpaceConfig:
             kwargs["pin_first"] = bool(data["pin_first"])
         if "bits" in data:
             bits = data["bits"] or {}
-            check_keys(bits, {"choices", "pin_first_last"}, f"search space '{name}' bits")
+            check_keys(bits, {"choices", "pin_first_last", "scheme", "activations"}, f"search space '{name}' bits")
             if "choices" in bits:
                 kwargs["bit_choices"] = tuple(sorted(_int(b, "bits.choices", name) for b in bits["choices"]))
             if bits.get("pin_first_last") is not None:
                 kwargs["pin_first_last_bits"] = _int(bits["pin_first_last"], "bits.pin_first_last", name)
+            if "scheme" in bits:
+                kwargs["bit_scheme"] = str(bits["scheme"])
+            if "activations" in bits:
+                kwargs["activation_bits"] = _int(bits["activations"], "bits.activations", name)
         return cls(**kwargs)
 
     @classmethod

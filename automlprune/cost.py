@@ -220,12 +220,13 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4) -> float:
-    """The largest keep ratio r such that every prunable group at r costs at most ``budget``
-    (absolute units of ``metric``), by bisection on r in (0, 1]. Raises ConfigError when even
-    the space's minimum widths exceed the budget."""
+def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4,
+                             bits: int | None = None) -> float:
+    """The largest keep ratio r such that every prunable group at r (and every bit-searchable
+    layer at ``bits``, when given) costs at most ``budget`` (absolute units of ``metric``), by
+    bisection on r in (0, 1]. Raises ConfigError when even the space's minimum widths exceed the budget."""
     space = cost_model.space
-    cost = lambda r: cost_model(space.uniform(r)).get(metric)  # noqa: E731
+    cost = lambda r: cost_model(space.uniform(r, bits)).get(metric)  # noqa: E731
     if cost(1.0) <= budget:
         return 1.0
     lo = 1e-6

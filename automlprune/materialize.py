@@ -78,7 +78,8 @@ def materialize(model: nn.Module, candidate: Candidate, space: SearchSpace,
 def mask(model: nn.Module, candidate: Candidate, space: SearchSpace,
          criterion: str | ChannelOrder = "l1", reconstruction: Reconstruction | None = None) -> nn.Module:
     """A same-shape copy of ``model`` whose dropped channels output exactly zero: every layer
-    producing a dropped channel has that channel's weights, bias and BN affine set to zero."""
+    producing a dropped channel has that channel's weights, bias and BN affine set to zero (and
+    every plain conv/linear reading it has the weights of that input zeroed)."""
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     dropped = dropped_channels(space, candidate, order)
     masked = _prepared_copy(model, candidate, space, order, reconstruction)
@@ -88,13 +89,14 @@ def mask(model: nn.Module, candidate: Candidate, space: SearchSpace,
                 continue
             channels = torch.tensor(dropped[group.name])
             for member in group.members:
-                if member.dim != "out":
-                    continue
                 module = masked.get_submodule(member.layer)
                 idx = torch.as_tensor(member.index_map)[channels].flatten().to(module.weight.device)
-                for param in (module.weight, getattr(module, "bias", None)):
-                    if param is not None:
-                        param[idx] = 0
+                if member.dim == "out":
+                    for param in (module.weight, getattr(module, "bias", None)):
+                        if param is not None:
+                            param[idx] = 0
+                elif isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "groups", 1) == 1:
+                    module.weight[:, idx] = 0  # reads zeros anyway; zeroed so quantization scales match the materialized layer
     _quantize(masked, candidate, space)
     return masked
 

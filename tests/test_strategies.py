@@ -8,13 +8,26 @@ from automlprune.search.budget import parse_budget
 from conftest import run_search
 
 STRATEGY_NAMES = STRATEGIES.names()
+BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
+
+
+@pytest.fixture(scope="module")
+def mixed_space(trained_digits_model, digits):
+    from automlprune.space import SearchSpace
+    from automlprune.space.config import SpaceConfig
+
+    return SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(bit_choices=(2, 4, 8, 32), pin_first_last_bits=8))
 
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.3"])
-def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, digits):
+@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.3", "bytes=0.2 mixed"])
+def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, mixed_space, digits):
+    """Every strategy, on the channel space (macs, params) and on a channels-and-bits space (bytes)."""
     max_evals = 8
-    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy,
+    budget, _, mixed = budget.partition(" ")
+    budget = BITS_ONLY.get(strategy, {}).get(budget, budget)
+    space = mixed_space if mixed or strategy in BITS_ONLY else digits_space
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, strategy,
                                                   budget=budget, max_evals=max_evals, seed=1)
     b = parse_budget(budget)
     base = evaluator.cost_model.base
@@ -28,7 +41,7 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     assert len(records) == outcome.evaluations == len(evaluator)
     assert len({r.result.candidate.key for r in records}) == len(records)
     # deterministic under a seed
-    again, *_ = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy, budget=budget,
+    again, *_ = run_search(tmp_path, trained_digits_model, space, digits, strategy, budget=budget,
                            max_evals=max_evals, seed=1, run_name="again")
     assert again.answer.candidate == outcome.answer.candidate
     assert [r.candidate for r in again.history] == [r.candidate for r in outcome.history]

@@ -79,6 +79,7 @@ class RLStrategy(Strategy):
 
     algorithm: ClassVar[str] = "ddpg"
     default_action_type: ClassVar[str] = "continuous"
+    default_mode: ClassVar[str] = "channels"
     option_names = ("mode", "action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
                     "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
 
@@ -88,7 +89,7 @@ class RLStrategy(Strategy):
         self.env = LayerWidthEnv(None, self.budget, action_type=o.get("action_type", self.default_action_type),
                                  reward=o.get("reward", "accuracy"), reward_source=self._request,
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
-                                 mode=o.get("mode", "channels"), space=self.space, cost_model=self.cost_model)
+                                 mode=o.get("mode", self.default_mode), space=self.space, cost_model=self.cost_model)
         self.steps_per_episode = len(self.env.decisions)
         self.agent = self._build_agent()
         self._to_loop: queue.Queue = queue.Queue()
@@ -170,13 +171,18 @@ class RLStrategy(Strategy):
             self.agent.save(Path(self.context.run_dir) / f"agent-{self.name}-{self.budget.slug}-seed{self.seed}.zip")
 
 
-def _make(algorithm: str, action_type: str = "continuous") -> type[RLStrategy]:
-    doc = f"stable-baselines3 {algorithm.upper()} in the layer-width environment (see RLStrategy for options)."
-    return type(f"{algorithm.upper()}Strategy", (RLStrategy,),
-                {"name": algorithm, "algorithm": algorithm, "default_action_type": action_type, "__doc__": doc})
+def _make(algorithm: str, action_type: str = "continuous", name: str | None = None, mode: str = "channels",
+          doc: str | None = None) -> type[RLStrategy]:
+    name = name or algorithm
+    doc = doc or f"stable-baselines3 {algorithm.upper()} in the layer-width environment (see RLStrategy for options)."
+    return type(f"{name.upper()}Strategy", (RLStrategy,), {"name": name, "algorithm": algorithm, "default_action_type": action_type,
+                                                            "default_mode": mode, "__doc__": doc})
 
 
 DDPGStrategy = _make("ddpg")
 TD3Strategy = _make("td3")
 SACStrategy = _make("sac")
 PPOStrategy = _make("ppo", "discrete")
+HAQStrategy = _make("ddpg", name="haq", mode="bits",
+                    doc="HAQ (Wang et al., CVPR 2019): DDPG choosing each layer's weight bits, channels whole, the budget "
+                        "enforced by lowering bits from the last layer backward (the ddpg strategy with mode=bits).")

@@ -21,6 +21,7 @@ for _name, _entry, _desc in [
     ("td3", "automlprune.rl.agents:TD3Strategy", "TD3 (stable-baselines3) in the layer-width environment"),
     ("sac", "automlprune.rl.agents:SACStrategy", "SAC (stable-baselines3) in the layer-width environment"),
     ("ppo", "automlprune.rl.agents:PPOStrategy", "PPO (stable-baselines3) over the ratio grid in the layer-width environment"),
+    ("haq", "automlprune.rl.agents:HAQStrategy", "HAQ: DDPG choosing per-layer weight bits, lowered from the last layer to the budget"),
 ]:
     STRATEGIES.register(_name, _entry, description=_desc)
 

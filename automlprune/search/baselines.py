@@ -10,6 +10,7 @@ from automlprune.cost import uniform_ratio_for_budget
 from automlprune.evaluator import EvalResult
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
+from automlprune.errors import ConfigError
 from automlprune.space import Candidate
 
 
@@ -34,12 +35,20 @@ class OneShotStrategy(Strategy):
 
 class UniformStrategy(OneShotStrategy):
     """One keep ratio for every prunable group: the largest that meets the budget, found by
-    bisection on the continuous ratio (the common baseline). One evaluation."""
+    bisection on the continuous ratio (the common baseline). One evaluation.
+
+    Option ``bits``: every bit-searchable layer at these weight bits (one of the space's bit
+    choices; e.g. uniform 4-bit), the ratio then the largest that still meets the budget."""
 
     name = "uniform"
+    option_names = ("bits",)
 
     def propose(self) -> Candidate:
-        return self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit))
+        bits = self.options.get("bits")
+        if bits is not None and (not self.space.bit_searchable or bits not in self.space.config.bit_choices):
+            raise ConfigError(f"uniform bits={bits!r} is not among the space's bit choices {list(self.space.config.bit_choices)}; "
+                              "use a space with bit choices (e.g. --space mixed-precision) and one of them")
+        return self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits), bits)
 
 
 class GridWalk:

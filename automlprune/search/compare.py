@@ -63,7 +63,7 @@ def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
                "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0}
-        for metric in ("macs", "params", "bytes"):
+        for metric in ("macs", "params", "bytes", "bitops"):
             row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
             row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
         for b in ("1", "64"):
@@ -97,12 +97,12 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
              f"{base.params / 1e3:.1f}k params. Accuracies in %; validation accuracy is the search-time score "
              f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
-             "| strategy | budget | val acc | test acc | MACs | params | bytes | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| strategy | budget | val acc | test acc | MACs | params | bytes | BitOps | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['budget']} | {spread(r['val_accuracy'], r['val_accuracy_sd'])} | "
                      f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
-                     f"{pct(r['bytes_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | {r['hypervolume']:.4f} | "
+                     f"{pct(r['bytes_fraction'])}% | {pct(r['bitops_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | {r['hypervolume']:.4f} | "
                      f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} |")
     lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "

@@ -48,6 +48,23 @@ def test_evaluate_json_with_latency_and_export(capsys, checkpoint, tmp_path):
     assert (tmp_path / "net.pt2").is_file()
 
 
+def test_evaluate_quantized_candidate_int8_and_packed_export(capsys, checkpoint, tmp_path):
+    from automlprune.export import load_packed
+
+    candidate = tmp_path / "c.json"
+    candidate.write_text(json.dumps({"ratios": {}, "bits": {"features.3": 8, "features.7": 8, "classifier.1": 8}}))
+    code, out, _ = _run(capsys, "evaluate", "digits-cnn", "--set", f"checkpoint={checkpoint}", "--space", "mixed-precision",
+                        "--candidate", str(candidate), "--int8", "--export", str(tmp_path / "net.qpt"), "--json")
+    result = json.loads(out)
+    assert code == 0 and set(result["int8"]) == {"float32", "int8"}
+    assert abs(result["int8"]["int8"]["accuracy"] - result["accuracy"]) < 0.03 and result["int8"]["int8"]["latency_ms"]["64"] > 0
+    assert load_packed(tmp_path / "net.qpt").features[3].weight.shape[0] == 32
+    candidate.write_text(json.dumps({"ratios": {}, "bits": {"features.3": 4}}))
+    code, _, err = _run(capsys, "evaluate", "digits-cnn", "--set", f"checkpoint={checkpoint}", "--space", "mixed-precision",
+                        "--candidate", str(candidate), "--int8")
+    assert code == 2 and "every Conv2d/Linear layer at 8 bits" in err and "Traceback" not in err
+
+
 def test_list_shows_registries(capsys):
     code, out, _ = _run(capsys, "list", "models")
     assert code == 0 and "resnet56" in out and "torchvision:<name>" in out

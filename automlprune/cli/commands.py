@@ -108,6 +108,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         payload["finetune"] = {"epochs": tuned.epochs, "val_accuracy": tuned.val_accuracy,
                                "test_accuracy": tuned.test_accuracy, "seconds": tuned.seconds}
         human.append(f"after {tuned.epochs} fine-tune epochs: val {_pct(tuned.val_accuracy)}, test {_pct(tuned.test_accuracy)}")
+    if args.int8:
+        int8 = evaluator.int8(candidate, network)
+        payload["int8"] = {k: v for k, v in int8.items() if k != "model"}
+        for label in ("float32", "int8"):
+            lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in int8[label]["latency_ms"].items())
+            human.append(f"{label:>7} (PyTorch x86, CPU): accuracy {_pct(int8[label]['accuracy'])}, latency {lat}")
     if args.export:
         network = network or evaluator.network(candidate)
         path = export_model(network.cpu(), task.data.example_input(), args.export)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--uniform", type=float, metavar="RATIO", help="keep this fraction of every prunable group")
     p.add_argument("--space", help="search space name or YAML path (default: the task's)")
     p.add_argument("--latency", action="store_true", help="also measure CPU/GPU latency of the materialized network")
+    p.add_argument("--int8", action="store_true",
+                   help="candidate at 8 bits everywhere: also build PyTorch's int8 network (x86) and report its accuracy and CPU latency next to float32")
     p.add_argument("--criterion", help="channel importance criterion (see 'automlprune list criteria'; default: the task's)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune for E epochs and report test accuracy")
     p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx, .qpt packed quantized weights)")

@@ -7,7 +7,7 @@ nothing is ever shown on screen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -109,11 +109,15 @@ def plot_progress(records: list[SearchRecord], path: Path) -> Path:
 
 
 def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -> Path:
-    """Keep ratio of every channel group (network order) in each strategy's answer, per budget."""
+    """Keep ratio of every channel group (network order) in each strategy's answer, per budget;
+    when the space searches bit widths, a second panel per budget with each layer's weight bits."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
     groups = [g.name for g in space.groups]
-    fig, axes = plt.subplots(len(budgets), 1, figsize=(max(7, 0.35 * len(groups) + 3), 3 * len(budgets)), squeeze=False)
+    layers = space.quantizable if space.bit_searchable else []
+    columns = 2 if layers else 1
+    width = max(7, 0.35 * len(groups) + 3) + (max(6, 0.3 * len(layers) + 2) if layers else 0)
+    fig, axes = plt.subplots(len(budgets), columns, figsize=(width, 3 * len(budgets)), squeeze=False)
     for row, label in enumerate(budgets):
         ax = axes[row, 0]
         shown = set()
@@ -124,17 +128,33 @@ def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -
             cand = Candidate.from_dict(r.answer["candidate"])
             kept = space.kept_channels(cand) / np.array([g.channels for g in space.groups])
             ax.plot(range(len(groups)), kept, marker="o", markersize=3, color=colors[r.strategy], label=r.strategy)
+            if layers:
+                bits = space.weight_bits(cand)
+                axes[row, 1].plot(range(len(layers)), [bits[l] for l in layers], marker="o", markersize=3,
+                                  color=colors[r.strategy], label=r.strategy)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("kept fraction")
         ax.set_title(f"per-group widths of the answers, budget {label}")
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=75, fontsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=3)
+        _name_ticks(ax, groups)
+        if layers:
+            bx = axes[row, 1]
+            bx.set_yscale("log", base=2)
+            bx.set_yticks(sorted(set(space.config.bit_choices) | set(space.fixed_bits.values())))
+            bx.get_yaxis().set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            bx.set_ylabel("weight bits")
+            bx.set_title(f"per-layer weight bits of the answers, budget {label}")
+            _name_ticks(bx, layers)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _name_ticks(ax: Any, names: list[str]) -> None:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=75, fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
 
 
 def plot_allocation(profile: dict[str, dict], path: Path, title: str) -> Path:

@@ -22,7 +22,11 @@ def test_table_reproduces_its_two_anchor_measurements(table, trained_digits_mode
     assert np.isnan(cost.base.latency_ms)
     cost.attach_latency_table(table)
     assert cost.base.latency_ms == pytest.approx(table.info["full_measured_ms"], rel=1e-9)
-    assert cost(digits_space.smallest()).latency_ms == pytest.approx(table.info["smallest_measured_ms"], rel=1e-9)
+    smallest = cost(digits_space.smallest()).latency_ms
+    if table.small_overhead_ms > 0:
+        assert smallest == pytest.approx(table.info["smallest_measured_ms"], rel=1e-9)
+    else:  # on a loaded machine the layers timed alone can add up to more than the whole: overhead clamped at 0
+        assert smallest >= table.info["smallest_measured_ms"]
     assert set(table.layers) == {l.name for l in digits_space.layers if l.kind != "bn"}
     assert cost.relative(digits_space.uniform(0.5))["latency"] > 0
 

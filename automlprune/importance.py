@@ -144,11 +144,40 @@ class RandomScores(Criterion):
         return torch.rand(group.channels, generator=torch.Generator().manual_seed(seed * 100_003 + offset))
 
 
+class TorchPruningMagnitude(Criterion):
+    """Torch-Pruning's own ``GroupMagnitudeImportance(p=2)`` (Fang et al., 'DepGraph: Towards
+    Any Structural Pruning', CVPR 2023): squared L2 norms of every coupled slice of the group
+    (output filters, batch norms, and the input slices of the layers reading it), each layer's
+    divided by its mean, averaged over the group. Computed by Torch-Pruning on its dependency
+    graph, so a group's ranking is exactly the one its pruners use (``combine`` does not apply)."""
+
+    def score_all(self, model, space, batches=None, combine="sum", seed=0):
+        import torch_pruning as tp
+
+        from automlprune.space.graph import build_dependency_graph
+
+        device = next(model.parameters()).device
+        graph = build_dependency_graph(model, space.example_input.to(device))
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
+        out = {}
+        for group in space.groups:
+            root = model.get_submodule(group.name)
+            member = next(m for m in group.members if m.layer == group.name and m.dim == "out")
+            index = torch.as_tensor(member.index_map)
+            handler = graph.get_pruner_of_module(root).prune_out_channels
+            pruning_group = graph.get_pruning_group(root, handler, list(range(int(index.numel()))))
+            per_index = importance(pruning_group).detach().float().cpu()
+            out[group.name] = per_index[index].sum(dim=1)
+        return out
+
+
 CRITERIA.register("l1", Norm(1.0), needs_data=False, description="L1 norm of each output filter (Li et al., 2017)")
 CRITERIA.register("l2", Norm(2.0), needs_data=False, description="L2 norm of each output filter (He et al., Soft Filter Pruning, 2018)")
 CRITERIA.register("bn_scale", BNScale(), needs_data=False, description="|gamma| of the BN after the conv (Network Slimming, 2017)")
 CRITERIA.register("fpgm", FPGM(), needs_data=False, description="distance to the layer's geometric median (FPGM, 2019)")
 CRITERIA.register("lookahead", Lookahead(), needs_data=False, description="filter norm x norm of the weights reading it (Lookahead, 2020)")
+CRITERIA.register("tp_magnitude", TorchPruningMagnitude(), needs_data=False,
+                  description="Torch-Pruning's GroupMagnitudeImportance(p=2) over the coupled group (DepGraph, 2023)")
 CRITERIA.register("random", RandomScores(), needs_data=False, description="random scores: the control")
 
 

@@ -21,6 +21,8 @@ for _name, _entry, _desc in [
     ("td3", "automlprune.rl.agents:TD3Strategy", "TD3 (stable-baselines3) in the layer-width environment"),
     ("sac", "automlprune.rl.agents:SACStrategy", "SAC (stable-baselines3) in the layer-width environment"),
     ("ppo", "automlprune.rl.agents:PPOStrategy", "PPO (stable-baselines3) over the ratio grid in the layer-width environment"),
+    ("tp-local", "automlprune.search.torch_pruning_anchor:TorchPruningStrategy", "anchor: Torch-Pruning's BasePruner, group magnitude importance, per-layer ratio, iterative"),
+    ("tp-global", "automlprune.search.torch_pruning_anchor:TorchPruningGlobalStrategy", "anchor: Torch-Pruning's BasePruner, group magnitude importance, global ranking, iterative"),
     ("haq", "automlprune.rl.agents:HAQStrategy", "HAQ: DDPG choosing per-layer weight bits, lowered from the last layer to the budget"),
 ]:
     STRATEGIES.register(_name, _entry, description=_desc)

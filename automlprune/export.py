@@ -2,14 +2,21 @@
 
 The packed format (``.qpt``) stores each quantized layer's weights as bit-packed integer codes
 (``bits`` bits per weight) with their scales and zero points, so the file is about the size the
-cost model reports as ``bytes``; :func:`load_packed` restores the network."""
+cost model reports as ``bytes``; :func:`load_packed` restores the network. Layout: 8 magic bytes,
+the length of the metadata (uint64), the metadata (the module's structure without its tensors
+and where each tensor lies in the payload; a zlib-compressed pickle: load only files you trust,
+as with ``torch.load``), then the payload bytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import copy
+import pickle
+import struct
+import zlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +25,7 @@ from automlprune.quantization import RECORD_ATTRIBUTE, pack_codes, quantize, sym
 
 FORMATS = {".pt": "pt", ".pt2": "torch.export", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx",
            ".qpt": "packed"}
-PACKED_FORMAT = "automlprune.packed/1"
+MAGIC = b"AMLPQPT1"  # then the metadata length (uint64, little-endian), the metadata, the payload
 
 
 def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path, fmt: str | None = None) -> Path:
@@ -59,10 +66,11 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path
 def save_packed(model: nn.Module, path: str | Path) -> Path:
     """Save a quantized materialized network with its weights bit-packed.
 
-    The file holds the module with its quantized layers' weights emptied, and per quantized layer
-    the packed codes (ceil(weights x bits / 8) bytes), float32 scales and, for asymmetric schemes,
-    int32 zero points. On disk it takes the cost model's ``bytes`` plus the batch-norm running
-    statistics (buffers, 2 float32 per channel) plus the pickle's metadata (a few KB per model).
+    The file holds the module's structure with every tensor taken out, and one byte payload: per
+    quantized layer its packed codes (ceil(weights x bits / 8) bytes), float32 scales and, for
+    asymmetric schemes, int32 zero points; every other parameter and buffer as raw bytes. On disk
+    that is the cost model's ``bytes`` plus the batch-norm running statistics (buffers, 2 float32
+    per channel) plus the compressed structure (a few KB).
     """
     record = getattr(model, RECORD_ATTRIBUTE, None)
     if not record or not record.get("layers"):
@@ -70,17 +78,39 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     skeleton = copy.deepcopy(model).cpu().eval()
-    packed = {}
-    for name, info in record["layers"].items():
-        module = skeleton.get_submodule(name)
-        q = quantize(module.weight, info["bits"], record["scheme"])
-        packed[name] = {"bits": q.bits, "shape": tuple(module.weight.shape),
-                        "codes": torch.from_numpy(pack_codes((q.codes + q.offset).numpy(), q.bits)),
-                        "scale": q.scale.float(), "zero_point": None if symmetric(q.scheme) else q.zero_point.to(torch.int32)}
-        module.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    chunks: list[bytes] = []
+    entries: list[dict] = []
+    offset = 0
+
+    def put(data: bytes) -> tuple[int, int]:
+        nonlocal offset
+        chunks.append(data)
+        offset += len(data)
+        return offset - len(data), len(data)
+
+    for module_name, module in skeleton.named_modules():
+        for kind, store in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                entry = {"module": module_name, "name": name, "kind": kind, "shape": tuple(tensor.shape),
+                         "dtype": str(tensor.dtype).replace("torch.", "")}
+                info = record["layers"].get(module_name) if kind == "parameter" and name == "weight" else None
+                if info is not None:
+                    q = quantize(tensor, info["bits"], record["scheme"])
+                    entry.update(bits=q.bits, codes=put(pack_codes((q.codes + q.offset).numpy(), q.bits).tobytes()),
+                                 scale=put(q.scale.float().numpy().tobytes()),
+                                 zero_point=None if symmetric(q.scheme) else put(q.zero_point.to(torch.int32).numpy().tobytes()))
+                else:
+                    entry["raw"] = put(tensor.detach().contiguous().numpy().tobytes())
+                entries.append(entry)
+                store[name] = None
     kept = {k: v for k, v in record.items() if k != "layers"}
     setattr(skeleton, RECORD_ATTRIBUTE, {**kept, "layers": {n: {"bits": i["bits"]} for n, i in record["layers"].items()}})
-    torch.save({"format": PACKED_FORMAT, "module": skeleton, "packed": packed}, path)
+    meta = zlib.compress(pickle.dumps({"module": skeleton, "entries": entries}, protocol=pickle.HIGHEST_PROTOCOL), 9)
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(meta)) + meta)
+        f.writelines(chunks)
     return path
 
 
@@ -89,21 +119,40 @@ def load_packed(path: str | Path) -> nn.Module:
     quantized values) and its quantization record restored. Needs the model's classes importable."""
     path = Path(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ConfigError(f"cannot read {path} as a packed network ({exc}); give a .qpt file that 'automlprune export' wrote") from None
-    if not isinstance(blob, dict) or blob.get("format") != PACKED_FORMAT:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror}); give a .qpt file that 'automlprune export' wrote") from None
+    if not data.startswith(MAGIC):
         raise ConfigError(f"{path} is not a packed automlprune network; give a .qpt file that 'automlprune export' wrote")
-    model = blob["module"]
+    start = len(MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(MAGIC):start])
+    try:
+        blob = pickle.loads(zlib.decompress(data[start:start + length]))
+    except (zlib.error, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as exc:
+        raise ConfigError(f"cannot read {path} as a packed network ({exc}); give a .qpt file that 'automlprune export' wrote") from None
+    model, payload = blob["module"], np.frombuffer(data, dtype=np.uint8, offset=start + length)
     record = getattr(model, RECORD_ATTRIBUTE)
-    for name, p in blob["packed"].items():
-        count = int(torch.Size(p["shape"]).numel())
-        scheme = record["scheme"]
-        codes = torch.from_numpy(unpack_codes(p["codes"].numpy(), p["bits"], count)).reshape(p["shape"])
-        zero = p["zero_point"].long() if p["zero_point"] is not None else torch.zeros_like(p["scale"], dtype=torch.int64)
-        offset = 2 ** (p["bits"] - 1) - 1 if symmetric(scheme) else 0
-        shape = (-1,) + (1,) * (codes.ndim - 1)
-        weight = (codes - offset - zero.view(shape)).float() * p["scale"].view(shape)
-        model.get_submodule(name).weight = nn.Parameter(weight)
-        record["layers"][name].update(scale=p["scale"], zero_point=zero)
+    scheme = record["scheme"]
+
+    def get(span: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        return np.frombuffer(payload[span[0]: span[0] + span[1]].tobytes(), dtype=dtype)
+
+    for e in blob["entries"]:
+        module = model.get_submodule(e["module"])
+        count = int(np.prod(e["shape"], dtype=np.int64))
+        if "codes" in e:
+            scale = torch.from_numpy(get(e["scale"], np.float32).copy())
+            zero = (torch.from_numpy(get(e["zero_point"], np.int32).astype(np.int64)) if e["zero_point"] is not None
+                    else torch.zeros_like(scale, dtype=torch.int64))
+            codes = torch.from_numpy(unpack_codes(get(e["codes"], np.uint8), e["bits"], count)).reshape(e["shape"])
+            offset = 2 ** (e["bits"] - 1) - 1 if symmetric(scheme) else 0
+            shape = (-1,) + (1,) * (codes.ndim - 1)
+            tensor = (codes - offset - zero.view(shape)).float() * scale.view(shape)
+            record["layers"][e["module"]].update(scale=scale, zero_point=zero)
+        else:
+            tensor = torch.from_numpy(get(e["raw"], np.dtype(e["dtype"])).copy()).reshape(e["shape"])
+        if e["kind"] == "parameter":
+            module._parameters[e["name"]] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        else:
+            module._buffers[e["name"]] = tensor
     return model

@@ -32,6 +32,7 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
     records = [r for r in records if r.metric == metric]
     colors = _colors([r.strategy for r in records])
     fig, ax = plt.subplots(figsize=(7, 5))
+    right = 0.0
     for strategy, color in colors.items():
         mine = [r for r in records if r.strategy == strategy]
         costs = np.concatenate([r.cost_fractions() for r in mine]) if mine else np.array([])
@@ -39,13 +40,15 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
         if len(costs) == 0:
             continue
         ax.scatter(costs, accs, s=12, alpha=0.35, color=color)
+        right = max(right, float(costs.max()))
         front = pareto_front(costs, accs)
         ax.step(costs[front], accs[front], where="post", color=color, linewidth=1.8, label=f"{strategy} ({len(costs)} evals)")
     for value in sorted({r.budget.value for r in records if r.budget.relative}):
         ax.axvline(value, color="grey", linestyle="--", linewidth=0.9)
+        right = max(right, value)
     ax.set_xlabel(f"{metric} / unpruned {metric}")
     ax.set_ylabel("validation accuracy (BN re-estimated)")
-    ax.set_xlim(0, 1.02)
+    ax.set_xlim(0, min(1.02, 1.15 * right) if right > 0 else 1.02)  # bytes / BitOps budgets live near 0
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "Accuracy vs cost: every evaluation and each strategy's Pareto front")

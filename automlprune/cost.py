@@ -137,7 +137,6 @@ class CostModel:
         return {
             "macs": layer_macs.sum(), "params": layer_params.sum(), "bytes": layer_bytes.sum(),
             "bitops": (layer_macs * bits * self.activation_bits).sum(),
-            "layer_bytes": layer_bytes,
             "layer_macs": layer_macs, "layer_params": layer_params,
             "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k,
         }

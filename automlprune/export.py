@@ -13,6 +13,7 @@ from pathlib import Path
 
 import copy
 import pickle
+from dataclasses import replace
 import struct
 import zlib
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from automlprune.errors import ConfigError
-from automlprune.quantization import RECORD_ATTRIBUTE, pack_codes, quantize, symmetric, unpack_codes
+from automlprune.quantization import RECORD_ATTRIBUTE, Quantized, pack_codes, quantize, symmetric, unpack_codes
 
 FORMATS = {".pt": "pt", ".pt2": "torch.export", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx",
            ".qpt": "packed"}
@@ -144,10 +145,9 @@ def load_packed(path: str | Path) -> nn.Module:
             scale = torch.from_numpy(get(e["scale"], np.float32).copy())
             zero = (torch.from_numpy(get(e["zero_point"], np.int32).astype(np.int64)) if e["zero_point"] is not None
                     else torch.zeros_like(scale, dtype=torch.int64))
-            codes = torch.from_numpy(unpack_codes(get(e["codes"], np.uint8), e["bits"], count)).reshape(e["shape"])
-            offset = 2 ** (e["bits"] - 1) - 1 if symmetric(scheme) else 0
-            shape = (-1,) + (1,) * (codes.ndim - 1)
-            tensor = (codes - offset - zero.view(shape)).float() * scale.view(shape)
+            unsigned = torch.from_numpy(unpack_codes(get(e["codes"], np.uint8), e["bits"], count)).reshape(e["shape"])
+            q = Quantized(unsigned, scale, zero, e["bits"], scheme)
+            tensor = replace(q, codes=unsigned - q.offset).dequantize()
             record["layers"][e["module"]].update(scale=scale, zero_point=zero)
         else:
             tensor = torch.from_numpy(get(e["raw"], np.dtype(e["dtype"])).copy()).reshape(e["shape"])

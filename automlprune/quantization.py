@@ -144,8 +144,10 @@ def quantize_weights_(model: nn.Module, bits: Mapping[str, int], scheme: str = "
             q = quantize(weight, b, scheme)
             weight.copy_(q.dequantize().to(weight.dtype))
             layers[name] = {"bits": int(b), "scale": q.scale.cpu(), "zero_point": q.zero_point.cpu()}
-    if layers or activation_bits < 32:
-        setattr(model, RECORD_ATTRIBUTE, {"scheme": scheme, "activation_bits": int(activation_bits), "layers": layers})
+    if layers or activation_bits < 32:  # other entries (activation ranges) are kept
+        record = getattr(model, RECORD_ATTRIBUTE, {})
+        record.update(scheme=scheme, activation_bits=int(activation_bits), layers=layers)
+        setattr(model, RECORD_ATTRIBUTE, record)
 
 
 @contextlib.contextmanager

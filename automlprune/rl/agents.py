@@ -72,8 +72,9 @@ class RLStrategy(Strategy):
     discrete; reward: accuracy | error_log_macs; warmup: episodes of random actions before
     learning (default min(100, evals // 4)); learning_rate (critic, and actor unless
     actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size; gamma
-    (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma, noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others off);
-    episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip to start from.
+    (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
+    noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others
+    off); episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip to start from.
     The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
     """
 

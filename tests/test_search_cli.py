@@ -74,7 +74,10 @@ def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
     assert all(float(r["test_accuracy"]) > 0.3 and float(r["macs_fraction"]) <= 0.5 for r in rows)
     text = (run / "report.md").read_text()
     assert "| random | macs=0.5 |" in text and "pareto.png" in text
-    for name in ("pareto.png", "progress.png", "profiles.png", "results.json"):
+    assert "test accuracy" in text.split("\n")[4] and "trained" in text.split("\n")[4]  # the baseline's epochs and accuracy
+    best = next(line for line in text.splitlines() if line.startswith("| macs=0.5 |"))
+    assert best.split(" | ")[4] == "uniform"  # the best answer's row names its anchor
+    for name in ("pareto.png", "progress.png", "profiles.png", "finetuned.png", "results.json"):
         assert (run / name).is_file()
 
 

@@ -21,8 +21,9 @@ from automlprune.space import Candidate, SearchSpace  # noqa: E402
 
 
 def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {s: cmap(i % 10) for i, s in enumerate(dict.fromkeys(strategies))}
+    names = list(dict.fromkeys(strategies))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
 
 
 def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Path:
@@ -54,6 +55,39 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
     ax.set_title(title or "Accuracy vs cost: every evaluation and each strategy's Pareto front")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_finetuned(rows: list[dict], path: Path, baseline_test: float | None = None) -> Path:
+    """The answers after the identical fine-tune (rows of :func:`automlprune.search.compare.summarize`):
+    left, test accuracy against the budget metric's fraction, one line per strategy through its
+    budgets (error bars: sd over seeds); right, test accuracy against search wall time."""
+    rows = [r for r in rows if r["test_accuracy"] == r["test_accuracy"]]  # NaN: not fine-tuned
+    metric = rows[0]["budget"].split("=")[0] if rows else "macs"
+    rows = [r for r in rows if r["budget"].split("=")[0] == metric and f"{metric}_fraction" in r]
+    colors = _colors([r["strategy"] for r in rows])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for strategy, color in colors.items():
+        mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r[f"{metric}_fraction"])
+        x = [r[f"{metric}_fraction"] for r in mine]
+        y = [100 * r["test_accuracy"] for r in mine]
+        sd = [100 * r["test_accuracy_sd"] if r["test_accuracy_sd"] == r["test_accuracy_sd"] else 0 for r in mine]
+        left.errorbar(x, y, yerr=sd, color=color, marker="o", markersize=4, capsize=3, label=strategy)
+        right.scatter([max(r["search_seconds"], 0.01) for r in mine], y, color=color, s=22, label=strategy)
+    for ax in (left, right):
+        if baseline_test is not None:
+            ax.axhline(100 * baseline_test, color="black", linestyle=":", linewidth=1, label="unpruned")
+        ax.set_ylabel("test accuracy after fine-tune (%)")
+        ax.grid(alpha=0.3)
+    left.set_xlabel(f"{metric} / unpruned {metric}")
+    left.set_title("Accuracy vs cost of each strategy's answers")
+    left.legend(fontsize=7, ncol=2)
+    right.set_xscale("log")
+    right.set_xlabel("search wall time (s, log scale)")
+    right.set_title("Accuracy vs search time (one point per budget)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

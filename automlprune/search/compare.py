@@ -15,7 +15,7 @@ import optuna
 
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
-from automlprune.report.plots import best_curve, plot_pareto, plot_profiles, plot_progress
+from automlprune.report.plots import best_curve, plot_finetuned, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
 from automlprune.space import Candidate
@@ -87,6 +87,10 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         plot_progress(records, out_dir / "progress.png")
         plot_profiles(records, session.space, out_dir / "profiles.png")
     base = session.cost_model.base
+    baseline = _baseline(session)
+    tuned = any(r["test_accuracy"] == r["test_accuracy"] for r in rows)
+    if tuned:
+        plot_finetuned(rows, out_dir / "finetuned.png", baseline.get("test_accuracy"))
     epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None}
     test_meaning = ("test accuracy of the answer without fine-tuning (BN re-estimated)" if epochs == {0}
                     else f"test accuracy after the identical fine-tune ({', '.join(map(str, sorted(epochs)))} epochs)")
@@ -95,7 +99,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
-             f"{base.params / 1e3:.1f}k params. Accuracies in %; validation accuracy is the search-time score "
+             f"{base.params / 1e3:.1f}k params{_baseline_text(baseline)}. Accuracies in %; validation accuracy is the search-time score "
              f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
              "| strategy | budget | val acc | test acc | MACs | params | bytes | BitOps | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,13 +111,56 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
               "plane, reference (1, 0); mean over seeds.", ""]
+    if tuned and baseline.get("test_accuracy") is not None:
+        lines += _best_per_budget(rows, baseline["test_accuracy"]) + [""]
     lines += _progress_table(records)
-    lines += ["",
+    lines += ["", *(["![Test accuracy after fine-tune vs cost and vs search time](finetuned.png)", ""] if tuned else []),
               "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",
               "![Per-group widths of the answers](profiles.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+ANCHORS = ("uniform", "tp-local", "tp-global")
+"""Strategies that stand for what a user gets without a search: uniform L1 (Li et al.) and Torch-Pruning's pruner."""
+
+
+def _baseline(session: SearchSession) -> dict[str, Any]:
+    """The checkpoint's metadata (epochs, test accuracy, ...), or {} when it cannot be read."""
+    from automlprune.models.checkpoint import read_checkpoint
+
+    try:
+        return read_checkpoint(session.task.spec.checkpoint)[1]
+    except Exception:  # a report never fails over the baseline's description
+        return {}
+
+
+def _baseline_text(meta: dict[str, Any]) -> str:
+    if meta.get("test_accuracy") is None:
+        return ""
+    epochs = f", trained {meta['epochs']} epochs" if meta.get("epochs") else ""
+    return f"{epochs}, {100 * meta['test_accuracy']:.2f}% test accuracy"
+
+
+def _best_per_budget(rows: list[dict[str, Any]], baseline_test: float) -> list[str]:
+    """Per budget: the most accurate answer after fine-tune against the unpruned network and the anchors."""
+    lines = ["Best answer per budget after the identical fine-tune, against the unpruned network and the anchors "
+             f"({', '.join(ANCHORS)}):", "",
+             "| budget | best strategy | test acc | vs unpruned (points) | best anchor | anchor test acc | best minus anchor |",
+             "|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["budget"] for r in rows):
+        mine = [r for r in rows if r["budget"] == label and r["test_accuracy"] == r["test_accuracy"]]
+        if not mine:
+            continue
+        best = max(mine, key=lambda r: r["test_accuracy"])
+        anchors = [r for r in mine if r["strategy"] in ANCHORS]
+        anchor = max(anchors, key=lambda r: r["test_accuracy"]) if anchors else None
+        cells = [f"{anchor['strategy']}", f"{100 * anchor['test_accuracy']:.2f}",
+                 f"{100 * (best['test_accuracy'] - anchor['test_accuracy']):+.2f}"] if anchor else ["–", "–", "–"]
+        lines.append(f"| {label} | {best['strategy']} | {100 * best['test_accuracy']:.2f} | "
+                     f"{100 * (best['test_accuracy'] - baseline_test):+.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _progress_table(records: list[SearchRecord]) -> list[str]:

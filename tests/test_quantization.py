@@ -14,16 +14,13 @@ from automlprune.errors import ConfigError
 from automlprune.evaluator import Evaluator
 from automlprune.export import load_packed, save_packed
 from automlprune.materialize import materialize
-from automlprune.quantization import (RECORD_ATTRIBUTE, SCHEMES, pack_codes, quantization_aware, quantize,
-                                      quantize_weights_, unpack_codes)
+from automlprune.quantization import RECORD_ATTRIBUTE, SCHEMES, pack_codes, quantize, unpack_codes
 from automlprune.rl.env import LayerWidthEnv
 from automlprune.search.budget import parse_budget
 from automlprune.search.store import distributions, from_params, to_params
 from automlprune.space import Candidate, SearchSpace
 from automlprune.space.config import SpaceConfig
 from automlprune.tasks import EvalSettings, FinetuneSettings
-
-from conftest import run_search
 
 SETTINGS = EvalSettings(bn_batches=2, bn_batch_size=64)
 

@@ -176,29 +176,18 @@ class ActivationFakeQuant:
         self.ranges: dict[str, tuple[float, float]] = {}
         self._handles: list = []
 
-    @torch.no_grad()
     def calibrate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "ActivationFakeQuant":
         """Record each layer input's min and max over ``batches`` (model in eval mode), then install the quantizers."""
+        from automlprune.importance import run_reading_inputs  # importance imports the space, which imports this module
+
         seen: dict[str, list[float]] = {}
 
-        def observe(name: str):
-            def fn(module: nn.Module, args: tuple) -> None:
-                x = args[0]
-                lo, hi = float(x.min()), float(x.max())
-                old = seen.get(name, [lo, hi])
-                seen[name] = [min(old[0], lo), max(old[1], hi)]
-            return fn
+        def observe(name: str, x: torch.Tensor) -> None:
+            lo, hi = float(x.min()), float(x.max())
+            old = seen.get(name, [lo, hi])
+            seen[name] = [min(old[0], lo), max(old[1], hi)]
 
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(observe(n)) for n in self.layers]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for x, _ in batches:
-                self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was_training)
+        run_reading_inputs(self.model, self.layers, batches, observe)
         self.ranges = {n: (min(v[0], 0.0), max(v[1], 0.0)) for n, v in seen.items()}
         self.install()
         return self

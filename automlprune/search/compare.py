@@ -128,11 +128,12 @@ ANCHORS = ("uniform", "tp-local", "tp-global")
 
 def _baseline(session: SearchSession) -> dict[str, Any]:
     """The checkpoint's metadata (epochs, test accuracy, ...), or {} when it cannot be read."""
+    from automlprune.errors import CheckpointError
     from automlprune.models.checkpoint import read_checkpoint
 
     try:
         return read_checkpoint(session.task.spec.checkpoint)[1]
-    except Exception:  # a report never fails over the baseline's description
+    except CheckpointError:  # a report never fails over the baseline's description
         return {}
 
 

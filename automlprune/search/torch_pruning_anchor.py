@@ -10,8 +10,8 @@ each group are ranked by the same Torch-Pruning importance (criterion ``tp_magni
 evaluated network is the one Torch-Pruning builds: identical for one step (tested). With several
 steps Torch-Pruning recomputes the importance on the shrinking network, so some kept channels
 differ: on FMNIST ResNet-20 at 50% MACs and 5 steps, Torch-Pruning's own network scores 79.85%
-(local) / 81.30% (global) before fine-tuning and ours 81.85% / 80.95%. Then it goes through the shared evaluator and
-fine-tune like any answer. One evaluation.
+(local) / 81.30% (global) before fine-tuning and ours 81.85% / 80.95%. Then it goes through the
+shared evaluator and fine-tune like any answer. One evaluation.
 """
 
 from __future__ import annotations
@@ -64,9 +64,15 @@ class TorchPruningStrategy(OneShotStrategy):
         if self.context.model is None:
             raise ConfigError("the Torch-Pruning anchors need the trained model in their context")
         self.spent = {}
+        self._widths: dict[float, Candidate] = {}
 
     def widths(self, ratio: float) -> Candidate:
-        """The candidate of the widths Torch-Pruning chooses at ``ratio``."""
+        """The candidate of the widths Torch-Pruning chooses at ``ratio`` (each ratio pruned once)."""
+        if ratio not in self._widths:
+            self._widths[ratio] = self._prune(ratio)
+        return self._widths[ratio]
+
+    def _prune(self, ratio: float) -> Candidate:
         net = torch_pruning_network(self.context.model, self.space, ratio, self.global_pruning, self.steps)
         ratios = {}
         for group in self.space.groups:

@@ -64,21 +64,34 @@ def test_plot_and_export(run_dir, capsys, tmp_path):
 
 def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
     run = tmp_path / "cmp"
+    (tmp_path / "notes.md").write_text("Random fell short because ...\n")
     code, out, _ = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform,random", "--budgets", "macs=0.5",
                         "--evals", "4", "--seeds", "2", "--finetune-epochs", "1", "--run-dir", run,
-                        "--set", f"checkpoint={checkpoint}", "--json")
+                        "--set", f"checkpoint={checkpoint}", "--set", "finetune.steps_per_epoch=5",
+                        "--notes", tmp_path / "notes.md", "--json")
     assert code == 0
     rows = list(csv.DictReader(open(run / "results.csv")))
     by_strategy = {r["strategy"]: r for r in rows}
     assert by_strategy["random"]["seeds"] == "2" and by_strategy["uniform"]["seeds"] == "1"  # uniform is deterministic
     assert all(float(r["test_accuracy"]) > 0.3 and float(r["macs_fraction"]) <= 0.5 for r in rows)
+    assert all(0 < float(r[f"latency_ratio_b{b}"]) < 5 and float(r["scoring_seconds"]) >= 0 for r in rows for b in (1, 64))
     text = (run / "report.md").read_text()
+    assert "its ratio to the unpruned network's" in text
     assert "| random | macs=0.5 |" in text and "pareto.png" in text
     assert "test accuracy" in text.split("\n")[4] and "trained" in text.split("\n")[4]  # the baseline's epochs and accuracy
+    assert "(1 epochs x 5 steps of batch" in text.split("\n")[4]  # the fine-tune, as cut by --set
+    assert text.rstrip().endswith("## Notes\n\nRandom fell short because ...")
     best = next(line for line in text.splitlines() if line.startswith("| macs=0.5 |"))
     assert best.split(" | ")[4] == "uniform"  # the best answer's row names its anchor
     for name in ("pareto.png", "progress.png", "profiles.png", "finetuned.png", "results.json"):
         assert (run / name).is_file()
+
+
+def test_compare_refuses_a_missing_notes_file_before_running(checkpoint, tmp_path, capsys):
+    code, _, err = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform", "--budgets", "macs=0.5",
+                        "--run-dir", tmp_path / "cmp", "--set", f"checkpoint={checkpoint}", "--notes", tmp_path / "nope.md")
+    assert code == 2 and "cannot read the notes file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cmp" / "study.db").exists()
 
 
 BAD = {

@@ -281,6 +281,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     budgets, options = _budgets(args), _options(args.options)
+    notes = _read_notes(args.notes)
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
@@ -294,9 +295,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
     finish_answers(session, epochs, progress=not args.json)
     command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."
-    report = write_report(session, budgets, run_dir, command)
+    report = write_report(session, budgets, run_dir, command, notes)
     _emit(args, {"run_dir": str(run_dir), "report": str(report)}, f"wrote {report}")
     return 0
+
+
+def _read_notes(path: str | None) -> str | None:
+    """The text of ``compare --notes``, read before the run starts so a wrong path fails at once."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the notes file {path} ({exc.strerror or exc}); give a readable Markdown file") from None
 
 
 def _run_context(run_dir: Path, storage: str | None):

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. uniform,random,optuna-tpe")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per strategy (0..K-1; default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="E", help="identical fine-tune of every answer (default: the task's finetune.epochs)")
+    p.add_argument("--notes", metavar="FILE", help="Markdown commentary added to the report under 'Notes' (e.g. why a strategy fell short)")
 
     p = sub.add_parser("plot", help="redraw a run's Pareto, progress and width-profile plots from its store")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from automlprune.evaluator import EvalResult
@@ -13,7 +13,9 @@ from automlprune.search.store import RunStore
 @dataclass
 class SearchRecord:
     """One stored search. ``points`` are its evaluations in order; ``answer`` the strategy's
-    answer (an :class:`EvalResult` dict); ``finetune`` and ``latency_ms`` are filled by ``compare``."""
+    answer (an :class:`EvalResult` dict); ``finetune`` and ``latency_ms`` are filled by ``compare``;
+    ``scoring_seconds`` is the one-off channel scoring of the strategy's evaluator (seconds), shared
+    by all its searches and not part of :attr:`seconds`."""
 
     study_name: str
     strategy: str
@@ -24,7 +26,7 @@ class SearchRecord:
     answer: dict[str, Any] | None
     finetune: dict[str, Any] | None = None
     latency_ms: dict[str, float] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    scoring_seconds: float | None = None
 
     @property
     def metric(self) -> str:
@@ -69,5 +71,5 @@ def collect(store: RunStore) -> list[SearchRecord]:
         records = store.records(study)
         out.append(SearchRecord(name, attrs["strategy"], _parse_label(attrs["budget"]), int(attrs["seed"]),
                                 [r.result for r in records], [r.elapsed_s for r in records], attrs.get("answer"),
-                                attrs.get("finetune"), attrs.get("latency_ms")))
+                                attrs.get("finetune"), attrs.get("latency_ms"), attrs.get("scoring_seconds")))
     return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

@@ -19,25 +19,36 @@ from automlprune.report.plots import best_curve, plot_finetuned, plot_pareto, pl
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
 from automlprune.space import Candidate
+from automlprune.tasks import FinetuneSettings
+
+
+UNPRUNED_STUDY = "unpruned"
+"""The run's study that holds the unpruned network's measured latency (no trials, no strategy)."""
 
 
 def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True) -> None:
-    """Fine-tune every answer of the run identically and measure its latency; results are stored
-    on each study, so a rerun skips the ones already done."""
+    """Fine-tune every answer of the run identically, then measure the latency of every answer and
+    of the unpruned network in one pass (so no fine-tune runs beside a timing); results are stored
+    on the studies, so a rerun skips what is done."""
     settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
+    answered = []
     for record in collect(session.store):
         if not record.answer:
             continue
         study = optuna.load_study(study_name=record.study_name, storage=session.store.storage)
         candidate = Candidate.from_dict(record.answer["candidate"])
+        answered.append((record.strategy, study, candidate))
         done = study.user_attrs.get("finetune")
         if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate.to_dict():
             tuned = session.evaluator_for(record.strategy).finetune(candidate, settings, progress=progress)
             study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate.to_dict(),
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds})
+    answered.append((None, session.store.study(UNPRUNED_STUDY), session.space.full()))
+    for strategy, study, candidate in answered:
         if not study.user_attrs.get("latency_ms"):
-            lat = session.evaluator_for(record.strategy).evaluate(candidate, latency=True).measured_latency_ms
+            evaluator = session.evaluator if strategy is None else session.evaluator_for(strategy)
+            lat = evaluator.evaluate(candidate, latency=True).measured_latency_ms
             study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
 
@@ -62,7 +73,8 @@ def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
                "finetune_epochs": answered[0].finetune["epochs"] if answered and answered[0].finetune else None,
                "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
-               "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0}
+               "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0,
+               "scoring_seconds": max((r.scoring_seconds or 0.0 for r in mine), default=0.0)}
         for metric in ("macs", "params", "bytes", "bitops"):
             row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
             row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
@@ -73,10 +85,16 @@ def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Path, command: str) -> Path:
-    """report.md, results.csv, results.json and the three plots in ``out_dir``."""
+def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Path, command: str,
+                 notes: str | None = None) -> Path:
+    """report.md, results.csv, results.json and the plots in ``out_dir``; ``notes`` (Markdown,
+    the reader's commentary on the results) closes the report under a "Notes" heading."""
     records = collect(session.store)
     rows = summarize(records)
+    unpruned_ms = _unpruned_latency(session)
+    for row in rows:
+        for b in ("1", "64"):
+            row[f"latency_ratio_b{b}"] = row[f"latency_ms_b{b}"] / unpruned_ms[b] if b in unpruned_ms else float("nan")
     (out_dir / "results.json").write_text(json.dumps({"rows": rows, "config": session.store.load_config()}, indent=2, default=str))
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
@@ -93,30 +111,38 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         plot_finetuned(rows, out_dir / "finetuned.png", baseline.get("test_accuracy"))
     epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None}
     test_meaning = ("test accuracy of the answer without fine-tuning (BN re-estimated)" if epochs == {0}
-                    else f"test accuracy after the identical fine-tune ({', '.join(map(str, sorted(epochs)))} epochs)")
+                    else f"test accuracy after the identical fine-tune ({_finetune_text(session.task.spec.finetune, epochs)})")
     pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
     spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
+    latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
              f"{base.params / 1e3:.1f}k params{_baseline_text(baseline)}. Accuracies in %; validation accuracy is the search-time score "
              f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
-             "| strategy | budget | val acc | test acc | MACs | params | bytes | BitOps | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| strategy | budget | val acc | test acc | MACs | params | bytes | BitOps | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) | scoring (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['budget']} | {spread(r['val_accuracy'], r['val_accuracy_sd'])} | "
                      f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
-                     f"{pct(r['bytes_fraction'])}% | {pct(r['bitops_fraction'])}% | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.3f} | {r['hypervolume']:.4f} | "
-                     f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} |")
-    lines += ["", "Costs are fractions of the unpruned network. An empty accuracy means no feasible answer was found. "
+                     f"{pct(r['bytes_fraction'])}% | {pct(r['bitops_fraction'])}% | {latency(r['latency_ms_b1'], r['latency_ratio_b1'])} | "
+                     f"{latency(r['latency_ms_b64'], r['latency_ratio_b64'])} | {r['hypervolume']:.4f} | "
+                     f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} | {r['scoring_seconds']:.1f} |")
+    lines += ["", "Costs are fractions of the unpruned network"
+              + (f"; latency is the median CPU time of the materialized network, in brackets its ratio to the unpruned "
+                 f"network's {unpruned_ms['1']:.3f} ms (batch 1) and {unpruned_ms['64']:.3f} ms (batch 64), measured in the same run "
+                 "(the MACs fraction is the ideal)" if {"1", "64"} <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
-              "plane, reference (1, 0); mean over seeds.", ""]
+              "plane, reference (1, 0); mean over seeds. Scoring: the one-off channel-importance scoring of the "
+              "strategy's evaluator (shared by its budgets and seeds, not counted in the search time).", ""]
     if tuned and baseline.get("test_accuracy") is not None:
         lines += _best_per_budget(rows, baseline["test_accuracy"]) + [""]
     lines += _progress_table(records)
     lines += ["", *(["![Test accuracy after fine-tune vs cost and vs search time](finetuned.png)", ""] if tuned else []),
               "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",
               "![Per-group widths of the answers](profiles.png)", ""]
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -124,6 +150,13 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
 
 ANCHORS = ("uniform", "tp-local", "tp-global")
 """Strategies that stand for what a user gets without a search: uniform L1 (Li et al.) and Torch-Pruning's pruner."""
+
+
+def _unpruned_latency(session: SearchSession) -> dict[str, float]:
+    """The unpruned network's measured latency, {batch size: ms}, or {} when the run has none."""
+    if UNPRUNED_STUDY not in session.store.study_names():
+        return {}
+    return session.store.study(UNPRUNED_STUDY).user_attrs.get("latency_ms", {})
 
 
 def _baseline(session: SearchSession) -> dict[str, Any]:
@@ -135,6 +168,15 @@ def _baseline(session: SearchSession) -> dict[str, Any]:
         return read_checkpoint(session.task.spec.checkpoint)[1]
     except CheckpointError:  # a report never fails over the baseline's description
         return {}
+
+
+def _finetune_text(settings: FinetuneSettings, epochs: set[int]) -> str:
+    """The fine-tune every answer got, in words: epochs, steps, optimizer and distillation."""
+    steps = f" x {settings.steps_per_epoch} steps" if settings.steps_per_epoch else ""
+    distill = (f", distilled from the unpruned network (alpha {settings.distill_alpha:g}, T {settings.distill_temperature:g})"
+               if settings.distill else "")
+    return (f"{', '.join(map(str, sorted(epochs)))} epochs{steps} of batch {settings.batch_size}, "
+            f"SGD lr {settings.lr:g} with cosine decay{distill}")
 
 
 def _baseline_text(meta: dict[str, Any]) -> str:

@@ -39,3 +39,17 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
             times.append((time.perf_counter() - start) * 1000)
         result[int(batch)] = statistics.median(times)
     return result
+
+
+def measure_latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64),
+                      device: torch.device | str = "cpu", rounds: int = 5, repeats: int = 20) -> list[dict[int, float]]:
+    """Latency of several networks, compared fairly: they are timed in interleaved rounds
+    (first, second, ..., first, second, ...; ``repeats`` passes each, 2 untimed) and each keeps
+    the median of its rounds, in milliseconds per batch size, so a drift of the machine's speed
+    during the measurement hits all of them alike and their ratios hold."""
+    samples: list[dict[int, list[float]]] = [{int(b): [] for b in batch_sizes} for _ in models]
+    for _ in range(rounds):
+        for model, store in zip(models, samples):
+            for b, ms in measure_latency(model, input_shape, batch_sizes, device, warmup=2, repeats=repeats).items():
+                store[b].append(ms)
+    return [{b: statistics.median(times) for b, times in store.items()} for store in samples]

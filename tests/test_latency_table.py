@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from torch import nn
 
 from automlprune.cli.main import main
 from automlprune.cost import CostModel
 from automlprune.errors import ConfigError
+from automlprune.latency import measure_latencies
 from automlprune.latency_table import LatencyTable, measure_latency_table
 from automlprune.rl.env import LayerWidthEnv
 
@@ -69,3 +71,12 @@ def test_latency_budget_search_answers_within_the_predicted_budget(tmp_path, cap
     code = main(["search", "digits-cnn", "--strategy", "random", "--budget", "latency=0.97", "--evals", "5", "--run-dir", str(run),
                  "--set", f"checkpoint={checkpoint}", "--no-export", "--json"])
     assert code == 0  # resumed with the saved table
+
+
+def test_interleaved_timing_orders_networks_by_their_work():
+    small = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    large = nn.Sequential(nn.Conv2d(1, 256, 3), nn.Conv2d(256, 256, 3), nn.Flatten())
+    timed = measure_latencies([small, large, small], (1, 16, 16), (1, 8), rounds=3, repeats=3)
+    assert [sorted(t) for t in timed] == [[1, 8]] * 3
+    assert all(t[b] > 0 for t in timed for b in (1, 8))
+    assert timed[1][8] > 10 * timed[0][8] and timed[1][8] > 10 * timed[2][8]  # ~1,000x the MACs

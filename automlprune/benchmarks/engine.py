@@ -28,7 +28,7 @@ import torch
 from automlprune.cost import CostModel, count_macs, uniform_ratio_for_budget
 from automlprune.data import DataSplits, ImageTensors
 from automlprune.evaluator import Evaluator, recalibrate_batchnorm
-from automlprune.latency import measure_latency
+from automlprune.latency import measure_latencies, measure_latency
 from automlprune.materialize import materialize
 from automlprune.models import build_model
 from automlprune.space import Candidate, SearchSpace
@@ -111,12 +111,7 @@ def bench_latency(model_name: str, size: int, targets: tuple[float, ...], device
     cost = CostModel(space, model)
     cands = [space.full()] + [space.uniform(uniform_ratio_for_budget(cost, "macs", t * cost.base.macs)) for t in targets]
     nets = [model] + [materialize(model, c, space) for c in cands[1:]]
-    samples: list[dict[int, list[float]]] = [{b: [] for b in batch_sizes} for _ in nets]
-    for _ in range(rounds):
-        for net, store in zip(nets, samples):
-            for b, ms in measure_latency(net, (1, size, size), batch_sizes, device, warmup=2, repeats=repeats).items():
-                store[b].append(ms)
-    lat = [{b: statistics.median(store[b]) for b in batch_sizes} for store in samples]
+    lat = measure_latencies(nets, (1, size, size), batch_sizes, device, rounds=rounds, repeats=repeats)
     rows = []
     for target, cand, measured in zip(targets, cands[1:], lat[1:]):
         rows.append({"model": model_name, "target_macs": target, "keep_ratio": cand.ratios[0][1],

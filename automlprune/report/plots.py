@@ -6,6 +6,7 @@ nothing is ever shown on screen.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,7 +128,8 @@ def plot_progress(records: list[SearchRecord], path: Path) -> Path:
                 continue
             curve = best_curve(runs, length)
             steps = np.arange(1, length + 1)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # columns before a seed's first feasible answer are all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
                 axes[0, col].plot(steps, np.nanmean(curve, axis=0), color=color, label=f"{strategy} ({len(runs)} seeds)")
                 axes[0, col].fill_between(steps, np.nanmin(curve, axis=0), np.nanmax(curve, axis=0), color=color, alpha=0.15)
             for r in runs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
+from automlprune.latency import measure_latencies
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_finetuned, plot_pareto, plot_profiles, plot_progress
@@ -27,9 +29,9 @@ UNPRUNED_STUDY = "unpruned"
 
 
 def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True) -> None:
-    """Fine-tune every answer of the run identically, then measure the latency of every answer and
-    of the unpruned network in one pass (so no fine-tune runs beside a timing); results are stored
-    on the studies, so a rerun skips what is done."""
+    """Fine-tune every answer of the run identically, then time every answer and the unpruned
+    network together in interleaved rounds (:func:`measure_latencies`; all again when one is
+    missing). Results are stored on the studies, so a rerun skips what is done."""
     settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
     answered = []
     for record in collect(session.store):
@@ -45,11 +47,17 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds})
     answered.append((None, session.store.study(UNPRUNED_STUDY), session.space.full()))
-    for strategy, study, candidate in answered:
-        if not study.user_attrs.get("latency_ms"):
-            evaluator = session.evaluator if strategy is None else session.evaluator_for(strategy)
-            lat = evaluator.evaluate(candidate, latency=True).measured_latency_ms
-            study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
+    if all(study.user_attrs.get("latency_ms") for _, study, _ in answered):
+        return
+    # All at once, or the ratios would mix timings from different moments of a drifting machine.
+    if progress:
+        print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
+    nets = [(session.evaluator if strategy is None else session.evaluator_for(strategy)).network(candidate)
+            for strategy, _, candidate in answered]
+    ev = session.evaluator
+    timings = measure_latencies(nets, ev.data.example_input().shape[1:], ev.settings.latency_batch_sizes, ev.device)
+    for (_, study, _), lat in zip(answered, timings):
+        study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -73,10 +73,21 @@ def test_latency_budget_search_answers_within_the_predicted_budget(tmp_path, cap
     assert code == 0  # resumed with the saved table
 
 
-def test_interleaved_timing_orders_networks_by_their_work():
-    small = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
-    large = nn.Sequential(nn.Conv2d(1, 256, 3), nn.Conv2d(256, 256, 3), nn.Flatten())
-    timed = measure_latencies([small, large, small], (1, 16, 16), (1, 8), rounds=3, repeats=3)
-    assert [sorted(t) for t in timed] == [[1, 8]] * 3
-    assert all(t[b] > 0 for t in timed for b in (1, 8))
-    assert timed[1][8] > 10 * timed[0][8] and timed[1][8] > 10 * timed[2][8]  # ~1,000x the MACs
+def test_networks_are_timed_in_interleaved_rounds_and_keep_their_median(monkeypatch):
+    import automlprune.latency as latency
+
+    calls, fake = [], iter([5.0, 1.0, 7.0, 2.0, 6.0, 3.0])  # round 1: a, b; round 2: a, b; round 3: a, b
+
+    def timed_once(model, input_shape, batch_sizes, device, warmup, repeats):
+        calls.append(model)
+        return {1: next(fake)}
+
+    monkeypatch.setattr(latency, "measure_latency", timed_once)
+    a, b = nn.Identity(), nn.Flatten()
+    assert measure_latencies([a, b], (1, 4, 4), (1,), rounds=3, repeats=2) == [{1: 6.0}, {1: 2.0}]
+    assert calls == [a, b, a, b, a, b]  # interleaved: a drift of the machine hits both alike
+
+
+def test_interleaved_timing_measures_every_batch_size():
+    timed = measure_latencies([nn.Conv2d(1, 4, 3), nn.Conv2d(1, 8, 3)], (1, 8, 8), (1, 4), rounds=2, repeats=2)
+    assert len(timed) == 2 and all(sorted(t) == [1, 4] and min(t.values()) > 0 for t in timed)

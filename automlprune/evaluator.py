@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from automlprune.cost import Costs, CostModel, relative_costs
 from automlprune.data import DataSplits, cached_batches
 from automlprune.errors import ConfigError
 from automlprune.importance import channel_scores, order_from_scores
-from automlprune.latency import measure_latency
+from automlprune.latency import measure_latencies, measure_latency
 from automlprune.materialize import materialize
 from automlprune.quantization import ActivationFakeQuant, quantization_aware
 from automlprune.reconstruction import Reconstruction
@@ -151,6 +151,11 @@ class Evaluator:
 
     def _measure(self, net: nn.Module) -> dict[int, float]:
         return measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
+
+    def latencies(self, networks: Sequence[nn.Module]) -> list[dict[int, float]]:
+        """Latency of several networks on this task's inputs, batch sizes and device, timed together
+        in interleaved rounds so their ratios hold (ms per batch size; see :func:`measure_latencies`)."""
+        return measure_latencies(networks, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
 
     def int8(self, candidate: Candidate, network: nn.Module | None = None) -> dict[str, Any]:
         """For a candidate with every Conv2d/Linear layer at 8 bits: PyTorch's own int8 network of

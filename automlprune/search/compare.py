@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
-from automlprune.latency import measure_latencies
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_finetuned, plot_pareto, plot_profiles, plot_progress
@@ -30,7 +29,7 @@ UNPRUNED_STUDY = "unpruned"
 
 def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True) -> None:
     """Fine-tune every answer of the run identically, then time every answer and the unpruned
-    network together in interleaved rounds (:func:`measure_latencies`; all again when one is
+    network together in interleaved rounds (:meth:`Evaluator.latencies`; all again when one is
     missing). Results are stored on the studies, so a rerun skips what is done."""
     settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
     answered = []
@@ -39,24 +38,22 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
             continue
         study = optuna.load_study(study_name=record.study_name, storage=session.store.storage)
         candidate = Candidate.from_dict(record.answer["candidate"])
-        answered.append((record.strategy, study, candidate))
+        evaluator = session.evaluator_for(record.strategy)
+        answered.append((evaluator, study, candidate))
         done = study.user_attrs.get("finetune")
         if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate.to_dict():
-            tuned = session.evaluator_for(record.strategy).finetune(candidate, settings, progress=progress)
+            tuned = evaluator.finetune(candidate, settings, progress=progress)
             study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate.to_dict(),
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds})
-    answered.append((None, session.store.study(UNPRUNED_STUDY), session.space.full()))
+    answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
     if all(study.user_attrs.get("latency_ms") for _, study, _ in answered):
         return
     # All at once, or the ratios would mix timings from different moments of a drifting machine.
     if progress:
         print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
-    nets = [(session.evaluator if strategy is None else session.evaluator_for(strategy)).network(candidate)
-            for strategy, _, candidate in answered]
-    ev = session.evaluator
-    timings = measure_latencies(nets, ev.data.example_input().shape[1:], ev.settings.latency_batch_sizes, ev.device)
-    for (_, study, _), lat in zip(answered, timings):
+    nets = [evaluator.network(candidate) for evaluator, _, candidate in answered]
+    for (_, study, _), lat in zip(answered, session.evaluator.latencies(nets)):
         study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
 

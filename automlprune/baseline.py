@@ -7,7 +7,8 @@ from torch import nn
 
 from automlprune.models import save_checkpoint
 from automlprune.tasks import Task
-from automlprune.training import FitHistory, fit, split_accuracy
+from automlprune.accuracy import split_accuracy
+from automlprune.train import FitHistory, Trainer
 
 
 def train_baseline(task: Task, device: torch.device, epochs: int | None = None, progress: bool = True) -> dict:
@@ -15,12 +16,12 @@ def train_baseline(task: Task, device: torch.device, epochs: int | None = None, 
     checkpoint it names; returns the checkpoint metadata (accuracies as fractions)."""
     s = task.spec.train
     data = task.data
-    torch.manual_seed(s.seed)
-    model = task.build_model()
+    with torch.random.fork_rng(devices=[]):  # fresh weights drawn from the seed, the caller's RNG untouched
+        torch.manual_seed(s.seed)
+        model = task.build_model()
     epochs = s.epochs if epochs is None else epochs
-    history: FitHistory = fit(model, data, device, epochs=epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
-                              weight_decay=s.weight_decay, schedule=s.schedule, label_smoothing=s.label_smoothing,
-                              seed=s.seed, description=f"train {task.spec.name}", progress=progress)
+    history: FitHistory = Trainer(model, data, device, s.recipe(epochs), description=f"train {task.spec.name}",
+                                  progress=progress).fit()
     meta = {
         **task.checkpoint_identity(), "task": task.spec.name, "epochs": epochs,
         "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": list(data.image_size),

@@ -1,8 +1,11 @@
-"""The shared evaluator: the one place where a candidate gets its accuracy and costs.
+"""The shared evaluator: the one place where a proposal gets its accuracy and costs.
 
 Every strategy goes through :meth:`Evaluator.evaluate`, so comparisons are fair and every
-evaluation can be recorded. Results are cached by candidate key and deterministic under
-the evaluator's seed (the same BN-recalibration and validation batches for every candidate).
+evaluation can be recorded. A proposal is a candidate with the original weights (channels
+chosen by the evaluator's criterion) or with weights a strategy trained
+(:mod:`automlprune.proposal`); both are judged the same way. Results are cached by proposal
+and deterministic under the evaluator's seed (the same BN-recalibration and validation
+batches for every candidate).
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from automlprune.accuracy import accuracy, split_accuracy
 from automlprune.cost import Costs, CostModel, relative_costs
 from automlprune.data import DataSplits, cached_batches
 from automlprune.errors import ConfigError
 from automlprune.importance import channel_scores, order_from_scores
 from automlprune.latency import measure_latencies, measure_latency
 from automlprune.materialize import materialize
-from automlprune.quantization import ActivationFakeQuant, quantization_aware
+from automlprune.proposal import Proposal, as_proposal
+from automlprune.quantization import ActivationFakeQuant
 from automlprune.reconstruction import Reconstruction
+from automlprune.settings import EvalSettings, FinetuneSettings
 from automlprune.space.candidate import Candidate
-from automlprune.space.search_space import SearchSpace
-from automlprune.tasks import EvalSettings, FinetuneSettings
-from automlprune.training import accuracy, fit, split_accuracy
+from automlprune.space.search_space import Resolved, SearchSpace
+from automlprune.train import Trainer
+from automlprune.train.callbacks import Distillation, QuantizationAware
 
 
 RECONSTRUCTIONS = ("none", "least_squares")
@@ -38,7 +44,9 @@ class EvalResult:
     accuracy / top5: fractions in [0, 1] on the validation subset (top5 only when classes > 10);
     costs: see :mod:`automlprune.cost`; relative: each cost over the full network's;
     seconds: wall time of the accuracy evaluation (latency measurement excluded); measured_latency_ms: {batch size: median ms} when asked for
-    (``costs.latency_ms`` is the latency table's prediction, when one is attached).
+    (``costs["latency"]`` is the latency table's prediction, when one is attached);
+    weights: where the weights came from (:meth:`OriginalWeights.describe` / :meth:`TrainedWeights.describe`;
+    the run store adds the artifact path of trained weights); key: the evaluator's cache key.
     """
 
     candidate: Candidate
@@ -48,20 +56,32 @@ class EvalResult:
     relative: dict[str, float]
     seconds: float
     measured_latency_ms: dict[int, float] | None = None
+    weights: dict[str, Any] = field(default_factory=lambda: {"source": "original"})
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.candidate.key)
+
+    @property
+    def trained(self) -> bool:
+        return self.weights.get("source") == "trained"
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate.to_dict(), "accuracy": self.accuracy, "top5": self.top5,
                 **self.costs.to_dict(), "flops": self.costs.flops,
                 "relative": self.relative, "seconds": self.seconds,
-                "latency_measured_ms": {str(k): v for k, v in self.measured_latency_ms.items()} if self.measured_latency_ms else None}
+                "latency_measured_ms": {str(k): v for k, v in self.measured_latency_ms.items()} if self.measured_latency_ms else None,
+                "weights": dict(self.weights), "key": self.key}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
         """Inverse of :meth:`to_dict` (used to restore stored results when a run resumes)."""
         latency = data.get("latency_measured_ms")
-        return cls(Candidate.from_dict(data["candidate"]), data["accuracy"], data.get("top5"),
-                   Costs.from_dict(data), dict(data["relative"]), data["seconds"],
-                   {int(k): v for k, v in latency.items()} if latency else None)
+        candidate = Candidate.from_dict(data["candidate"])
+        return cls(candidate, data["accuracy"], data.get("top5"), Costs.from_dict(data), dict(data["relative"]),
+                   data["seconds"], {int(k): v for k, v in latency.items()} if latency else None,
+                   dict(data.get("weights") or {"source": "original"}), data.get("key") or candidate.key)
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ class FinetuneResult:
     epochs: int
     seconds: float
     model: nn.Module = field(repr=False, compare=False)
+    steps: int = 0
+    images: int = 0
 
 
 class Evaluator:
@@ -111,42 +133,59 @@ class Evaluator:
     def prime(self, results: list[EvalResult]) -> None:
         """Put already-measured results (e.g. from a run store) in the cache."""
         for result in results:
-            self._cache.setdefault(result.candidate.key, result)
+            self._cache.setdefault(result.key, result)
 
     def __len__(self) -> int:
-        """Number of distinct candidates evaluated so far."""
+        """Number of distinct proposals evaluated so far."""
         return len(self._cache)
 
-    def network(self, candidate: Candidate) -> nn.Module:
-        """The materialized network of ``candidate``, BN statistics re-estimated when configured, in
-        eval mode; with activation bits below 32, its layer inputs quantized over ranges calibrated
-        on the BN batches (see :mod:`automlprune.quantization`)."""
-        net = materialize(self.model, candidate, self.space, self.order, self.reconstruction)
-        if self.settings.bn_recalibration:
+    def key(self, proposal: Candidate | Proposal) -> str:
+        """The cache key of ``proposal``: its canonical candidate's, plus a fingerprint of trained weights."""
+        proposal = as_proposal(proposal)
+        return proposal.key(self.space.resolve(proposal.candidate).key)
+
+    def network(self, proposal: Candidate | Proposal, resolved: Resolved | None = None) -> nn.Module:
+        """The materialized network of ``proposal`` (from the original weights with the
+        evaluator's channel order and reconstruction, or from trained weights keeping their
+        channels), BN statistics re-estimated when configured, in eval mode; with activation bits
+        below 32, its layer inputs quantized over ranges calibrated on the BN batches (see
+        :mod:`automlprune.quantization`)."""
+        proposal = as_proposal(proposal)
+        resolved = resolved or self.space.resolve(proposal.candidate)
+        if proposal.trained:
+            weights = proposal.weights
+            net = materialize(weights.model.to(self.device), resolved, self.space, weights.order(self.space, resolved))
+        else:
+            net = materialize(self.model, resolved, self.space, self.order, self.reconstruction)
+        recalibrate = self.settings.bn_recalibration if proposal.bn_recalibration is None else proposal.bn_recalibration
+        if recalibrate:
             recalibrate_batchnorm(net, self.bn_batches)
         if self.space.config.activation_bits < 32:
             ActivationFakeQuant(net, self.space.quantizable, self.space.config.activation_bits).calibrate(self.bn_batches)
         return net.eval()
 
-    def evaluate(self, candidate: Candidate, latency: bool = False) -> EvalResult:
-        """Accuracy and costs of ``candidate`` (cached by network: the result holds the canonical
-        candidate, see :meth:`SearchSpace.canonical`; latency measured when asked for)."""
-        candidate = self.space.canonical(self.space.validate(candidate))
-        cached = self._cache.get(candidate.key)
+    def evaluate(self, proposal: Candidate | Proposal, latency: bool = False) -> EvalResult:
+        """Accuracy and costs of ``proposal`` (a plain candidate means the original weights;
+        cached by network: the result holds the canonical candidate, see
+        :meth:`SearchSpace.canonical`; latency measured when asked for)."""
+        proposal = as_proposal(proposal)
+        resolved = self.space.resolve(proposal.candidate)
+        key = proposal.key(resolved.key)
+        cached = self._cache.get(key)
         if cached is not None and (cached.measured_latency_ms is not None or not latency):
             return cached
         start = time.perf_counter()
-        net = self.network(candidate)
+        net = self.network(proposal, resolved)
         if cached is None:
-            costs = self.cost_model(candidate)
+            costs = self.cost_model(resolved)
             acc = accuracy(net, self.val_batches, self.topk)
-            result = EvalResult(candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
-                                time.perf_counter() - start)
+            result = EvalResult(resolved.candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
+                                time.perf_counter() - start, weights=proposal.describe(), key=key)
         else:  # accuracy already known: only the latency is missing
             result = cached
         if latency:
             result = replace(result, measured_latency_ms=self._measure(net))
-        self._cache[candidate.key] = result
+        self._cache[key] = result
         return result
 
     def _measure(self, net: nn.Module) -> dict[int, float]:
@@ -157,14 +196,14 @@ class Evaluator:
         in interleaved rounds so their ratios hold (ms per batch size; see :func:`measure_latencies`)."""
         return measure_latencies(networks, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
 
-    def int8(self, candidate: Candidate, network: nn.Module | None = None) -> dict[str, Any]:
+    def int8(self, candidate: Candidate | Proposal, network: nn.Module | None = None) -> dict[str, Any]:
         """For a candidate with every Conv2d/Linear layer at 8 bits: PyTorch's own int8 network of
         it (x86 backend, calibrated on the BN batches) with its validation accuracy and measured
         CPU latency (ms per batch size), next to the float32 network's. ``network`` (e.g. a
         fine-tuned one) replaces the materialized network. Returns {"int8": {...}, "float32": {...}, "model"}."""
         from automlprune.int8 import all_eight_bit, int8_network
 
-        if not all_eight_bit(self.space.weight_bits(candidate)):
+        if not all_eight_bit(self.space.resolve(as_proposal(candidate).candidate).bits):
             raise ConfigError("a real int8 network needs every Conv2d/Linear layer at 8 bits; "
                               "give the candidate 8 bits everywhere (e.g. a space with bits.choices [8])")
         float_net = (network or self.network(candidate)).cpu().eval()
@@ -179,22 +218,24 @@ class Evaluator:
         float_net.to(self.device)
         return out
 
-    def finetune(self, candidate: Candidate, settings: FinetuneSettings | None = None, progress: bool = True) -> FinetuneResult:
-        """Fine-tune the materialized network of ``candidate`` (distilling from the unpruned
-        network when configured) and report its validation and test accuracy. Quantized layers
-        are fine-tuned quantization-aware (straight-through estimator): the returned network's
-        weights are still on their bit grids."""
+    def finetune(self, proposal: Candidate | Proposal, settings: FinetuneSettings | None = None,
+                 progress: bool = True) -> FinetuneResult:
+        """Fine-tune the materialized network of ``proposal`` (from its trained weights when it
+        has them; distilling from the unpruned network when configured) and report its validation
+        and test accuracy. Quantized layers are fine-tuned quantization-aware (straight-through
+        estimator): the returned network's weights are still on their bit grids."""
         s = settings or FinetuneSettings()
+        proposal = as_proposal(proposal)
+        resolved = self.space.resolve(proposal.candidate)
         start = time.perf_counter()
-        net = self.network(candidate)
-        with quantization_aware(net, self.space.weight_bits(candidate), self.space.config.bit_scheme):
-            fit(net, self.data, self.device, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
-                weight_decay=s.weight_decay, seed=s.seed, teacher=self.model if s.distill else None,
-                distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature,
-                description="finetune", progress=progress, steps_per_epoch=s.steps_per_epoch)
-        return FinetuneResult(candidate, split_accuracy(net, self.data.val, self.data, self.device),
+        net = self.network(proposal, resolved)
+        callbacks = [QuantizationAware(resolved.bits, self.space.config.bit_scheme)]
+        if s.distill:
+            callbacks.append(Distillation(self.model, s.distill_alpha, s.distill_temperature))
+        history = Trainer(net, self.data, self.device, s.recipe(), callbacks, description="finetune", progress=progress).fit()
+        return FinetuneResult(resolved.candidate, split_accuracy(net, self.data.val, self.data, self.device),
                               split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
-                              time.perf_counter() - start, net)
+                              time.perf_counter() - start, net, history.steps, history.images)
 
 
 @torch.no_grad()

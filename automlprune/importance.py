@@ -14,8 +14,7 @@ evaluator and the ``global`` strategy take the name (``--criterion NAME``).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from automlprune.errors import ConfigError
+from automlprune.nn import layer_types
+from automlprune.nn.hooks import Batch, recording, run_reading_inputs
 from automlprune.registry import Registry
 from automlprune.space.graph import ChannelGroup, GroupMember
 from automlprune.space.search_space import SearchSpace
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 COMBINE = ("sum", "max", "mean")
 
 
@@ -71,10 +71,10 @@ def _per_channel(values: torch.Tensor, member: GroupMember) -> torch.Tensor:
 
 
 def _out_weights(model: nn.Module, member: GroupMember) -> Optional[torch.Tensor]:
-    module = model.get_submodule(member.layer)
-    if member.dim != "out" or not isinstance(module, (nn.Conv2d, nn.Linear)):
+    if member.dim != "out":
         return None
-    return module.weight.detach().flatten(1)
+    module = model.get_submodule(member.layer)
+    return layer_types.of(module).out_weights(module)
 
 
 # ---- weight-only criteria -----------------------------------------------------------------------
@@ -98,7 +98,7 @@ class BNScale(Criterion):
         scores = []
         for m in group.members:
             module = model.get_submodule(m.layer)
-            if m.dim == "out" and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            if m.dim == "out" and layer_types.of(module).kind == "bn" and module.weight is not None:
                 scores.append(_per_channel(module.weight.detach().abs(), m))
         return _combine(scores, group.channels, combine) if scores else CRITERIA.get("l1").score(model, group, combine=combine)
 
@@ -128,8 +128,8 @@ class Lookahead(Criterion):
         incoming = []
         for m in group.members:
             module = model.get_submodule(m.layer)
-            if m.dim == "in" and isinstance(module, (nn.Conv2d, nn.Linear)):
-                w = module.weight.detach().transpose(0, 1).flatten(1)  # (in, out * k)
+            w = layer_types.of(module).in_weights(module) if m.dim == "in" else None  # (in, out * k)
+            if w is not None:
                 incoming.append(_per_channel(w.pow(2).sum(1).sqrt(), m))
         out_norm = _combine(outgoing, group.channels, combine)
         in_norm = _combine(incoming, group.channels, combine) if incoming else torch.ones(group.channels)
@@ -182,65 +182,6 @@ CRITERIA.register("random", RandomScores(), needs_data=False, description="rando
 
 
 # ---- data-driven criteria -------------------------------------------------------------------------
-def feature_layers(space: SearchSpace, group: ChannelGroup) -> list[GroupMember]:
-    """The out-members whose outputs are the group's feature maps: for each conv/linear output
-    layer, its batch norm if one follows in the group, else the layer itself."""
-    outs = [m for m in group.members if m.dim == "out"]
-    chosen, bns = [], {m.layer: m for m in outs if space.layer_by_name[m.layer].kind == "bn"}
-    order = {l.name: l.order for l in space.layers}
-    for m in outs:
-        if space.layer_by_name[m.layer].kind == "bn":
-            continue
-        follower = next((b for name, b in sorted(bns.items(), key=lambda kv: order[kv[0]])
-                         if order[name] > order[m.layer] and name not in {c.layer for c in chosen}), None)
-        chosen.append(follower or m)
-    return chosen
-
-
-@contextlib.contextmanager
-def recording(model: nn.Module, layers: Sequence[str], keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record the outputs of ``layers`` during forward passes (with their gradients when ``keep_grad``)."""
-    store: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if keep_grad:
-                output.retain_grad()
-                store[name].append(output)
-            else:
-                store[name].append(output.detach())
-        return fn
-
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run_reading_inputs(model: nn.Module, layers: Iterable[str], batches: Sequence[Batch],
-                       read: Callable[[str, torch.Tensor], None]) -> None:
-    """Run ``model`` in eval mode without gradients over ``batches``, calling ``read(layer, input)``
-    with the (detached) input of each of ``layers`` as it runs; the model's mode is restored."""
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple) -> None:
-            read(name, args[0].detach())
-        return fn
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
-
 class DataCriterion(Criterion):
     """Base of data-driven criteria: they score every group in one pass over the batches."""
 
@@ -262,7 +203,7 @@ class FeatureCriterion(DataCriterion):
     def score_all(self, model, space, batches=None, combine="sum", seed=0):
         if not batches:
             raise ConfigError(f"criterion '{type(self).__name__}' needs a few training batches")
-        members = {g.name: feature_layers(space, g) for g in space.groups}
+        members = {g.name: space.feature_layers(g) for g in space.groups}
         layers = sorted({m.layer for ms in members.values() for m in ms})
         was_training = model.training
         model.eval()
@@ -407,7 +348,7 @@ class Hessian(DataCriterion):
         if not batches:
             raise ConfigError("criterion 'hessian' needs a few training batches")
         readers = {m.layer for g in space.groups for m in g.members if m.dim == "in"
-                   and isinstance(model.get_submodule(m.layer), (nn.Conv2d, nn.Linear))}
+                   and layer_types.of(model.get_submodule(m.layer)).reads_through_weight(model.get_submodule(m.layer))}
         second: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
 
@@ -423,7 +364,7 @@ class Hessian(DataCriterion):
             for m in group.members:
                 if m.layer in readers and m.dim == "in":
                     module = model.get_submodule(m.layer)
-                    w2 = module.weight.detach().float().pow(2).transpose(0, 1).flatten(1).sum(1)  # (C_in,)
+                    w2 = layer_types.of(module).in_weights(module).float().pow(2).sum(1)  # (C_in,)
                     per_layer.append(_per_channel(0.5 * w2 * second[m.layer] / count[m.layer], m))
             out[group.name] = _combine(per_layer, group.channels, combine)
         return out

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from automlprune.errors import ConfigError
 from automlprune.latency import measure_latency
+from automlprune.nn import layer_types
 
 
 @dataclass
@@ -116,15 +117,6 @@ def _width_grid(full: int, ratios: tuple[float, ...]) -> list[int]:
     return sorted({max(1, int(round(r * full))) for r in ratios} | {full})
 
 
-def _standalone(module: nn.Module, kept_in: int, kept_out: int) -> nn.Module:
-    if isinstance(module, nn.Linear):
-        return nn.Linear(kept_in, kept_out, bias=module.bias is not None)
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-    groups = kept_in if depthwise else module.groups
-    return nn.Conv2d(kept_in, kept_out, module.kernel_size, module.stride, module.padding, module.dilation, groups,
-                     module.bias is not None)
-
-
 @torch.no_grad()
 def measure_latency_table(model: nn.Module, space: Any, device: torch.device | str = "cpu", batch_size: int = 1,
                           repeats: int = 7, progress: bool = True) -> LatencyTable:
@@ -134,7 +126,7 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
     ratios = space.config.ratios
     start = time.perf_counter()
     layers: dict[str, LayerTable] = {}
-    for info in tqdm([l for l in space.layers if l.kind != "bn"], desc="latency table", unit="layer",
+    for info in tqdm([l for l in space.layers if l.has_weights], desc="latency table", unit="layer",
                      disable=not progress, dynamic_ncols=True):
         module = model.get_submodule(info.name)
         shape = info.input_shape
@@ -145,7 +137,7 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
         for i in ins:
             row = []
             for o in (outs if not info.depthwise else [None]):
-                layer = _standalone(module, i, i if info.depthwise else o).to(device).eval()
+                layer = layer_types.of(module).standalone(module, i, i if info.depthwise else o).to(device).eval()
                 row.append(measure_latency(layer, (i, *shape[1:]), (batch_size,), device, warmup=2, repeats=repeats)[batch_size])
             ms.append(row)
         if info.depthwise:
@@ -172,5 +164,5 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
                           "smallest_measured_ms": small, "seconds": time.perf_counter() - start})
     table.overhead_ms = max(0.0, full - table.layer_sum(names, *widths(space.full())))
     table.small_overhead_ms = max(0.0, small - table.layer_sum(names, *widths(smallest)))
-    table.small_macs_fraction = cost(smallest).macs / cost.base.macs
+    table.small_macs_fraction = cost(smallest)["macs"] / cost.base["macs"]
     return table

@@ -22,16 +22,15 @@ and max seen on the evaluator's BN batches; the network's first input (the image
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from automlprune.errors import ConfigError
+from automlprune.nn.hooks import run_reading_inputs
 
 SCHEMES = ("per_channel_symmetric", "per_channel_asymmetric", "per_tensor_symmetric", "per_tensor_asymmetric")
 SCALE_BYTES = 4  # float32 scale
@@ -150,22 +149,6 @@ def quantize_weights_(model: nn.Module, bits: Mapping[str, int], scheme: str = "
         setattr(model, RECORD_ATTRIBUTE, record)
 
 
-@contextlib.contextmanager
-def quantization_aware(model: nn.Module, bits: Mapping[str, int], scheme: str = "per_channel_symmetric") -> Iterator[nn.Module]:
-    """Within the block, the named layers compute with fake-quantized weights (straight-through
-    gradients to float shadow weights); on exit the weights are left quantized and recorded."""
-    quantized = {name: b for name, b in bits.items() if b < 32}
-    for name, b in quantized.items():
-        parametrize.register_parametrization(model.get_submodule(name), "weight", WeightFakeQuant(b, scheme))
-    try:
-        yield model
-    finally:
-        for name in quantized:
-            parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
-        record = getattr(model, RECORD_ATTRIBUTE, {})
-        quantize_weights_(model, quantized, scheme, record.get("activation_bits", 32))
-
-
 # ---- activations ----------------------------------------------------------------------------------
 class ActivationFakeQuant:
     """Forward pre-hooks quantizing the input of each Conv2d/Linear layer to ``bits`` (per tensor,
@@ -178,8 +161,6 @@ class ActivationFakeQuant:
 
     def calibrate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "ActivationFakeQuant":
         """Record each layer input's min and max over ``batches`` (model in eval mode), then install the quantizers."""
-        from automlprune.importance import run_reading_inputs  # importance imports the space, which imports this module
-
         seen: dict[str, list[float]] = {}
 
         def observe(name: str, x: torch.Tensor) -> None:

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from automlprune.errors import ConfigError
-from automlprune.importance import CRITERIA, Batch, DataCriterion, run_reading_inputs
+from automlprune.importance import CRITERIA, DataCriterion
+from automlprune.nn import layer_types
+from automlprune.nn.hooks import Batch, run_reading_inputs
 from automlprune.space.graph import GroupMember
 from automlprune.space.search_space import SearchSpace
 
@@ -52,7 +54,7 @@ def readers_of(model: nn.Module, space: SearchSpace, group_name: str) -> list[Gr
     out = []
     for m in space.group_by_name[group_name].members:
         module = model.get_submodule(m.layer)
-        if m.dim == "in" and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        if m.dim == "in" and layer_types.of(module).reads_through_weight(module):
             out.append(m)
     return out
 

@@ -60,5 +60,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def ordered_names(self) -> list[str]:
+        """Names in registration order."""
+        return list(self._entries)
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -8,7 +8,7 @@ import torch
 from automlprune.data import load_dataset
 from automlprune.models import build_model
 from automlprune.space import SearchSpace
-from automlprune.training import fit
+from automlprune.train import Recipe, fit
 
 torch.set_num_threads(2)
 
@@ -48,7 +48,7 @@ def digits():
 def trained_digits_model(digits):
     torch.manual_seed(0)
     model = build_model("digits_cnn", 10, 1)
-    fit(model, digits, torch.device("cpu"), epochs=12, batch_size=64, lr=0.05, progress=False)
+    fit(model, digits, torch.device("cpu"), Recipe(epochs=12, batch_size=64, lr=0.05), progress=False)
     return model.eval()
 
 

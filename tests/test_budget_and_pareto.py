@@ -73,9 +73,9 @@ def test_best_so_far_counts_only_points_within_absolute_and_relative_budgets():
                                                           "bytes": params / 1000, "bitops": params / 1000}, 0.1)
 
     points = [point(0.9, 800), point(0.5, 400), point(0.7, 450), point(0.95, 900)]
-    absolute = SearchRecord("s", "random", parse_budget("params=500"), 0, points, [1, 2, 3, 4], None)
+    absolute = SearchRecord("s", "random", parse_budget("params=500").bind(1000), 0, points, [1, 2, 3, 4], None)
     assert absolute.feasible() == [False, True, True, False]
     assert best_so_far(absolute)[0] != best_so_far(absolute)[0]  # NaN: nothing within 500 parameters yet
     assert best_so_far(absolute)[1:] == [0.5, 0.7, 0.7]
-    relative = SearchRecord("s", "random", parse_budget("params=0.85"), 0, points, [1, 2, 3, 4], None)
+    relative = SearchRecord("s", "random", parse_budget("params=0.85").bind(1000), 0, points, [1, 2, 3, 4], None)
     assert best_so_far(relative) == [0.9, 0.9, 0.9, 0.9]

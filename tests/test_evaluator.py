@@ -4,7 +4,7 @@ from torch import nn
 
 from automlprune.evaluator import Evaluator, recalibrate_batchnorm
 from automlprune.tasks import EvalSettings, FinetuneSettings
-from automlprune.training import accuracy
+from automlprune.accuracy import accuracy
 
 
 @pytest.fixture(scope="module")

@@ -111,13 +111,13 @@ def test_allocation_meets_the_budget_and_nothing_more_fits(budget, tmp_path, tra
     b = parse_budget(budget)
     cost_model = evaluator.cost_model
     answer = outcome.answer.candidate
-    assert b.met_by(cost_model(answer), cost_model.base)
+    assert b.bind(cost_model.base).met_by(cost_model(answer))
     kept = digits_space.kept_channels(answer)
     for i, group in enumerate(digits_space.groups):
         if group.name in digits_space.prunable and kept[i] < group.channels:
             wider = {g.name: int(k) / g.channels for g, k in zip(digits_space.groups, kept)}
             wider[group.name] = (kept[i] + 1) / group.channels
-            assert not b.met_by(cost_model(Candidate.make(wider)), cost_model.base)
+            assert not b.bind(cost_model.base).met_by(cost_model(Candidate.make(wider)))
     assert outcome.evaluations == 1
     assert evaluator.settings.criterion == "prunenet" and evaluator.reconstruction is not None
 

@@ -202,7 +202,7 @@ def test_bit_modes_pass_the_checker_and_every_episode_meets_the_budget(bits_eval
             steps += 1
         assert steps == expected and info["feasible"]
         candidate = Candidate.from_dict(info["candidate"])
-        assert budget.met_by(bits_evaluator.cost_model(candidate), bits_evaluator.cost_model.base)
+        assert budget.bind(bits_evaluator.cost_model.base).met_by(bits_evaluator.cost_model(candidate))
         if mode == "bits":
             assert not candidate.ratios
 
@@ -243,7 +243,7 @@ def test_bit_searching_strategies_meet_a_bytes_budget(tmp_path, trained_digits_m
     context = SearchContext(bits_space, evaluator.cost_model, study, evaluator.scores, trained_digits_model, data=digits)
     instance = STRATEGIES.get(strategy)(context, budget, seed=0, max_evals=6, **options)
     outcome = run_strategy(instance, evaluator, store, study, max_evals=6)
-    assert outcome.answer is not None and budget.met_by(outcome.answer.costs, evaluator.cost_model.base)
+    assert outcome.answer is not None and budget.bind(evaluator.cost_model.base).met_by(outcome.answer.costs)
     assert outcome.answer.candidate.bits  # the answer is quantized
     if strategy == "uniform":
         assert set(bits_space.weight_bits(outcome.answer.candidate)[l] for l in bits_space.bit_searchable) == {4}

@@ -56,7 +56,7 @@ def test_every_episode_meets_the_budget(budget, action_type, digits_evaluator):
         observations, _, info = _episode(env, policy)
         assert info["feasible"]
         costs = digits_evaluator.cost_model(automlprune.Candidate.from_dict(info["candidate"]))
-        assert b.met_by(costs, digits_evaluator.cost_model.base)
+        assert b.bind(digits_evaluator.cost_model.base).met_by(costs)
         assert all(env.observation_space.contains(o) for o in observations)
 
 

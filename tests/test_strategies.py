@@ -33,8 +33,8 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     base = evaluator.cost_model.base
     # answers meet the budget
     assert outcome.answer is not None, f"{strategy} found no feasible candidate"
-    assert b.met_by(outcome.answer.costs, base)
-    assert evaluator.cost_model(outcome.answer.candidate).get(b.metric) <= b.limit(base) * (1 + 1e-9)
+    assert b.bind(base).met_by(outcome.answer.costs)
+    assert evaluator.cost_model(outcome.answer.candidate)[b.metric] <= b.bind(base).limit * (1 + 1e-9)
     # respects the evaluation budget and records every evaluation, once
     records = store.records(study)
     assert 1 <= outcome.evaluations <= max_evals

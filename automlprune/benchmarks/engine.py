@@ -172,12 +172,9 @@ def run_engine_benchmark(out_dir: Path, device: torch.device, candidates: int = 
 
 
 def _plot_latency(rows: list[dict[str, Any]], batches: tuple[int, ...], path: Path) -> None:
-    import matplotlib
+    from automlprune.report.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = figure(figsize=(5.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="latency = MACs")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -193,7 +190,6 @@ def _plot_latency(rows: list[dict[str, Any]], batches: tuple[int, ...], path: Pa
     ax.set_title("Uniformly pruned networks: latency vs MACs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _markdown(r: dict[str, Any], batches: tuple[int, ...], quick: bool) -> str:

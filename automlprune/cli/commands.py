@@ -221,7 +221,7 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.report.collect import collect
-    from automlprune.report.plots import plot_pareto
+    from automlprune.report.plots import plot_allocations, plot_pareto
     from automlprune.search import STRATEGIES
 
     _check_search_args(args)
@@ -240,16 +240,17 @@ def cmd_search(args: argparse.Namespace) -> int:
             a = outcome.answer
             lines.append(f"{budget.label}: accuracy {_pct(a.accuracy)} at {_pct(a.relative['macs'])} MACs, "
                          f"{_pct(a.relative['params'])} params ({outcome.evaluations} evaluations, {outcome.seconds:.1f}s)")
+            proposal = session.store.proposal(a.to_dict(), session.model)  # a trained answer keeps its weights
             if args.finetune_epochs:
                 from dataclasses import replace
 
-                tuned = session.evaluator_for(args.strategy).finetune(a.candidate, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
-                                                   progress=not args.json)
+                tuned = session.evaluator_for(args.strategy).finetune(proposal, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
+                                                                      progress=not args.json)
                 entry["finetune"] = {"epochs": tuned.epochs, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy}
                 lines.append(f"  after {tuned.epochs} fine-tune epochs: test accuracy {_pct(tuned.test_accuracy)}")
                 network = tuned.model
             else:
-                network = session.evaluator_for(args.strategy).network(a.candidate)
+                network = session.evaluator_for(args.strategy).network(proposal)
             if not args.no_export:
                 from automlprune.export import export_model
 
@@ -265,6 +266,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     (run_dir / "answers.json").write_text(json.dumps(answers, indent=2))
     records = collect(session.store)
     plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}")
+    plot_allocations(session.store.artifacts)
     lines.append(f"Pareto plot: {plot}; run store: {session.store.url}")
     _emit(args, {"run_dir": str(run_dir), "answers": answers, "pareto_plot": str(plot)}, "\n".join(lines))
     return 0
@@ -331,7 +333,7 @@ def _saved_space(task, config: dict, model=None):
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from automlprune.report.collect import collect
-    from automlprune.report.plots import plot_pareto, plot_profiles, plot_progress
+    from automlprune.report.plots import plot_allocations, plot_pareto, plot_profiles, plot_progress
 
     run_dir = Path(args.run_dir)
     store, config, task = _run_context(run_dir, args.storage)
@@ -339,7 +341,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not records:
         raise ConfigError(f"the run in {run_dir} holds no searches yet; run a search first")
     paths = [plot_pareto(records, run_dir / "pareto.png", task.spec.name), plot_progress(records, run_dir / "progress.png"),
-             plot_profiles(records, _saved_space(task, config), run_dir / "profiles.png")]
+             plot_profiles(records, _saved_space(task, config), run_dir / "profiles.png"), *plot_allocations(store.artifacts)]
     _emit(args, {"plots": [str(p) for p in paths]}, "wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -350,7 +352,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from automlprune.report.collect import collect
     from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
-    from automlprune.space import Candidate
 
     run_dir = Path(args.run_dir)
     store, config, task = _run_context(run_dir, args.storage)
@@ -368,11 +369,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     space = _saved_space(task, config, model)
     settings = STRATEGIES.get(best.strategy).evaluation_settings(task.spec.evaluation)
     evaluator = Evaluator(model, space, task.data, settings, device)
-    candidate = Candidate.from_dict(best.answer["candidate"])
+    proposal = store.proposal(best.answer, model)  # a trained answer is exported from its weights
     ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx", "packed": ".qpt"}[args.format]
     out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"
     fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx", "packed": "packed"}[args.format]
-    path = export_model(evaluator.network(candidate).cpu(), task.data.example_input(), out, fmt)
+    path = export_model(evaluator.network(proposal).cpu(), task.data.example_input(), out, fmt)
     _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},
           f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
           f"{_pct(best.answer['relative']['macs'])} MACs)")

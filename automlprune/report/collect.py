@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from automlprune.evaluator import EvalResult
-from automlprune.search.budget import Budget, parse_budget
+from automlprune.search.budget import BoundBudget, parse_label
 from automlprune.search.store import RunStore
 
 
@@ -19,7 +19,7 @@ class SearchRecord:
 
     study_name: str
     strategy: str
-    budget: Budget
+    budget: BoundBudget
     seed: int
     points: list[EvalResult]
     elapsed_s: list[float]
@@ -27,6 +27,8 @@ class SearchRecord:
     finetune: dict[str, Any] | None = None
     latency_ms: dict[str, float] | None = None
     scoring_seconds: float | None = None
+    spent: dict[str, float] | None = None
+    """What the strategy spent besides evaluations (training seconds, steps, images)."""
 
     @property
     def metric(self) -> str:
@@ -47,15 +49,19 @@ class SearchRecord:
         return [p.accuracy for p in self.points]
 
     def feasible(self) -> list[bool]:
-        """Whether each evaluation met the budget (the unpruned amount is recovered from its relative cost)."""
-        m = self.metric
-        return [self.budget.fits(p.costs.get(m), p.costs.get(m) / p.relative[m]) for p in self.points]
+        """Whether each evaluation met the budget."""
+        return [self.budget.met_by(p.costs) for p in self.points]
 
 
-def _parse_label(label: str) -> Budget:
-    if label.endswith("abs"):
-        return parse_budget(label[:-3])
-    return parse_budget(label)  # relative, or latency in ms
+def _bound_budget(attrs: dict[str, Any], records: list) -> BoundBudget:
+    """The search's budget as stored; runs written before budgets were stored as data recover
+    the unpruned amount from a stored evaluation's relative cost."""
+    if "bound_budget" in attrs:
+        return BoundBudget.from_dict(attrs["bound_budget"])
+    budget = parse_label(attrs["budget"])
+    point = next((r.result for r in records if r.result.relative.get(budget.metric)), None)
+    base = point.costs[budget.metric] / point.relative[budget.metric] if point is not None else float("nan")
+    return budget.bind(base)
 
 
 def collect(store: RunStore) -> list[SearchRecord]:
@@ -69,7 +75,8 @@ def collect(store: RunStore) -> list[SearchRecord]:
         if "strategy" not in attrs:
             continue
         records = store.records(study)
-        out.append(SearchRecord(name, attrs["strategy"], _parse_label(attrs["budget"]), int(attrs["seed"]),
+        out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, records), int(attrs["seed"]),
                                 [r.result for r in records], [r.elapsed_s for r in records], attrs.get("answer"),
-                                attrs.get("finetune"), attrs.get("latency_ms"), attrs.get("scoring_seconds")))
+                                attrs.get("finetune"), attrs.get("latency_ms"), attrs.get("scoring_seconds"),
+                                attrs.get("spent")))
     return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

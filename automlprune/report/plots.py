@@ -11,19 +11,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from automlprune.report.collect import SearchRecord
+from automlprune.report.pareto import pareto_front
+from automlprune.space import Candidate, SearchSpace
 
-from automlprune.report.collect import SearchRecord  # noqa: E402
-from automlprune.report.pareto import pareto_front  # noqa: E402
-from automlprune.space import Candidate, SearchSpace  # noqa: E402
+
+def figure(rows: int = 1, columns: int = 1, **options: Any) -> tuple[Figure, Any]:
+    """A Matplotlib figure and its axes, drawn off-screen with the Agg canvas (no pyplot, no
+    global backend switch: importing automlprune leaves a user's Matplotlib as it was)."""
+    fig = Figure(figsize=options.pop("figsize", None))
+    return fig, fig.subplots(rows, columns, **options)
 
 
 def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
     names = list(dict.fromkeys(strategies))
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
 
 
@@ -33,7 +39,7 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
     metric = records[0].metric
     records = [r for r in records if r.metric == metric]
     colors = _colors([r.strategy for r in records])
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = figure(figsize=(7, 5))
     right = 0.0
     for strategy, color in colors.items():
         mine = [r for r in records if r.strategy == strategy]
@@ -56,7 +62,6 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
     ax.set_title(title or "Accuracy vs cost: every evaluation and each strategy's Pareto front")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -68,7 +73,7 @@ def plot_finetuned(rows: list[dict], path: Path, baseline_test: float | None = N
     metric = rows[0]["budget"].split("=")[0] if rows else "macs"
     rows = [r for r in rows if r["budget"].split("=")[0] == metric and f"{metric}_fraction" in r]
     colors = _colors([r["strategy"] for r in rows])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right) = figure(1, 2, figsize=(13, 5))
     for strategy, color in colors.items():
         mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r[f"{metric}_fraction"])
         x = [r[f"{metric}_fraction"] for r in mine]
@@ -89,7 +94,6 @@ def plot_finetuned(rows: list[dict], path: Path, baseline_test: float | None = N
     right.set_title("Accuracy vs search time (one point per budget)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -118,7 +122,7 @@ def plot_progress(records: list[SearchRecord], path: Path) -> Path:
     min..max) and against search wall time (bottom: one line per seed)."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
-    fig, axes = plt.subplots(2, len(budgets), figsize=(4.6 * len(budgets), 7), squeeze=False)
+    fig, axes = figure(2, len(budgets), figsize=(4.6 * len(budgets), 7), squeeze=False)
     for col, label in enumerate(budgets):
         mine = [r for r in records if r.budget.label == label]
         length = max((r.evaluations for r in mine), default=1)
@@ -143,7 +147,6 @@ def plot_progress(records: list[SearchRecord], path: Path) -> Path:
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -156,7 +159,7 @@ def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -
     layers = space.quantizable if space.bit_searchable else []
     columns = 2 if layers else 1
     width = max(7, 0.35 * len(groups) + 3) + (max(6, 0.3 * len(layers) + 2) if layers else 0)
-    fig, axes = plt.subplots(len(budgets), columns, figsize=(width, 3 * len(budgets)), squeeze=False)
+    fig, axes = figure(len(budgets), columns, figsize=(width, 3 * len(budgets)), squeeze=False)
     for row, label in enumerate(budgets):
         ax = axes[row, 0]
         shown = set()
@@ -179,13 +182,12 @@ def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -
             bx = axes[row, 1]
             bx.set_yscale("log", base=2)
             bx.set_yticks(sorted(set(space.config.bit_choices) | set(space.fixed_bits.values())))
-            bx.get_yaxis().set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            bx.get_yaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             bx.set_ylabel("weight bits")
             bx.set_title(f"per-layer weight bits of the answers, budget {label}")
             _name_ticks(bx, layers)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -202,8 +204,8 @@ def plot_allocation(profile: dict[str, dict], path: Path, title: str) -> Path:
     order), allocated vs uniform at the same budget. ``profile``: group -> {"channels",
     "kept", "uniform_kept", "loss_curve" (loss at k = 0..channels kept)}."""
     groups = list(profile)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
-    cmap = plt.get_cmap("viridis")
+    fig, (left, right) = figure(1, 2, figsize=(13, 4.6))
+    cmap = matplotlib.colormaps["viridis"]
     for i, g in enumerate(groups):
         p = profile[g]
         curve = np.asarray(p["loss_curve"])
@@ -232,5 +234,17 @@ def plot_allocation(profile: dict[str, dict], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
+
+
+def plot_allocations(artifacts: Any) -> list[Path]:
+    """Draw every allocation profile a run's strategies left as artifacts (PruneNet's
+    ``prunenet-<budget>.json``) beside it as PNG; returns the paths."""
+    from automlprune.search.prunenet import ALLOCATION_PREFIX
+
+    paths = []
+    for path in artifacts.glob(f"{ALLOCATION_PREFIX}*.json"):
+        data = artifacts.read_json(path.name)
+        if isinstance(data, dict) and "groups" in data:
+            paths.append(plot_allocation(data["groups"], path.with_suffix(".png"), data.get("title", path.stem)))
+    return paths

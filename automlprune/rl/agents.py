@@ -168,8 +168,8 @@ class RLStrategy(Strategy):
         if self._thread is not None and self._thread.is_alive():
             self._to_agent.put(None)
             self._thread.join()
-        if self.context.run_dir is not None:
-            self.agent.save(Path(self.context.run_dir) / f"agent-{self.name}-{self.budget.slug}-seed{self.seed}.zip")
+        if self.context.artifacts is not None:
+            self.agent.save(self.context.artifacts.path(f"agent-{self.name}-{self.budget.slug}-seed{self.seed}.zip"))
 
 
 def _make(algorithm: str, action_type: str = "continuous", name: str | None = None, mode: str = "channels",

@@ -27,7 +27,7 @@ from gymnasium import spaces
 from automlprune.cost import largest_within
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
-from automlprune.search.budget import UNITS, Budget, check_achievable, parse_budget
+from automlprune.search.budget import Budget, check_achievable, parse_budget
 from automlprune.space import Candidate
 
 REWARDS = ("accuracy", "error_log_macs")
@@ -75,12 +75,13 @@ class LayerWidthEnv(gym.Env):
             raise ConfigError(f"unknown reward '{reward}'; use one of: {', '.join(REWARDS)}")
         self.space = space if space is not None else evaluator.space
         self.cost_model = cost_model if cost_model is not None else evaluator.cost_model
-        self.budget = parse_budget(budget) if isinstance(budget, str) else budget
-        if self.budget.metric == "latency" and self.cost_model.latency_table is None:
+        wanted = parse_budget(budget) if isinstance(budget, str) else budget
+        if wanted.metric == "latency" and self.cost_model.latency_table is None:
             raise ConfigError("a latency budget needs a latency table on the cost model: "
                               "cost_model.attach_latency_table(measure_latency_table(model, space))")
-        check_achievable(self.budget, self.cost_model)
-        self.limit = self.budget.limit(self.cost_model.base)
+        check_achievable(wanted, self.cost_model)
+        self.budget = wanted.bind(self.cost_model.base)
+        self.limit = self.budget.limit
         self.metric = self.budget.metric
         self.mode = mode
         self.reward_kind = reward
@@ -116,9 +117,9 @@ class LayerWidthEnv(gym.Env):
             return
         lowest = self._cost({}, {l: self.bit_choices[0] for l in self.bit_layers})
         if lowest > self.limit:
-            base = self.cost_model.base.get(self.metric)
+            base = self.cost_model.base[self.metric]
             raise ConfigError(f"budget {self.budget.label} is out of reach in mode bits: at {self.bit_choices[0]} bits everywhere and "
-                              f"all channels kept the network costs {lowest:.4g} {UNITS[self.metric]} ({lowest / base:.1%}); "
+                              f"all channels kept the network costs {lowest:.4g} {self.budget.unit} ({lowest / base:.1%}); "
                               "use mode joint, or a bytes or bitops budget")
 
     # ---- features --------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class LayerWidthEnv(gym.Env):
         return table / np.maximum(table.max(axis=0), 1e-12)
 
     def _cost(self, ratios: dict[str, float], bits: dict[str, int]) -> float:
-        return self.cost_model(Candidate.make(ratios, bits)).get(self.metric)
+        return self.cost_model(Candidate.make(ratios, bits))[self.metric]
 
     def _at_minimum_after(self, t: int) -> tuple[dict[str, float], dict[str, int]]:
         """The decisions after step ``t`` at their minimum (lowest ratio, fewest bits)."""
@@ -151,7 +152,7 @@ class LayerWidthEnv(gym.Env):
         """AMC's embedding of the current decision; costs in the budget's metric, as fractions of
         the unpruned network: removed by the decisions taken, and still removable by the later ones."""
         t = min(self._t, len(self.decisions) - 1)
-        base = self.cost_model.base.get(self.metric)
+        base = self.cost_model.base[self.metric]
         now = self._cost(self._ratios, self._bits)
         later_ratios, later_bits = self._at_minimum_after(self._t)
         kind = self.decisions[t][0]
@@ -226,7 +227,7 @@ class LayerWidthEnv(gym.Env):
             shaped = raw - self._baseline
             self._baseline += self.reward_baseline * (raw - self._baseline)
         info.update(candidate=candidate.to_dict(), result=result.to_dict(), raw_reward=raw,
-                    feasible=self.budget.met_by(result.costs, self.cost_model.base))
+                    feasible=self.budget.met_by(result.costs))
         return self._observation(), float(shaped), True, False, info
 
     def lower_bits_to_budget(self) -> int:

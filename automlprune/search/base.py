@@ -1,6 +1,7 @@
 """The strategy interface and the search loop it runs in.
 
-A strategy proposes candidates (:meth:`Strategy.ask`) and learns from their results
+A strategy proposes candidates, or :class:`~automlprune.proposal.Proposal` objects carrying
+weights it trained (:meth:`Strategy.ask`), and learns from their results
 (:meth:`Strategy.tell`); :func:`run_strategy` owns the loop: the evaluation budget (number
 of distinct evaluations and/or wall time), evaluation through the shared evaluator (the one
 choke point), recording every evaluation in the run store, resuming, and checking that the
@@ -21,13 +22,14 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import optuna
 
-from automlprune.cost import Costs, CostModel
+from automlprune.cost import CostModel
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
-from automlprune.search.budget import Budget
-from automlprune.search.store import RunStore
+from automlprune.proposal import Proposal, as_proposal
+from automlprune.search.budget import Budget, BoundBudget
+from automlprune.search.store import Artifacts, RunStore
+from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
-from automlprune.tasks import EvalSettings
 
 MAX_REPEATED_ASKS = 200
 """Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
@@ -38,15 +40,16 @@ class SearchContext:
     """What a strategy may use: the space and the cost model (free to call), the study of this
     search (for Optuna-backed strategies), the channel scores of the evaluator's importance
     criterion (the ones materialization keeps channels by), the trained model (to read weights),
-    the run directory (to save artifacts such as RL agents), and the task's data and device for
-    strategies that train (DMCP). Accuracy of a candidate comes only through ask/tell."""
+    the run's artifacts (where a strategy saves what it learned, such as RL agents and
+    allocation profiles: :class:`~automlprune.search.store.Artifacts`), and the task's data and
+    device for strategies that train (DMCP). Accuracy comes only through ask/tell."""
 
     space: SearchSpace
     cost_model: CostModel
     study: optuna.Study | None = None
     channel_scores: dict | None = None
     model: Any = None
-    run_dir: Any = None
+    artifacts: Artifacts | None = None
     data: Any = None
     device: Any = "cpu"
 
@@ -72,8 +75,8 @@ class Strategy:
         self.context = context
         self.space = context.space
         self.cost_model = context.cost_model
-        self.budget = budget
-        self.limit = budget.limit(self.cost_model.base)
+        self.budget: BoundBudget = budget.bind(self.cost_model.base)
+        self.limit = self.budget.limit
         self.seed = seed
         self.max_evals = max_evals
         self.rng = np.random.default_rng(seed)
@@ -104,17 +107,18 @@ class Strategy:
     # ---- helpers for subclasses ------------------------------------------------------------------
     def cost(self, candidate: Candidate) -> float:
         """The budget metric's cost of ``candidate`` (absolute units)."""
-        return self.cost_model(candidate).get(self.budget.metric)
+        return self.cost_model(candidate)[self.budget.metric]
 
     def feasible(self, candidate: Candidate) -> bool:
-        return self.budget.met_by(self.cost_model(candidate), self.cost_model.base)
+        return self.budget.met_by(self.cost_model(candidate))
 
     # ---- the interface ---------------------------------------------------------------------------
-    def ask(self) -> Candidate | None:
-        """The next candidate to evaluate, or None when the strategy has nothing more to try."""
+    def ask(self) -> Candidate | Proposal | None:
+        """The next candidate (original weights) or proposal (e.g. trained weights) to evaluate,
+        or None when the strategy has nothing more to try."""
         raise NotImplementedError
 
-    def tell(self, candidate: Candidate, result: EvalResult) -> None:
+    def tell(self, candidate: Candidate | Proposal, result: EvalResult) -> None:
         """Learn from a result (the base class keeps the history)."""
         self.history.append(result)
 
@@ -124,10 +128,10 @@ class Strategy:
     def answer(self) -> EvalResult | None:
         """The strategy's answer for its budget: by default the most accurate feasible result
         (cheaper first among equals). Must meet the budget."""
-        feasible = [r for r in self.history if self.budget.met_by(r.costs, self.cost_model.base)]
+        feasible = [r for r in self.history if self.budget.met_by(r.costs)]
         if not feasible:
             return None
-        return max(feasible, key=lambda r: (r.accuracy, -r.costs.get(self.budget.metric)))
+        return max(feasible, key=lambda r: (r.accuracy, -r.costs[self.budget.metric]))
 
 
 @dataclass
@@ -135,7 +139,7 @@ class SearchOutcome:
     """What one search (one strategy, budget and seed) produced."""
 
     strategy: str
-    budget: Budget
+    budget: BoundBudget
     seed: int
     answer: EvalResult | None
     evaluations: int
@@ -151,15 +155,15 @@ ProgressFn = Callable[[int, int, EvalResult | None, float], None]
 def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, *,
                  max_evals: int, time_limit: float | None = None, attrs: dict[str, Any] | None = None,
                  progress: ProgressFn | None = None) -> SearchOutcome:
-    """Run ``strategy`` until it stops, ``max_evals`` distinct candidates are evaluated, or
+    """Run ``strategy`` until it stops, ``max_evals`` distinct proposals are evaluated, or
     ``time_limit`` seconds of search (all sessions together) have passed."""
-    base: Costs = strategy.cost_model.base
     budget = strategy.budget
     attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
+    study.set_user_attr("bound_budget", budget.to_dict())
     store.fail_stale_trials(study)
     stored = store.records(study)
     evaluator.prime([r.result for r in stored])
-    stored_keys = {r.result.candidate.key for r in stored}
+    stored_keys = {r.result.key for r in stored}
     offset = max((r.elapsed_s for r in stored), default=0.0)
     seen: set[str] = set()
     if not strategy.replays_on_resume:
@@ -171,17 +175,19 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     repeats = 0
     try:
         while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
-            proposed = strategy.ask()
-            if proposed is None:
+            asked = strategy.ask()
+            if asked is None:
                 break
-            candidate = strategy.space.canonical(proposed)  # one key per network, however it was written
-            result = evaluator.evaluate(candidate)
-            if candidate.key not in stored_keys or strategy.pending_trial is not None:
-                _record(store, study, strategy, result, {**attrs, "elapsed_s": elapsed()}, repeat=candidate.key in stored_keys)
-                stored_keys.add(candidate.key)
-            repeats = repeats + 1 if candidate.key in seen else 0
-            seen.add(candidate.key)
-            strategy.tell(proposed, result)
+            proposal = as_proposal(asked)
+            key = evaluator.key(proposal)  # one key per network, however it was written
+            result = evaluator.evaluate(proposal)
+            if key not in stored_keys or strategy.pending_trial is not None:
+                result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed()},
+                                 repeat=key in stored_keys)
+                stored_keys.add(key)
+            repeats = repeats + 1 if key in seen else 0
+            seen.add(key)
+            strategy.tell(asked, result)
             if progress is not None:
                 progress(len(seen), max_evals, strategy.answer(), elapsed())
             if repeats >= MAX_REPEATED_ASKS:
@@ -189,7 +195,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     finally:
         strategy.close()
     answer = strategy.answer()
-    if answer is not None and not budget.met_by(answer.costs, base):
+    if answer is not None and not budget.met_by(answer.costs):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
     if answer is not None:
         study.set_user_attr("answer", answer.to_dict())
@@ -199,12 +205,16 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
 
 
-def _record(store: RunStore, study: optuna.Study, strategy: Strategy, result: EvalResult, attrs: dict[str, Any],
-            repeat: bool) -> None:
-    """Store one result; an Optuna re-proposal of a stored candidate is told to the sampler but
-    not counted as an evaluation."""
-    base, budget = strategy.cost_model.base, strategy.budget
-    store.record(study, strategy.space, result, violation=budget.violation(result.costs, base),
-                 cost_fraction=result.costs.get(budget.metric) / base.get(budget.metric),
+def _record(store: RunStore, study: optuna.Study, strategy: Strategy, proposal: Proposal, result: EvalResult,
+            attrs: dict[str, Any], repeat: bool) -> EvalResult:
+    """Store one result (and the trained weights of a proposal that has them); an Optuna
+    re-proposal of a stored candidate is told to the sampler but not counted as an evaluation.
+    Returns the result as stored (with the path of its weights artifact)."""
+    budget = strategy.budget
+    if proposal.trained and not repeat:
+        result = replace(result, weights={**result.weights, "artifact": store.save_weights(result.key, proposal.weights)})
+    store.record(study, strategy.space, result, violation=budget.violation(result.costs),
+                 cost_fraction=budget.cost_fraction(result.costs),
                  attrs={**attrs, "evaluated": not repeat, "repeat": repeat}, trial=strategy.pending_trial)
     strategy.pending_trial = None
+    return result

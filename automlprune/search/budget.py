@@ -3,18 +3,24 @@
 Written ``macs=0.5`` (half the unpruned MACs), ``params=1.2M`` or ``bytes=250k`` (absolute),
 ``latency=0.6`` (60% of the unpruned network's predicted latency) or ``latency=2.5ms``,
 several at once as ``macs=0.3,0.5,0.7`` (a value without a metric takes the previous one's).
+The metrics are the budgetable ones of the registry (:mod:`automlprune.cost.metrics`).
 Latency budgets use the per-layer latency table (:mod:`automlprune.latency_table`).
+
+A :class:`Budget` is what the user wrote; bound to the unpruned network's amount of its metric
+(:meth:`Budget.bind`) it becomes a :class:`BoundBudget`, which checks costs on its own and is
+stored as data with every search (so reports never re-parse labels or rebuild the network).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
-from automlprune.cost import BUDGET_METRICS, Costs, CostModel
+from automlprune.cost import Costs, CostModel, budget_metrics
+from automlprune.cost.metrics import metric as metric_info
 from automlprune.errors import ConfigError
 
-UNITS = {"macs": "MACs", "params": "parameters", "bytes": "bytes", "bitops": "BitOps", "latency": "ms (predicted)"}
 TOLERANCE = 1e-9
 """Relative slack on a budget's limit, so float rounding never rejects a candidate exactly at it."""
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
@@ -23,9 +29,9 @@ _VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix
 
 @dataclass(frozen=True)
 class Budget:
-    """metric: one of macs, params, bytes, bitops, latency. value: a fraction of the unpruned
-    network's cost when ``relative``, else an absolute amount in the metric's units (see
-    :mod:`automlprune.cost`; milliseconds for latency)."""
+    """metric: a budgetable metric of the registry. value: a fraction of the unpruned
+    network's cost when ``relative``, else an absolute amount in the metric's units
+    (milliseconds for latency)."""
 
     metric: str
     value: float
@@ -37,33 +43,62 @@ class Budget:
             return f"{self.metric}={self.value:g}"
         return f"{self.metric}={self.value:.6g}ms" if self.metric == "latency" else f"{self.metric}={self.value:.6g}abs"
 
-    def limit(self, base: Costs) -> float:
-        """The budget in absolute units of its metric."""
-        return self.limit_for(base.get(self.metric))
-
-    def limit_for(self, base_amount: float) -> float:
-        """The budget in absolute units, given the unpruned network's amount of the metric."""
-        return self.value * base_amount if self.relative else self.value
-
-    def fits(self, amount: float, base_amount: float) -> bool:
-        """Whether ``amount`` (absolute units of the metric) is within the budget."""
-        return amount <= self.limit_for(base_amount) * (1 + TOLERANCE)
-
     @property
     def slug(self) -> str:
         """The label as a file-name part: ``macs=0.5`` -> ``macs0p5``."""
         return self.label.replace("=", "").replace(".", "p")
 
-    def fraction(self, base: Costs) -> float:
-        """The budget as a fraction of the unpruned network's cost."""
-        return self.limit(base) / base.get(self.metric)
+    @property
+    def unit(self) -> str:
+        return metric_info(self.metric).unit
 
-    def violation(self, costs: Costs, base: Costs) -> float:
+    def bind(self, base: Costs | float) -> "BoundBudget":
+        """This budget for a network whose unpruned amount of the metric is ``base`` (a number,
+        or the unpruned network's :class:`Costs`)."""
+        amount = base[self.metric] if isinstance(base, Costs) else float(base)
+        return BoundBudget(self.metric, self.value, self.relative, amount)
+
+
+@dataclass(frozen=True)
+class BoundBudget(Budget):
+    """A budget bound to the unpruned network's amount ``base`` of its metric (its unit)."""
+
+    base: float = float("nan")
+
+    @property
+    def limit(self) -> float:
+        """The budget in absolute units of its metric."""
+        return self.value * self.base if self.relative else self.value
+
+    @property
+    def fraction(self) -> float:
+        """The limit as a fraction of the unpruned network's cost."""
+        return self.limit / self.base
+
+    def bind(self, base: Costs | float) -> "BoundBudget":
+        return Budget(self.metric, self.value, self.relative).bind(base)
+
+    def fits(self, amount: float) -> bool:
+        """Whether ``amount`` (absolute units of the metric) is within the budget."""
+        return amount <= self.limit * (1 + TOLERANCE)
+
+    def met_by(self, costs: Costs) -> bool:
+        return self.fits(costs[self.metric])
+
+    def violation(self, costs: Costs) -> float:
         """cost / limit - 1: at most 0 when ``costs`` meet the budget (Optuna's constraint convention)."""
-        return costs.get(self.metric) / self.limit(base) - 1.0
+        return costs[self.metric] / self.limit - 1.0
 
-    def met_by(self, costs: Costs, base: Costs) -> bool:
-        return self.fits(costs.get(self.metric), base.get(self.metric))
+    def cost_fraction(self, costs: Costs) -> float:
+        """``costs`` of the budget's metric as a fraction of the unpruned network's."""
+        return costs[self.metric] / self.base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label, "unit": self.unit, "limit": self.limit}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BoundBudget":
+        return cls(str(data["metric"]), float(data["value"]), bool(data["relative"]), float(data["base"]))
 
 
 def parse_budget(text: str, default_metric: str | None = None) -> Budget:
@@ -74,8 +109,8 @@ def parse_budget(text: str, default_metric: str | None = None) -> Budget:
             raise ConfigError(f"budget '{text}' is not of the form metric=value, e.g. macs=0.5")
         metric, raw = default_metric, text
     metric = metric.strip().lower()
-    if metric not in BUDGET_METRICS:
-        raise ConfigError(f"unknown budget metric '{metric}' in '{text}'; use one of: {', '.join(BUDGET_METRICS)}")
+    if metric not in budget_metrics():
+        raise ConfigError(f"unknown budget metric '{metric}' in '{text}'; use one of: {', '.join(budget_metrics())}")
     match = _VALUE.match(raw)
     if not match:
         raise ConfigError(f"budget value '{raw.strip()}' in '{text}' is not a number; write a fraction like 0.5 or an amount like 20M")
@@ -87,6 +122,11 @@ def parse_budget(text: str, default_metric: str | None = None) -> Budget:
     if value <= 0:
         raise ConfigError(f"budget '{text}' must be positive")
     return Budget(metric, value, relative)
+
+
+def parse_label(label: str) -> Budget:
+    """Inverse of :attr:`Budget.label` (absolute amounts end in ``abs``)."""
+    return parse_budget(label[:-3] if label.endswith("abs") else label)
 
 
 def parse_budgets(text: str) -> list[Budget]:
@@ -105,11 +145,10 @@ def parse_budgets(text: str) -> list[Budget]:
 
 def check_achievable(budget: Budget, cost_model: CostModel) -> None:
     """Refuse a budget below what the space's smallest candidate costs, naming that value."""
-    smallest = cost_model(cost_model.space.smallest()).get(budget.metric)
-    base = cost_model.base.get(budget.metric)
-    if not budget.fits(smallest, base):
-        unit = UNITS[budget.metric]
+    bound = budget.bind(cost_model.base)
+    smallest = cost_model(cost_model.space.smallest())[budget.metric]
+    if not bound.fits(smallest):
         raise ConfigError(
             f"budget {budget.label} is impossible: the smallest network this space allows costs {smallest:.4g} "
-            f"{unit} ({smallest / base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
+            f"{budget.unit} ({smallest / bound.base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
         )

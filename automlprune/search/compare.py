@@ -14,13 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
+from automlprune.cost import METRICS, analytic_metrics
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
-from automlprune.report.plots import best_curve, plot_finetuned, plot_pareto, plot_profiles, plot_progress
+from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
-from automlprune.space import Candidate
-from automlprune.tasks import FinetuneSettings
+from automlprune.settings import FinetuneSettings
 
 
 UNPRUNED_STUDY = "unpruned"
@@ -37,22 +37,23 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
         if not record.answer:
             continue
         study = optuna.load_study(study_name=record.study_name, storage=session.store.storage)
-        candidate = Candidate.from_dict(record.answer["candidate"])
+        proposal = session.store.proposal(record.answer, session.model)  # trained answers start from their weights
         evaluator = session.evaluator_for(record.strategy)
-        answered.append((evaluator, study, candidate))
+        answered.append((evaluator, study, proposal))
         done = study.user_attrs.get("finetune")
-        if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate.to_dict():
-            tuned = evaluator.finetune(candidate, settings, progress=progress)
-            study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate.to_dict(),
+        candidate = proposal.candidate.to_dict()
+        if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate:
+            tuned = evaluator.finetune(proposal, settings, progress=progress)
+            study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate,
                                              "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
-                                             "seconds": tuned.seconds})
+                                             "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images})
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
     if all(study.user_attrs.get("latency_ms") for _, study, _ in answered):
         return
     # All at once, or the ratios would mix timings from different moments of a drifting machine.
     if progress:
         print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
-    nets = [evaluator.network(candidate) for evaluator, _, candidate in answered]
+    nets = [evaluator.network(proposal) for evaluator, _, proposal in answered]
     for (_, study, _), lat in zip(answered, session.evaluator.latencies(nets)):
         study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
 
@@ -64,8 +65,9 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
-    """One row per (strategy, budget): means (and spreads) over seeds."""
+def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = (1, 64)) -> list[dict[str, Any]]:
+    """One row per (strategy, budget): means (and spreads) over seeds; a cost column per analytic
+    metric of the registry, a latency column per batch size."""
     rows = []
     keys = list(dict.fromkeys((r.strategy, r.budget.label) for r in records))
     for strategy, label in keys:
@@ -79,11 +81,12 @@ def summarize(records: list[SearchRecord]) -> list[dict[str, Any]]:
                "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0,
-               "scoring_seconds": max((r.scoring_seconds or 0.0 for r in mine), default=0.0)}
-        for metric in ("macs", "params", "bytes", "bitops"):
+               "scoring_seconds": max((r.scoring_seconds or 0.0 for r in mine), default=0.0),
+               "training_seconds": statistics.fmean([(r.spent or {}).get("training_seconds", 0.0) for r in mine]) if mine else 0}
+        for metric in analytic_metrics():
             row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
             row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
-        for b in ("1", "64"):
+        for b in map(str, latency_batch_sizes):
             lats = [r.latency_ms[b] for r in answered if r.latency_ms and b in r.latency_ms]
             row[f"latency_ms_b{b}"] = statistics.fmean(lats) if lats else float("nan")
         rows.append(row)
@@ -95,10 +98,11 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     """report.md, results.csv, results.json and the plots in ``out_dir``; ``notes`` (Markdown,
     the reader's commentary on the results) closes the report under a "Notes" heading."""
     records = collect(session.store)
-    rows = summarize(records)
+    batches = [str(b) for b in session.evaluator.settings.latency_batch_sizes]
+    rows = summarize(records, session.evaluator.settings.latency_batch_sizes)
     unpruned_ms = _unpruned_latency(session)
     for row in rows:
-        for b in ("1", "64"):
+        for b in batches:
             row[f"latency_ratio_b{b}"] = row[f"latency_ms_b{b}"] / unpruned_ms[b] if b in unpruned_ms else float("nan")
     (out_dir / "results.json").write_text(json.dumps({"rows": rows, "config": session.store.load_config()}, indent=2, default=str))
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -109,6 +113,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         plot_pareto(records, out_dir / "pareto.png", f"{session.task.spec.name}: accuracy vs cost")
         plot_progress(records, out_dir / "progress.png")
         plot_profiles(records, session.space, out_dir / "profiles.png")
+    plot_allocations(session.store.artifacts)
     base = session.cost_model.base
     baseline = _baseline(session)
     tuned = any(r["test_accuracy"] == r["test_accuracy"] for r in rows)
@@ -120,25 +125,30 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
     spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
     latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
+    metrics = [METRICS.get(m) for m in analytic_metrics()]
+    header = (["strategy", "budget", "val acc", "test acc"] + [m.unit for m in metrics]
+              + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "search time (s)", "training (s)", "scoring (s)"])
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
              f"{base.params / 1e3:.1f}k params{_baseline_text(baseline)}. Accuracies in %; validation accuracy is the search-time score "
              f"(BN re-estimated); {test_meaning}; mean ± sd over seeds.", "",
-             "| strategy | budget | val acc | test acc | MACs | params | bytes | BitOps | latency b1 (ms) | latency b64 (ms) | hypervolume | evals | search time (s) | scoring (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['budget']} | {spread(r['val_accuracy'], r['val_accuracy_sd'])} | "
-                     f"{spread(r['test_accuracy'], r['test_accuracy_sd'])} | {pct(r['macs_fraction'])}% | {pct(r['params_fraction'])}% | "
-                     f"{pct(r['bytes_fraction'])}% | {pct(r['bitops_fraction'])}% | {latency(r['latency_ms_b1'], r['latency_ratio_b1'])} | "
-                     f"{latency(r['latency_ms_b64'], r['latency_ratio_b64'])} | {r['hypervolume']:.4f} | "
-                     f"{r['evaluations']:.0f} | {r['search_seconds']:.1f} | {r['scoring_seconds']:.1f} |")
+        cells = ([r["strategy"], r["budget"], spread(r["val_accuracy"], r["val_accuracy_sd"]), spread(r["test_accuracy"], r["test_accuracy_sd"])]
+                 + [f"{pct(r[f'{m.name}_fraction'])}%" for m in metrics]
+                 + [latency(r[f"latency_ms_b{b}"], r[f"latency_ratio_b{b}"]) for b in batches]
+                 + [f"{r['hypervolume']:.4f}", f"{r['evaluations']:.0f}", f"{r['search_seconds']:.1f}",
+                    f"{r['training_seconds']:.1f}", f"{r['scoring_seconds']:.1f}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    unpruned_text = " and ".join(f"{unpruned_ms[b]:.3f} ms (batch {b})" for b in batches if b in unpruned_ms)
     lines += ["", "Costs are fractions of the unpruned network"
               + (f"; latency is the median CPU time of the materialized network, in brackets its ratio to the unpruned "
-                 f"network's {unpruned_ms['1']:.3f} ms (batch 1) and {unpruned_ms['64']:.3f} ms (batch 64), measured in the same run "
-                 "(the MACs fraction is the ideal)" if {"1", "64"} <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
+                 f"network's {unpruned_text}, measured in the same run "
+                 "(the MACs fraction is the ideal)" if set(batches) <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
-              "plane, reference (1, 0); mean over seeds. Scoring: the one-off channel-importance scoring of the "
+              "plane, reference (1, 0); mean over seeds. Training: wall time a strategy spent training networks (DMCP's "
+              "supernet), part of its search time. Scoring: the one-off channel-importance scoring of the "
               "strategy's evaluator (shared by its budgets and seeds, not counted in the search time).", ""]
     if tuned and baseline.get("test_accuracy") is not None:
         lines += _best_per_budget(rows, baseline["test_accuracy"]) + [""]

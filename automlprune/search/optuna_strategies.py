@@ -53,7 +53,6 @@ class OptunaStrategy(Strategy):
         self.study = self.context.study
         self.study.sampler = _sampler(self.sampler_kind, self.seed, self.max_evals)
         self.dists = distributions(self.space)
-        self.base = self.cost_model.base
 
     def ask(self) -> Candidate | None:
         for _ in range(MAX_REFUSED_IN_A_ROW):
@@ -61,13 +60,13 @@ class OptunaStrategy(Strategy):
             mark_worker(trial)
             candidate = from_params(self.space, trial.params)
             costs = self.cost_model(candidate)
-            if self.budget.met_by(costs, self.base):
+            if self.budget.met_by(costs):
                 self.pending_trial = trial
                 return candidate
             trial.set_user_attr("evaluated", False)
             trial.set_user_attr("candidate", candidate.to_dict())
-            set_constraint(trial, self.budget.violation(costs, self.base))
-            self.study.tell(trial, [0.0, costs.get(self.budget.metric) / self.base.get(self.budget.metric)])
+            set_constraint(trial, self.budget.violation(costs))
+            self.study.tell(trial, [0.0, self.budget.cost_fraction(costs)])
         return None
 
 

@@ -26,13 +26,17 @@ budget costs one allocation (well under a second) and one evaluation.
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 import numpy as np
 
+from automlprune.cost import uniform_ratio_for_budget
 from automlprune.search.baselines import OneShotStrategy
 from automlprune.space import Candidate
+
+
+ALLOCATION_PREFIX = "prunenet-"
+"""Allocation profiles are the run artifacts ``prunenet-<budget slug>.json``: {"title", "groups": {group: ...}}."""
 
 
 class PruneNetStrategy(OneShotStrategy):
@@ -67,17 +71,17 @@ class PruneNetStrategy(OneShotStrategy):
             k = min(channels[g], (kept[g] // unit + 1) * unit)
             return k if k > kept[g] else None
 
-        metric, base = self.budget.metric, self.cost_model.base
+        metric = self.budget.metric
         costs_of = lambda widths: self.cost_model(self._candidate(widths))  # noqa: E731
         now = costs_of(kept)
-        while not self.budget.met_by(now, base):  # remove the cheapest loss per unit of cost saved
+        while not self.budget.met_by(now):  # remove the cheapest loss per unit of cost saved
             best = None
             for g in curves:
                 k = step(g, -1)
                 if k is None:
                     continue
                 trial = costs_of({**kept, g: k})
-                saved = now.get(metric) - trial.get(metric)
+                saved = now[metric] - trial[metric]
                 if saved > 0:
                     ratio = (curves[g][k] - curves[g][kept[g]]) / saved
                     if best is None or ratio < best[0]:
@@ -92,9 +96,9 @@ class PruneNetStrategy(OneShotStrategy):
                 if k is None:
                     continue
                 trial = costs_of({**kept, g: k})
-                if not self.budget.met_by(trial, base):
+                if not self.budget.met_by(trial):
                     continue
-                ratio = (curves[g][kept[g]] - curves[g][k]) / max(trial.get(metric) - now.get(metric), 1e-12)
+                ratio = (curves[g][kept[g]] - curves[g][k]) / max(trial[metric] - now[metric], 1e-12)
                 if best is None or ratio > best[0]:
                     best = (ratio, g, k, trial)
             if best is None:
@@ -104,16 +108,13 @@ class PruneNetStrategy(OneShotStrategy):
         return self._candidate(kept)
 
     def _save_profile(self, curves: dict[str, np.ndarray], kept: dict[str, int]) -> None:
-        """Per-group redundancy curves and the allocated widths next to the uniform ones, in the run directory."""
-        if self.context.run_dir is None:
+        """Per-group redundancy curves and the allocated widths next to the uniform ones, as the
+        run artifact ``prunenet-<budget>.json`` (``automlprune plot`` draws it)."""
+        if self.context.artifacts is None:
             return
-        from automlprune.cost import uniform_ratio_for_budget
-        from automlprune.report.plots import plot_allocation
-
         uniform = self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit))
         uniform_kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(uniform).tolist()))
-        slug = self.budget.slug
         profile = {g: {"channels": int(len(c) - 1), "kept": int(kept[g]), "uniform_kept": int(uniform_kept[g]),
                        "loss_at_kept": float(c[kept[g]]), "loss_curve": [float(v) for v in c]} for g, c in curves.items()}
-        (self.context.run_dir / f"prunenet-{slug}.json").write_text(json.dumps(profile, indent=1))
-        plot_allocation(profile, self.context.run_dir / f"prunenet-{slug}.png", f"prunenet at {self.budget.label}")
+        self.context.artifacts.write_json(f"{ALLOCATION_PREFIX}{self.budget.slug}.json",
+                                          {"title": f"prunenet at {self.budget.label}", "groups": profile})

@@ -90,7 +90,7 @@ class SearchSession:
         study = self.store.study(name, attrs)
         evaluator = self.evaluator_for(strategy)
         study.set_user_attr("scoring_seconds", evaluator.scoring_seconds)  # shared by every search of this evaluator
-        context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.run_dir,
+        context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.artifacts,
                                 self.task.data, self.device)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}
         instance = cls(context, budget, seed=seed, max_evals=max_evals, **options)

@@ -78,6 +78,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class Artifacts:
+    """Files a run keeps beside its study, all under the run directory: what strategies learned
+    (RL agents, allocation profiles, training logs), trained weights. Paths handed out and
+    stored are relative to the run directory, so a moved run still finds them."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = run_dir
+
+    def path(self, name: str) -> Path:
+        """Where artifact ``name`` (a relative path) lives; its folder is created."""
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_json(self, name: str, payload: Any) -> Path:
+        path = self.path(name)
+        path.write_text(json.dumps(payload, indent=1))
+        return path
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.root / name).read_text())
+
+    def glob(self, pattern: str) -> list[Path]:
+        return sorted(self.root.glob(pattern))
+
+
 @dataclass(frozen=True)
 class Record:
     """One stored evaluation: its result, the search wall time when it finished (s), its trial number."""
@@ -108,6 +134,7 @@ class RunStore:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
         self.storage = open_storage(self.url)
+        self.artifacts = Artifacts(self.run_dir)
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -162,6 +189,46 @@ class RunStore:
         study.add_trial(optuna.trial.create_trial(
             params=to_params(space, result.candidate), distributions=distributions(space), values=values,
             user_attrs=user_attrs, system_attrs={"constraints": [violation]}))
+
+    def save_weights(self, key: str, weights: Any) -> str:
+        """Save trained weights (:class:`~automlprune.proposal.TrainedWeights`) of the proposal
+        with cache key ``key``; returns the artifact's name (relative to the run directory)."""
+        import hashlib
+
+        import torch
+
+        name = f"weights/{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        path = self.artifacts.path(name)
+        if not path.is_file():
+            torch.save(weights.to_artifact(), path)
+        return name
+
+    def load_weights(self, name: str, architecture: Any) -> Any:
+        """The trained weights saved as ``name``, loaded into ``architecture`` (a fresh module of
+        the original architecture): a :class:`~automlprune.proposal.TrainedWeights`."""
+        import torch
+
+        from automlprune.proposal import TrainedWeights
+
+        path = self.run_dir / name
+        if not path.is_file():
+            raise ConfigError(f"the trained weights {path} of this run are missing; copy the run directory whole, with its weights/ folder")
+        return TrainedWeights.from_artifact(torch.load(path, map_location="cpu", weights_only=True), architecture)
+
+    def proposal(self, result: dict[str, Any], model: Any) -> Any:
+        """The :class:`~automlprune.proposal.Proposal` a stored result (an answer) was evaluated
+        from: its candidate with the original weights, or with its trained weights loaded from
+        the run's artifacts into a copy of ``model`` (the original network)."""
+        import copy
+
+        from automlprune.proposal import Proposal
+
+        candidate = Candidate.from_dict(result["candidate"])
+        weights = result.get("weights") or {}
+        if weights.get("source") != "trained":
+            return Proposal(candidate)
+        return Proposal(candidate, self.load_weights(weights["artifact"], copy.deepcopy(model)),
+                        weights.get("bn_recalibration"))
 
     def records(self, study: optuna.Study) -> list[Record]:
         """The study's stored evaluations (completed trials that were evaluated), in order."""

@@ -19,36 +19,10 @@ import torch_pruning as tp
 from torch import nn
 
 from automlprune.errors import UnsupportedLayerError
+from automlprune.nn import layer_types
+from automlprune.nn.layer_types import LayerInfo
 
-COST_LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One parameterised leaf layer.
-
-    kind: "conv", "linear" or "bn". For conv/linear, ``in_channels``/``out_channels`` are
-    features for linear; ``kernel`` is kh*kw (1 for linear); ``positions`` is the number of
-    output positions per sample (H_out*W_out for conv, the product of leading dims for
-    linear); ``input_shape`` is the per-sample shape of its input, e.g. (C, H, W). For bn,
-    in = out = num_features.
-    """
-
-    name: str
-    kind: Literal["conv", "linear", "bn"]
-    in_channels: int
-    out_channels: int
-    groups: int
-    kernel: int
-    stride: int
-    positions: int
-    has_bias: bool
-    order: int
-    input_shape: tuple[int, ...] = ()
-
-    @property
-    def depthwise(self) -> bool:
-        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+__all__ = ["ChannelGroup", "GroupMember", "LayerInfo", "build_dependency_graph", "discover_groups", "record_layers"]
 
 
 @dataclass(frozen=True)
@@ -83,14 +57,16 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.
 
 
 def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
-    """The layer table of ``model``, in execution order. Raises :class:`UnsupportedLayerError`
-    for a parameterised layer whose cost automlprune cannot compute."""
+    """The layer table of ``model``, in execution order (one row per module of a type in
+    :mod:`automlprune.nn.layer_types`). Raises :class:`UnsupportedLayerError` for a
+    parameterised layer whose cost automlprune cannot compute."""
+    known = ", ".join(sorted(t.module_type.__name__.lstrip("_") for t in layer_types.types()))
     for name, module in model.named_modules():
         own_params = list(module.parameters(recurse=False))
-        if own_params and not isinstance(module, COST_LAYER_TYPES):
+        if own_params and layer_types.lookup(module) is None:
             raise UnsupportedLayerError(
                 f"layer '{name}' ({type(module).__name__}) holds parameters but automlprune only costs and prunes "
-                "Conv2d, Linear and BatchNorm layers; replace it or wrap the model without it"
+                f"{known} layers; replace it or wrap the model without it"
             )
     records: dict[str, LayerInfo] = {}
     handles = []
@@ -99,11 +75,11 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerIn
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if name in records:
                 raise UnsupportedLayerError(f"layer '{name}' runs more than once per forward pass; automlprune needs each layer used once")
-            records[name] = _layer_info(name, module, output, len(records), tuple(inputs[0].shape[1:]))
+            records[name] = layer_types.of(module).info(name, module, output, len(records), tuple(inputs[0].shape[1:]))
         return fn
 
     for name, module in model.named_modules():
-        if isinstance(module, COST_LAYER_TYPES):
+        if layer_types.lookup(module) is not None:
             handles.append(module.register_forward_hook(hook(name)))
     try:
         was_training = model.training
@@ -114,22 +90,10 @@ def record_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerIn
     finally:
         for h in handles:
             h.remove()
-    unused = [n for n, m in model.named_modules() if isinstance(m, COST_LAYER_TYPES) and n not in records]
+    unused = [n for n, m in model.named_modules() if layer_types.lookup(m) is not None and n not in records]
     if unused:
         raise UnsupportedLayerError(f"layers {unused[:3]} never run in the forward pass; remove unused layers from the model before pruning it")
     return sorted(records.values(), key=lambda r: r.order)
-
-
-def _layer_info(name: str, module: nn.Module, output: torch.Tensor, order: int, input_shape: tuple[int, ...]) -> LayerInfo:
-    batch = output.shape[0]
-    if isinstance(module, nn.Conv2d):
-        return LayerInfo(name, "conv", module.in_channels, module.out_channels, module.groups,
-                         int(np.prod(module.kernel_size)), int(module.stride[0]), int(output[0, 0].numel()),
-                         module.bias is not None, order, input_shape)
-    if isinstance(module, nn.Linear):
-        return LayerInfo(name, "linear", module.in_features, module.out_features, 1, 1, 1,
-                         int(output.numel() // (batch * module.out_features)), module.bias is not None, order, input_shape)
-    return LayerInfo(name, "bn", module.num_features, module.num_features, 1, 1, 1, 1, module.affine, order, input_shape)
 
 
 def discover_groups(model: nn.Module, example_input: torch.Tensor, layers: list[LayerInfo]) -> list[ChannelGroup]:
@@ -138,12 +102,12 @@ def discover_groups(model: nn.Module, example_input: torch.Tensor, layers: list[
     The output layer (the last Conv/Linear to run) never loses output channels.
     """
     order = {layer.name: layer.order for layer in layers}
-    output_layer = max((l for l in layers if l.kind != "bn"), key=lambda l: l.order).name
+    output_layer = max((l for l in layers if l.has_weights), key=lambda l: l.order).name
     graph = build_dependency_graph(model, example_input)
     names = {module: name for name, module in model.named_modules()}
     groups = []
     for tp_group in graph.get_all_groups(ignored_layers=[model.get_submodule(output_layer)],
-                                         root_module_types=[nn.Conv2d, nn.Linear]):
+                                         root_module_types=[t.module_type for t in layer_types.types() if t.has_weights]):
         groups.append(_to_channel_group(graph, tp_group, names, order))
     return sorted(groups, key=lambda g: order[g.name])
 

@@ -5,8 +5,8 @@ agents and Optuna."""
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,23 @@ from torch import nn
 from automlprune.errors import CandidateError, ConfigError, UnsupportedLayerError
 from automlprune.space.candidate import Candidate
 from automlprune.space.config import SpaceConfig
-from automlprune.space.graph import ChannelGroup, LayerInfo, discover_groups, record_layers
+from automlprune.space.graph import ChannelGroup, GroupMember, LayerInfo, discover_groups, record_layers
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A candidate checked against its space once, with what every consumer needs from it:
+    ``candidate`` in canonical form (each ratio its exact kept fraction), ``kept`` channels per
+    group (int64, shape (groups,), the space's group order) and ``bits`` per Conv/Linear layer
+    (32 = float32). The evaluator, cost model and materialization take it instead of re-deriving it."""
+
+    candidate: Candidate
+    kept: np.ndarray = field(compare=False)
+    bits: dict[str, int] = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return self.candidate.key
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,7 @@ class SearchSpace:
         self._check_grouped_convs()
         self.pinned = self._pinned_groups()
         self.prunable = [g.name for g in self.groups if g.name not in self.pinned]
-        self.quantizable = [l.name for l in self.layers if l.kind != "bn"]
+        self.quantizable = [l.name for l in self.layers if l.has_weights]
         self.bit_searchable = self._bit_searchable()
         self.dimensions = [Dimension("ratio", g, self.config.ratios) for g in self.prunable] + [
             Dimension("bits", l, tuple(float(b) for b in self.config.bit_choices)) for l in self.bit_searchable
@@ -78,6 +94,21 @@ class SearchSpace:
             return list(self.quantizable)
         return self.quantizable[1:-1]
 
+    def feature_layers(self, group: ChannelGroup) -> list[GroupMember]:
+        """The out-members whose outputs are ``group``'s feature maps: for each multiply-accumulate
+        output layer, its batch norm (a layer without weights) if one follows in the group, else
+        the layer itself."""
+        outs = [m for m in group.members if m.dim == "out"]
+        chosen, norms = [], {m.layer: m for m in outs if not self.layer_by_name[m.layer].has_weights}
+        order = {l.name: l.order for l in self.layers}
+        for m in outs:
+            if not self.layer_by_name[m.layer].has_weights:
+                continue
+            follower = next((b for name, b in sorted(norms.items(), key=lambda kv: order[kv[0]])
+                             if order[name] > order[m.layer] and name not in {c.layer for c in chosen}), None)
+            chosen.append(follower or m)
+        return chosen
+
     @property
     def fixed_bits(self) -> dict[str, int]:
         """Bits imposed by the space regardless of the candidate (pinned first/last layers)."""
@@ -106,6 +137,35 @@ class SearchSpace:
                 raise CandidateError(f"{bits} bits for layer '{layer}' is not among the space's choices {sorted(allowed)}")
         return candidate
 
+    def resolve(self, candidate: Candidate | Resolved) -> Resolved:
+        """``candidate`` validated, in canonical form, with its kept channels and weight bits (once)."""
+        if isinstance(candidate, Resolved):
+            return candidate
+        self.validate(candidate)
+        kept = self.kept_channels(candidate)
+        ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, kept) if k < g.channels}
+        return Resolved(Candidate.make(ratios, candidate.bit_map), kept, self.weight_bits(candidate))
+
+    def surviving_indices(self, kept: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+        """For groups keeping the channel indices ``kept[group]``: (layer, side) -> the sorted
+        indices of that layer's side ("out" or "in") that survive, from the groups' index maps
+        (a side several groups touch, such as a linear reading a concatenation, loses the union
+        of their removed indices). Only sides that lose something are listed."""
+        dropped: dict[tuple[str, str], set[int]] = {}
+        for name, keep in kept.items():
+            group = self.group_by_name[name]
+            removed = np.setdiff1d(np.arange(group.channels), np.asarray(keep, dtype=np.int64))
+            if len(removed) == 0:
+                continue
+            for member in group.members:
+                dropped.setdefault((member.layer, member.dim), set()).update(member.index_map[removed].reshape(-1).tolist())
+        out = {}
+        for (layer, side), gone in dropped.items():
+            info = self.layer_by_name[layer]
+            size = info.out_channels if side == "out" else info.in_channels
+            out[(layer, side)] = torch.as_tensor(np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
+        return out
+
     def kept_channels(self, candidate: Candidate) -> np.ndarray:
         """Channels each group keeps under ``candidate``: int64 array of shape (len(groups),)."""
         ratios = candidate.ratio_map
@@ -121,6 +181,19 @@ class SearchSpace:
         floor = max(self.config.min_channels, step)
         return int(min(channels, max(kept, floor)))
 
+    def ratios_from_widths(self, widths: Mapping[str, float], to_grid: bool = False) -> dict[str, float]:
+        """Keep ratios from (possibly fractional, e.g. expected) channel counts per group: each
+        rounded to the space's channel rounding, or down to the space's ratio grid with ``to_grid``."""
+        ratios = {}
+        for name, w in widths.items():
+            channels = self.group_by_name[name].channels
+            r = float(np.clip(w / channels, 1e-9, 1.0))
+            if to_grid:
+                below = [g for g in self.config.ratios if g <= r + 1e-9]
+                r = below[-1] if below else self.config.ratios[0]
+            ratios[name] = self.channels_for(channels, r) / channels
+        return ratios
+
     def min_width(self, channels: int) -> int:
         """The fewest channels a group of ``channels`` may keep (``min_channels``, one rounding unit)."""
         return self.channels_for(channels, 1e-9)
@@ -128,8 +201,7 @@ class SearchSpace:
     def canonical(self, candidate: Candidate) -> Candidate:
         """The same network with each ratio replaced by its exact kept fraction (kept / channels),
         so candidates describing the same network share one key (cache, evaluation budget, store)."""
-        ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, self.kept_channels(candidate)) if k < g.channels}
-        return Candidate.make(ratios, candidate.bit_map)
+        return self.resolve(candidate).candidate
 
     def weight_bits(self, candidate: Candidate) -> dict[str, int]:
         """Weight bits of every Conv/Linear layer under ``candidate`` (32 = float32)."""

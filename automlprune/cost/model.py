@@ -1,76 +1,102 @@
-"""The one cost model: MACs, parameters, bytes and BitOps of any candidate, from formulas.
+"""The one cost model: every analytic metric of the registry (:mod:`automlprune.cost.metrics`)
+for any candidate, from formulas.
 
 Per-layer shapes are recorded once (in the :class:`SearchSpace`); a candidate's costs are
 then a few small matrix products (tens of microseconds). Everything in automlprune that
 needs a cost calls this module: the evaluator, RL observations and action clipping, the
 DMCP budget loss (:meth:`CostModel.from_kept` accepts a differentiable torch tensor),
-Optuna constraints and the plots.
-
-Units: MACs are multiply-accumulates of Conv2d and Linear layers for one input sample
-(FLOPs = 2 x MACs, the convention of ``torch.utils.flop_counter``); params are parameter
-counts; bytes are the storage of the parameters: Conv/Linear weights at the candidate's
-bits (params x bits / 8) plus, for every layer below 32 bits, its quantization scales (one per
-output channel, or one per tensor, as float32, with an int32 zero point each for asymmetric
-schemes: :mod:`automlprune.quantization`), biases and batch-norm parameters as float32;
-BitOps = MACs x weight bits x activation bits (the space's ``bits.activations``, 32 by
-default); latency_ms is the predicted latency of the
-materialized network from a measured per-layer table (:mod:`automlprune.latency_table`),
-present only when one is attached.
+Optuna constraints and the plots. Units: see :mod:`automlprune.cost.metrics`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from automlprune.cost.metrics import LayerQuantities, all_metrics, analytic_metrics, check_metric
 from automlprune.errors import ConfigError, UnsupportedLayerError
 from automlprune.quantization import per_channel, scale_bytes_per_entry
 from automlprune.space.candidate import Candidate
-from automlprune.space.search_space import SearchSpace
-
-METRICS = ("macs", "params", "bytes", "bitops")
-BUDGET_METRICS = METRICS + ("latency",)
+from automlprune.space.search_space import Resolved, SearchSpace
 
 
-@dataclass(frozen=True)
-class Costs:
-    """Costs of one network for one input sample: see the module docstring for units."""
+class MissingMetric(ConfigError, KeyError):
+    """A registered metric a :class:`Costs` does not hold (latency without a latency table)."""
 
-    macs: float
-    params: float
-    bytes: float
-    bitops: float
-    latency_ms: float = math.nan
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Costs(Mapping[str, float]):
+    """Costs of one network for one input sample: registered metric name -> amount in the
+    metric's unit (:mod:`automlprune.cost.metrics`). Immutable. Metrics that were not measured
+    (latency without a table) are absent: ``costs["latency"]`` then says how to get them.
+    Attribute access (``costs.macs``) reads the same values."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, float] | None = None, **amounts: float) -> None:
+        values = {**(values or {}), **amounts}
+        for name in values:
+            check_metric(name)
+        object.__setattr__(self, "_values", {k: float(v) for k, v in values.items() if not math.isnan(float(v))})
+
+    def __getitem__(self, metric: str) -> float:
+        if metric in self._values:
+            return self._values[metric]
+        check_metric(metric)
+        raise MissingMetric(f"{metric} costs need a measured latency table; searches with a latency budget build one"
+                            if metric == "latency" else f"these costs hold no {metric}")
+
+    def __getattr__(self, metric: str) -> float:
+        if metric.startswith("_"):
+            raise AttributeError(metric)
+        try:
+            return self[metric]
+        except ConfigError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Costs are immutable")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Costs) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __repr__(self) -> str:
+        return "Costs(" + ", ".join(f"{k}={v:.6g}" for k, v in self._values.items()) + ")"
 
     @property
     def flops(self) -> float:
-        return 2 * self.macs
-
-    def get(self, metric: str) -> float:
-        if metric == "latency":
-            if math.isnan(self.latency_ms):
-                raise ConfigError("latency costs need a measured latency table; searches with a latency budget build one")
-            return self.latency_ms
-        if metric not in METRICS:
-            raise ConfigError(f"unknown cost metric '{metric}'; choose one of: {', '.join(BUDGET_METRICS)}")
-        return getattr(self, metric)
+        """2 x MACs (one multiply-accumulate = two floating-point operations)."""
+        return 2 * self["macs"]
 
     def to_dict(self) -> dict[str, float]:
-        out = asdict(self)
-        if math.isnan(self.latency_ms):
-            del out["latency_ms"]
-        return out
+        return dict(self._values)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Costs":
-        latency = data.get("latency_ms")
-        return cls(*(float(data[m]) for m in METRICS), float(latency) if isinstance(latency, (int, float)) else math.nan)
+    def from_dict(cls, data: Mapping[str, Any]) -> "Costs":
+        """Inverse of :meth:`to_dict`; other keys are ignored (stored results written before
+        the registry named latency ``latency_ms``)."""
+        names = {m.name for m in all_metrics()}
+        values = {k: float(v) for k, v in data.items() if k in names and isinstance(v, (int, float))}
+        legacy = data.get("latency_ms")
+        if "latency" not in values and isinstance(legacy, (int, float)):
+            values["latency"] = float(legacy)
+        return cls(values)
 
 
 class CostModel:
@@ -94,7 +120,7 @@ class CostModel:
         self.kernel = np.array([l.kernel for l in layers], dtype=np.float64)
         self.positions = np.array([l.positions for l in layers], dtype=np.float64)
         self.has_bias = np.array([l.has_bias for l in layers], dtype=np.float64)
-        self.is_bn = np.array([l.kind == "bn" for l in layers], dtype=np.float64)
+        self.is_bn = np.array([not l.has_weights for l in layers], dtype=np.float64)
         self.is_dw = np.array([l.depthwise for l in layers], dtype=np.float64)
         self.removed_out = np.zeros((n_layers, n_groups))  # out channels a layer loses per channel its group loses
         self.removed_in = np.zeros((n_layers, n_groups))
@@ -108,6 +134,7 @@ class CostModel:
         self.scale_entry_bytes = scale_bytes_per_entry(scheme)
         self.activation_bits = space.config.activation_bits
         self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._analytic = [(m.name, m) for m in all_metrics() if m.analytic]
         self.latency_table = None
         self.base = self(space.full())
         if model is not None:
@@ -117,8 +144,8 @@ class CostModel:
     def from_kept(self, kept: Any, weight_bits: Any = None) -> dict[str, Any]:
         """Costs from kept channels per group (array of shape (groups,)) and weight bits per
         layer (shape (layers,), default 32). Works on NumPy arrays and on torch tensors
-        (differentiable, for relaxed widths); returns {"macs", "params", "bytes", "bitops"}
-        and the per-layer "layer_macs" / "layer_params"."""
+        (differentiable, for relaxed widths); returns every analytic metric's total by name,
+        ``"per_layer"`` ({metric: per-layer values}) and the per-layer ``"kept_in"`` / ``"kept_out"``."""
         a = self._arrays_like(kept)
         removed = a["group_channels"] - kept
         out_k = a["out_full"] - a["removed_out"] @ removed
@@ -126,20 +153,16 @@ class CostModel:
         conv_like = 1 - a["is_bn"]
         in_per_group = a["is_dw"] + (1 - a["is_dw"]) * in_k / a["groups"]
         weights = conv_like * out_k * in_per_group * a["kernel"]
-        layer_macs = weights * a["positions"]
-        biases = conv_like * a["has_bias"] * out_k
-        bn_params = a["is_bn"] * a["has_bias"] * 2 * out_k
-        layer_params = weights + biases + bn_params
         bits = a["full_bits"] if weight_bits is None else weight_bits
         quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
-        scale_entries = out_k if self.per_channel_scales else 1.0
-        layer_bytes = weights * bits / 8 + (biases + bn_params) * 4 + quantized * scale_entries * self.scale_entry_bytes
-        return {
-            "macs": layer_macs.sum(), "params": layer_params.sum(), "bytes": layer_bytes.sum(),
-            "bitops": (layer_macs * bits * self.activation_bits).sum(),
-            "layer_macs": layer_macs, "layer_params": layer_params,
-            "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k,
-        }
+        quantities = LayerQuantities(
+            weights=weights, positions=a["positions"], biases=conv_like * a["has_bias"] * out_k,
+            norm_params=a["is_bn"] * a["has_bias"] * 2 * out_k, bits=bits, quantized=quantized,
+            scale_entries=out_k if self.per_channel_scales else 1.0, scale_entry_bytes=self.scale_entry_bytes,
+            activation_bits=self.activation_bits)
+        per_layer = {name: metric.formula(quantities) for name, metric in self._analytic}
+        return {**{name: values.sum() for name, values in per_layer.items()}, "per_layer": per_layer,
+                "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k}
 
     def _arrays_like(self, kept: Any) -> dict[str, Any]:
         names = ("out_full", "in_full", "groups_", "kernel", "positions", "has_bias", "is_bn", "is_dw",
@@ -153,21 +176,23 @@ class CostModel:
             self._torch_cache[key] = {k: torch.as_tensor(v, dtype=kept.dtype, device=kept.device) for k, v in arrays.items()}
         return self._torch_cache[key]
 
-    def bits_vector(self, candidate: Candidate) -> np.ndarray:
+    def bits_vector(self, candidate: Candidate | Resolved) -> np.ndarray:
         """Weight bits per layer (shape (layers,); batch-norm layers read 32)."""
-        bits = self.space.weight_bits(candidate)
+        return self._bits_vector(self.space.resolve(candidate).bits)
+
+    def _bits_vector(self, bits: Mapping[str, int]) -> np.ndarray:
         return np.array([bits.get(name, 32) for name in self.layer_names], dtype=np.float64)
 
     # ---- candidates ------------------------------------------------------------------------
-    def __call__(self, candidate: Candidate) -> Costs:
+    def __call__(self, candidate: Candidate | Resolved) -> Costs:
         """Costs of the network ``candidate`` describes (validated against the space)."""
-        self.space.validate(candidate)
-        out = self.from_kept(self.space.kept_channels(candidate).astype(np.float64), self.bits_vector(candidate))
-        latency = math.nan
+        resolved = self.space.resolve(candidate)
+        out = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits))
+        values = {name: float(out[name]) for name in analytic_metrics()}
         if self.latency_table is not None:
-            latency = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
-                                                 float(out["macs"]) / self.base.macs)  # set before a table can be attached
-        return Costs(float(out["macs"]), float(out["params"]), float(out["bytes"]), float(out["bitops"]), latency)
+            values["latency"] = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
+                                                           values["macs"] / self.base["macs"])  # set before a table can be attached
+        return Costs(values)
 
     def attach_latency_table(self, table: Any) -> None:
         """Predict latency (the ``latency`` metric) with ``table`` from now on."""
@@ -178,34 +203,32 @@ class CostModel:
         """Each cost of ``candidate`` as a fraction of the full network's (latency when a table is attached)."""
         return relative_costs(self(candidate), self.base)
 
-    def per_layer(self, candidate: Candidate) -> dict[str, dict[str, float]]:
-        """MACs and params of each layer under ``candidate``: {layer: {"macs", "params"}}."""
-        out = self.from_kept(self.space.kept_channels(candidate).astype(np.float64), self.bits_vector(candidate))
-        return {n: {"macs": float(m), "params": float(p)} for n, m, p in zip(self.layer_names, out["layer_macs"], out["layer_params"])}
+    def per_layer(self, candidate: Candidate | Resolved) -> dict[str, dict[str, float]]:
+        """Every analytic metric of each layer under ``candidate``: {layer: {metric: amount}}."""
+        resolved = self.space.resolve(candidate)
+        per_layer = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits))["per_layer"]
+        return {n: {m: float(values[i]) for m, values in per_layer.items()} for i, n in enumerate(self.layer_names)}
 
     # ---- checks ----------------------------------------------------------------------------
     def verify(self, model: nn.Module) -> None:
         """Check the formulas account for all of ``model``'s MACs and parameters."""
         measured = count_macs(model, self.space.example_input)
-        if abs(measured - self.base.macs) > 0.5:
+        if abs(measured - self.base['macs']) > 0.5:
             raise UnsupportedLayerError(
-                f"the model performs {measured:.0f} MACs but its Conv2d/Linear layers account for {self.base.macs:.0f}; "
+                f"the model performs {measured:.0f} MACs but its Conv2d/Linear layers account for {self.base['macs']:.0f}; "
                 "it computes convolutions or matrix products outside modules, which automlprune cannot cost: move them into nn.Conv2d/nn.Linear layers"
             )
         params = sum(p.numel() for p in model.parameters())
-        if params != int(self.base.params):
+        if params != int(self.base['params']):
             raise UnsupportedLayerError(
-                f"the model holds {params} parameters but its Conv2d/Linear/BatchNorm layers account for {int(self.base.params)}; "
+                f"the model holds {params} parameters but its Conv2d/Linear/BatchNorm layers account for {int(self.base['params'])}; "
                 "parameters outside such layers cannot be costed: move them into supported layers"
             )
 
 
 def relative_costs(costs: Costs, base: Costs) -> dict[str, float]:
-    """Each cost over the full network's; ``latency`` only when both are known."""
-    out = {m: costs.get(m) / base.get(m) for m in METRICS}
-    if not math.isnan(costs.latency_ms) and not math.isnan(base.latency_ms):
-        out["latency"] = costs.latency_ms / base.latency_ms
-    return out
+    """Each cost over the full network's, for the metrics both hold."""
+    return {m: costs[m] / base[m] for m in costs if m in base}
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:
@@ -225,7 +248,7 @@ def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, 
     layer at ``bits``, when given) costs at most ``budget`` (absolute units of ``metric``), by
     bisection on r in (0, 1]. Raises ConfigError when even the space's minimum widths exceed the budget."""
     space = cost_model.space
-    cost = lambda r: cost_model(space.uniform(r, bits)).get(metric)  # noqa: E731
+    cost = lambda r: cost_model(space.uniform(r, bits))[metric]  # noqa: E731
     if cost(1.0) <= budget:
         return 1.0
     lo = 1e-6

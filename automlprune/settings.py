@@ -1,0 +1,70 @@
+"""Frozen settings of the engine: baseline training, evaluation, fine-tuning. Plain data:
+YAML reading and ``--set`` overrides live in :mod:`automlprune.tasks`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from automlprune.train.trainer import Recipe
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Baseline training: SGD (momentum, nesterov) with a cosine or one-cycle learning rate."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" or "onecycle"
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def recipe(self, epochs: int | None = None) -> Recipe:
+        return Recipe(self.epochs if epochs is None else epochs, self.batch_size, self.lr, self.momentum,
+                      self.weight_decay, self.schedule, self.label_smoothing, None, self.seed)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the evaluator scores a candidate.
+
+    bn_recalibration: re-estimate batch-norm statistics on ``bn_batches`` training batches of
+    ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
+    first N validation samples (None = all). criterion: which channels survive;
+    criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
+    reconstruction: "none", or "least_squares" to fold removed channels into the kept ones at
+    the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's).
+    """
+
+    batch_size: int = 256
+    val_samples: int | None = None
+    bn_recalibration: bool = True
+    bn_batches: int = 10
+    bn_batch_size: int = 64
+    criterion: str = "l1"
+    criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
+    latency_batch_sizes: tuple[int, ...] = (1, 64)
+    reconstruction: str = "none"
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Fine-tuning of a materialized network: SGD with cosine decay, optional distillation from
+    the unpruned network (loss = (1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    seed: int = 0
+    steps_per_epoch: int | None = None  # cap on batches per epoch (None = the whole training split)
+
+    def recipe(self) -> Recipe:
+        return Recipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, "cosine", 0.0,
+                      self.steps_per_epoch, self.seed)

@@ -1,0 +1,54 @@
+"""Callbacks of the :class:`~automlprune.train.trainer.Trainer` shared by several uses."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from automlprune.quantization import RECORD_ATTRIBUTE, WeightFakeQuant, quantize_weights_
+from automlprune.train.trainer import Callback, Trainer
+
+
+class Distillation(Callback):
+    """Knowledge distillation from ``teacher`` (Hinton et al. 2015): the loss becomes
+    (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || student) at temperature T."""
+
+    def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0) -> None:
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.teacher.to(trainer.device).eval()
+
+    def loss(self, trainer, x, y, logits, loss):
+        t = self.temperature
+        with torch.no_grad():
+            soft = F.log_softmax(self.teacher(x) / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, log_target=True, reduction="batchmean") * t ** 2
+        return (1 - self.alpha) * loss + self.alpha * kd
+
+
+class QuantizationAware(Callback):
+    """Quantization-aware training: while training, the named layers compute with fake-quantized
+    weights (straight-through gradients to float shadow weights, :class:`WeightFakeQuant`); at
+    the end the weights are left on their grids and the quantization recorded on the model."""
+
+    def __init__(self, bits: Mapping[str, int], scheme: str = "per_channel_symmetric") -> None:
+        self.bits = {name: b for name, b in bits.items() if b < 32}
+        self.scheme = scheme
+
+    def on_start(self, trainer: Trainer) -> None:
+        for name, b in self.bits.items():
+            parametrize.register_parametrization(trainer.model.get_submodule(name), "weight", WeightFakeQuant(b, self.scheme))
+
+    def on_end(self, trainer: Trainer) -> None:
+        model = trainer.model
+        for name in self.bits:
+            module = model.get_submodule(name)
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        record = getattr(model, RECORD_ATTRIBUTE, {})
+        quantize_weights_(model, self.bits, self.scheme, record.get("activation_bits", 32))

@@ -1,0 +1,272 @@
+"""The one training loop of automlprune: baseline training, fine-tuning (distillation,
+quantization-aware), DMCP's supernet and every training-time method are a :class:`Trainer`
+with callbacks (the template method of stable-baselines3's ``learn`` and its callbacks).
+
+One epoch: the training split in a seeded shuffled order with augmentation (the order is a
+function of ``recipe.seed`` and the epoch, so a run is reproducible and an epoch can be
+skipped when resuming), SGD (Nesterov when momentum > 0) with a cosine or one-cycle learning
+rate stepped per optimizer step, then (optionally) the validation accuracy.
+
+What a :class:`Callback` can do, in the order the loop calls it:
+
+* ``on_start``: reparametrize the network (gates, masks, fake quantization) before the
+  optimizer is built;
+* ``param_groups``: rewrite the optimizer's parameter groups (per-group learning rate,
+  momentum, weight decay; frozen parameters left out);
+* ``train_step``: replace the whole step for a batch (methods with several forward passes
+  per step, or alternating weight and architecture steps);
+* ``loss``: add loss terms (distillation, regularizers on the differentiable cost model);
+* ``before_step``: edit gradients between backward and the optimizer step;
+* ``after_step``: act after each step (re-zero masked channels, update masks on a schedule);
+* ``on_epoch_end``: act per epoch; returning False stops training;
+* ``on_end``: fold the reparametrization back into plain weights.
+
+Randomness: the data order comes from seeded generators; what draws from PyTorch's global
+generator inside the loop (dropout) runs under :func:`torch.random.fork_rng` seeded with
+``recipe.seed``, so training is reproducible and the caller's global random state is left
+as it was.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from automlprune.accuracy import split_accuracy
+from automlprune.data import DataSplits, iterate_batches
+from automlprune.errors import ConfigError
+from automlprune.progress import Progress
+
+SCHEDULES = ("cosine", "onecycle")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: ``epochs`` of at most ``steps_per_epoch`` optimizer steps (None: the whole
+    training split) of ``batch_size`` images; SGD at ``lr`` with ``momentum`` (Nesterov when
+    positive) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay or
+    one-cycle) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
+    order and any other randomness."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    steps_per_epoch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule '{self.schedule}'; use cosine or onecycle")
+
+
+@dataclass
+class FitHistory:
+    """Per-epoch training loss and validation accuracy (fractions in [0, 1]; the latter empty
+    without validation); what training cost: optimizer ``steps``, ``images`` seen and
+    ``seconds`` of wall time; ``logs``: what callbacks recorded per epoch."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a replaced training step did: its loss (for the epoch mean; None: not counted) and
+    whether it stepped the network's optimizer (then the schedule advances and ``after_step`` runs)."""
+
+    loss: float | None
+    stepped: bool = True
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; every method is optional (see the module docstring)."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        """Before the optimizer is built: reparametrize ``trainer.model``."""
+
+    def param_groups(self, trainer: "Trainer", groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (``torch.optim`` dicts); return them changed or as they are."""
+        return groups
+
+    def batches_in_epoch(self, trainer: "Trainer", epoch: int, steps: int) -> int | None:
+        """How many batches epoch ``epoch`` draws (None: ``steps``, one per optimizer step)."""
+        return None
+
+    def train_step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> StepResult | None:
+        """Replace the default step for this batch (None: the default step runs)."""
+        return None
+
+    def loss(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        """The training loss with this callback's terms added."""
+        return loss
+
+    def before_step(self, trainer: "Trainer") -> None:
+        """Between backward and the optimizer step (gradients are in ``.grad``)."""
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """After each optimizer step."""
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> bool | None:
+        """After epoch ``epoch`` (0-based) and its validation; False stops training."""
+        return None
+
+    def on_end(self, trainer: "Trainer") -> None:
+        """After the last epoch (also when training stops early or fails): fold reparametrizations back."""
+
+
+class Trainer:
+    """Trains ``model`` in place on ``data.train`` following ``recipe``, with ``callbacks``.
+
+    ``validate``: validation accuracy after each epoch (the baseline and fine-tunes report it);
+    ``start_epoch``: resume at this epoch (the schedule is advanced past the skipped steps and
+    the data order of later epochs is the same as in an uninterrupted run).
+    Inside callbacks: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``batch_index`` (within
+    the epoch), ``step`` (optimizer steps so far), ``history`` and ``log`` (a dict a callback
+    fills with this epoch's figures; shown in progress lines and kept in ``history.logs``).
+    """
+
+    def __init__(self, model: nn.Module, data: DataSplits, device: torch.device | str, recipe: Recipe,
+                 callbacks: Sequence[Callback] = (), *, description: str = "train", progress: bool = True,
+                 validate: bool = True, start_epoch: int = 0) -> None:
+        self.model, self.data, self.device, self.recipe = model, data, torch.device(device), recipe
+        self.callbacks = list(callbacks)
+        self.description, self.progress, self.validate, self.start_epoch = description, progress, validate, start_epoch
+        self.steps_per_epoch = min(recipe.steps_per_epoch or 10 ** 12, max(1, len(data.train) // recipe.batch_size))
+        self.total_steps = max(1, recipe.epochs * self.steps_per_epoch)
+        self.history = FitHistory()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.epoch = self.batch_index = self.step = 0
+        self.log: dict[str, Any] = {}
+        self._started = time.perf_counter()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> FitHistory:
+        """Run the recipe; returns the history (the model is left in eval mode)."""
+        forked = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):
+            torch.manual_seed(self.recipe.seed)
+            self._fit()
+        return self.history
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this run's training started."""
+        return time.perf_counter() - self._started
+
+    def _fit(self) -> None:
+        start = self._started = time.perf_counter()
+        self.model.to(self.device).train()
+        for cb in self.callbacks:
+            cb.on_start(self)
+        try:
+            self._build_optimizer()
+            self._skip_to(self.start_epoch)
+            reporter = Progress(self.description, self.recipe.epochs, "epoch", self.progress)
+            try:
+                for epoch in range(self.start_epoch, self.recipe.epochs):
+                    self.epoch, self.log = epoch, {}
+                    self._run_epoch(epoch)
+                    if self.validate:
+                        self.history.val_accuracy.append(split_accuracy(self.model, self.data.val, self.data, self.device))
+                    go_on = [cb.on_epoch_end(self, epoch) for cb in self.callbacks]
+                    self.history.logs.append(dict(self.log))
+                    self._report(reporter, epoch, time.perf_counter() - start)
+                    if any(v is False for v in go_on):
+                        break
+            finally:
+                reporter.close()
+        finally:
+            for cb in self.callbacks:
+                cb.on_end(self)
+            self.history.seconds = time.perf_counter() - start
+            self.model.eval()
+
+    def _build_optimizer(self) -> None:
+        r = self.recipe
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        for cb in self.callbacks:
+            groups = cb.param_groups(self, groups)
+        self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                         nesterov=r.momentum > 0)
+        if r.schedule == "onecycle":
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=[g.get("lr", r.lr) for g in groups],
+                                                                 total_steps=self.total_steps)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
+
+    def _skip_to(self, epoch: int) -> None:
+        with warnings.catch_warnings():  # stepping a schedule before its optimizer is expected here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epoch * self.steps_per_epoch):
+                self.scheduler.step()
+
+    def _run_epoch(self, epoch: int) -> None:
+        self.model.train()
+        limit = next((n for cb in self.callbacks if (n := cb.batches_in_epoch(self, epoch, self.steps_per_epoch)) is not None),
+                     self.steps_per_epoch)
+        running, count = 0.0, 0
+        batches = iterate_batches(self.data.train, self.data, self.recipe.batch_size, self.device, shuffle=True,
+                                  augment=True, seed=self.recipe.seed * 100003 + epoch, drop_last=True)
+        for index, (x, y) in enumerate(batches):
+            if index >= limit:
+                break
+            self.batch_index = index
+            result = next((r for cb in self.callbacks if (r := cb.train_step(self, x, y)) is not None), None)
+            if result is None:
+                result = self._default_step(x, y)
+            if result.stepped:
+                self.scheduler.step()
+                self.step += 1
+                for cb in self.callbacks:
+                    cb.after_step(self)
+            if result.loss is not None:
+                running += result.loss * len(y)
+                count += len(y)
+            self.history.images += len(y)
+        self.history.steps = self.step
+        self.history.train_loss.append(running / max(count, 1))
+
+    def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
+        for cb in self.callbacks:
+            loss = cb.loss(self, x, y, logits, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in self.callbacks:
+            cb.before_step(self)
+        self.optimizer.step()
+        return StepResult(loss.item())
+
+    def _report(self, reporter: Progress, epoch: int, elapsed: float) -> None:
+        loss = self.history.train_loss[-1]
+        parts = [f"loss {loss:.3f}"]
+        postfix = {"loss": f"{loss:.3f}"}
+        if self.validate:
+            parts.append(f"val_acc {self.history.val_accuracy[-1]:.4f}")
+            postfix["val_acc"] = f"{self.history.val_accuracy[-1]:.4f}"
+        parts += [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.log.items()]
+        reporter.update(epoch + 1, f"{self.description}: epoch {epoch + 1}/{self.recipe.epochs} {' '.join(parts)} "
+                        f"({elapsed:.0f}s)", **postfix)
+
+
+def fit(model: nn.Module, data: DataSplits, device: torch.device | str, recipe: Recipe,
+        callbacks: Sequence[Callback] = (), **options: Any) -> FitHistory:
+    """``Trainer(model, data, device, recipe, callbacks, **options).fit()``."""
+    return Trainer(model, data, device, recipe, callbacks, **options).fit()

@@ -79,7 +79,7 @@ class TrainedWeights:
         digest = hashlib.sha1()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         for group, keep in sorted(self.kept.items()):
             digest.update(group.encode())
             digest.update(keep.numpy().tobytes())

@@ -40,6 +40,11 @@ class Registry(Generic[T]):
         self._metadata[name] = dict(metadata)
         return obj
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (plugins and tests that register temporary entries)."""
+        self._entries.pop(name, None)
+        self._metadata.pop(name, None)
+
     def get(self, name: str) -> T:
         """The entry named ``name``, importing it first if it is lazy."""
         if name not in self._entries:

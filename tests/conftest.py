@@ -13,17 +13,20 @@ from automlprune.train import Recipe, fit
 torch.set_num_threads(2)
 
 # (model name, input size, kwargs): every zoo family plus the torchvision models the issue names.
+# The deeper members of each family run in the slow set (-m slow); each family keeps a fast one.
+_slow = pytest.mark.slow
 ZOO_CASES = [
     ("digits_cnn", 8, {}),
     ("resnet20", 16, {}),
-    ("resnet32", 16, {}),
-    ("resnet56", 16, {}),
+    pytest.param("resnet32", 16, {}, marks=_slow, id="resnet32"),
+    pytest.param("resnet56", 16, {}, marks=_slow, id="resnet56"),
     ("vgg11_bn", 32, {}),
-    ("vgg16_bn", 32, {}),
+    pytest.param("vgg16_bn", 32, {}, marks=_slow, id="vgg16_bn"),
     ("mobilenet_v2", 32, {}),
     ("torchvision:resnet18", 32, {}),
-    ("torchvision:mobilenet_v2", 32, {}),
+    pytest.param("torchvision:mobilenet_v2", 32, {}, marks=_slow, id="torchvision:mobilenet_v2"),
 ]
+ZOO_IDS = [case.id if hasattr(case, "id") else case[0] for case in ZOO_CASES]
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -50,6 +53,37 @@ def trained_digits_model(digits):
     model = build_model("digits_cnn", 10, 1)
     fit(model, digits, torch.device("cpu"), Recipe(epochs=12, batch_size=64, lr=0.05), progress=False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory):
+    """The digits task's baseline checkpoint, trained once per test session through the CLI
+    (6 epochs); tests pass it with ``--set checkpoint=PATH``."""
+    from automlprune.cli.main import main
+
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    assert main(["train", "digits-cnn", "--set", f"checkpoint={path}", "--set", "train.epochs=6", "--json"]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(digits_checkpoint):
+    """The shared digits checkpoint (:func:`digits_checkpoint`)."""
+    return digits_checkpoint
+
+
+def assert_drawn(path, min_ink: float = 0.01, min_colors: int = 3) -> None:
+    """The PNG at ``path`` holds a drawing: at least ``min_ink`` of its pixels differ from the
+    background (the most common colour) and it uses at least ``min_colors`` colours. A blank
+    or empty figure fails."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(str(path))[..., :3]
+    pixels = (image.reshape(-1, 3) * 255).round().astype(np.uint8)
+    colors, counts = np.unique(pixels, axis=0, return_counts=True)
+    ink = 1 - counts.max() / counts.sum()
+    assert ink >= min_ink and len(colors) >= min_colors, f"{path} looks blank ({ink:.2%} ink, {len(colors)} colours)"
 
 
 @pytest.fixture(scope="session")

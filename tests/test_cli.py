@@ -11,13 +11,6 @@ from automlprune.cli.main import main
 from automlprune.models import build_model, save_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
-    assert main(["train", "digits-cnn", "--set", f"checkpoint={path}", "--set", "train.epochs=6", "--json"]) == 0
-    return path
-
-
 def _run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()

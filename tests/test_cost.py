@@ -9,7 +9,7 @@ from automlprune.materialize import materialize
 from automlprune.models import build_model
 from automlprune.space import Candidate, SearchSpace, SpaceConfig
 
-from conftest import ZOO_CASES
+from conftest import ZOO_CASES, ZOO_IDS
 
 
 def _random_candidates(space, n, seed=0):
@@ -18,7 +18,7 @@ def _random_candidates(space, n, seed=0):
         yield Candidate.make({g: float(rng.choice(space.config.ratios)) for g in space.prunable})
 
 
-@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=[c[0] for c in ZOO_CASES])
+@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=ZOO_IDS)
 def test_costs_equal_flop_counter_and_parameter_count_of_materialized_net(name, size, kwargs):
     torch.manual_seed(0)
     model = build_model(name, 10, 3, **kwargs).eval()

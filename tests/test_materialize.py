@@ -13,10 +13,10 @@ from automlprune.quantization import quantize_weights_
 from automlprune.models import build_model
 from automlprune.space import Candidate, SearchSpace, SpaceConfig
 
-from conftest import ZOO_CASES, randomize_batchnorm
+from conftest import ZOO_CASES, ZOO_IDS, randomize_batchnorm
 
 
-@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=[c[0] for c in ZOO_CASES])
+@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=ZOO_IDS)
 def test_materialized_net_computes_what_the_masked_net_does(name, size, kwargs):
     torch.manual_seed(0)
     model = randomize_batchnorm(build_model(name, 10, 3, **kwargs))

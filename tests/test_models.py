@@ -4,10 +4,10 @@ import torch
 from automlprune.errors import CheckpointError, ConfigError
 from automlprune.models import build_model, load_weights, read_checkpoint, save_checkpoint
 
-from conftest import ZOO_CASES
+from conftest import ZOO_CASES, ZOO_IDS
 
 
-@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=[c[0] for c in ZOO_CASES])
+@pytest.mark.parametrize("name,size,kwargs", ZOO_CASES, ids=ZOO_IDS)
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_zoo_models_adapt_to_channels_and_classes(name, size, kwargs, in_channels):
     model = build_model(name, 7, in_channels, **kwargs).eval()

@@ -34,9 +34,9 @@ def test_env_passes_gymnasium_and_sb3_checkers_through_make(action_type, digits_
     assert env.observation_space.shape == (len(OBSERVATION_FEATURES),)
 
 
-def test_make_from_a_task_name(tmp_path):
+def test_make_from_a_task_name(digits_checkpoint):
     env = gym.make("automlprune/LayerWidth-v0", task="digits-cnn", budget="params=0.5",
-                   overrides=(f"checkpoint={tmp_path / 'c.pt'}", "train.epochs=2"))
+                   overrides=(f"checkpoint={digits_checkpoint}",))
     _, reward, info = _episode(env.unwrapped, lambda e: e.action_space.sample())
     assert info["feasible"] and 0 <= reward <= 1
 
@@ -96,14 +96,7 @@ def test_bad_env_options_are_one_sentence(digits_evaluator):
         LayerWidthEnv(digits_evaluator, "macs=0.5", mode="layers")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
-    assert main(["train", "digits-cnn", "--set", f"checkpoint={path}", "--set", "train.epochs=4", "--json"]) == 0
-    return path
-
-
-@pytest.mark.parametrize("strategy", ["ddpg", "ppo"])
+@pytest.mark.parametrize("strategy", ["ddpg", pytest.param("ppo", marks=pytest.mark.slow)])
 def test_tiny_agent_search_records_evaluations_and_saves_the_agent(strategy, checkpoint, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5", "--evals", "10", "--run-dir", str(run),

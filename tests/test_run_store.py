@@ -10,7 +10,6 @@ import time
 import optuna
 import pytest
 
-from automlprune.cli.main import main
 from automlprune.search.store import RunStore, from_params, to_params
 
 from conftest import run_search
@@ -74,9 +73,9 @@ def _count(run_dir, name):
     return sum(1 for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"))
 
 
-def test_kill_9_mid_search_then_resume(tmp_path):
-    checkpoint = tmp_path / "digits.pt"
-    assert main(["train", "digits-cnn", "--set", f"checkpoint={checkpoint}", "--set", "train.epochs=3", "--json"]) == 0
+@pytest.mark.slow
+def test_kill_9_mid_search_then_resume(tmp_path, digits_checkpoint):
+    checkpoint = digits_checkpoint
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "automlprune.cli.main", "search", "digits-cnn", "--strategy", "optuna-tpe",
                "--budget", "macs=0.5", "--evals", "60", "--run-dir", str(run_dir), "--no-export", "--json",

@@ -8,6 +8,9 @@ from automlprune.search.budget import parse_budget
 from conftest import run_search
 
 STRATEGY_NAMES = STRATEGIES.names()
+AGENT_TRAINING = {"td3", "sac", "ppo"}
+"""SB3 agents beyond DDPG (the fast one, with HAQ's bits mode) train in the slow set."""
+CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]
 BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
 
 
@@ -19,7 +22,7 @@ def mixed_space(trained_digits_model, digits):
     return SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(bit_choices=(2, 4, 8, 32), pin_first_last_bits=8))
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", CONTRACT_CASES)
 @pytest.mark.parametrize("budget", ["macs=0.5", "params=0.3", "bytes=0.2 mixed"])
 def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, mixed_space, digits):
     """Every strategy, on the channel space (macs, params) and on a channels-and-bits space (bytes)."""

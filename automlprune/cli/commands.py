@@ -31,6 +31,14 @@ def _task(args: argparse.Namespace):
     return Task(TaskSpec.load(args.env, _overrides(args)))
 
 
+def _costs_text(costs: Any, relative: dict[str, float]) -> str:
+    """Every metric the costs hold (the registry's, in its order), with its fraction of the unpruned network."""
+    from automlprune.cost.metrics import all_metrics
+
+    return "   ".join(f"{m.unit} {_si(costs[m.name])} ({_pct(relative[m.name])})" for m in all_metrics()
+                       if m.name in costs and m.name in relative)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -57,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from automlprune.cost import CostModel
+    from automlprune.cost.metrics import all_metrics
 
     task = _task(args)
     model = task.build_model().to(resolve_device(args.device))
@@ -64,9 +73,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cost = CostModel(space, model)
     info = {"task": task.spec.name, "model": task.spec.model, **space.describe(),
             "base": {**cost.base.to_dict(), "flops": cost.base.flops},
-            "units": "macs: multiply-accumulates per sample (flops = 2 x macs); bytes: parameter storage"}
-    lines = [f"{task.spec.name}: {task.spec.model} on {task.spec.dataset}, {_si(cost.base.macs)} MACs, "
-             f"{_si(cost.base.params)} params, {_si(cost.base.bytes)}B; {len(space.groups)} channel groups "
+            "units": {**{m.name: m.unit for m in all_metrics()}, "flops": "2 x MACs"}}
+    amounts = ", ".join(f"{_si(cost.base[m.name])} {m.unit}" for m in all_metrics() if m.name in cost.base)
+    lines = [f"{task.spec.name}: {task.spec.model} on {task.spec.dataset}, {amounts}; {len(space.groups)} channel groups "
              f"({len(space.prunable)} prunable)"]
     for g in info["groups"]:
         flag = " (pinned)" if g["pinned"] else ""
@@ -93,10 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluator = Evaluator(model, space, task.data, task.spec.evaluation, device)
     result = evaluator.evaluate(candidate, latency=args.latency)
     payload = result.to_dict()
-    rel = result.relative
-    human = [f"accuracy {_pct(result.accuracy)} (validation, BN re-estimated)   "
-             f"MACs {_si(result.costs.macs)} ({_pct(rel['macs'])})   params {_si(result.costs.params)} ({_pct(rel['params'])})   "
-             f"bytes {_si(result.costs.bytes)} ({_pct(rel['bytes'])})"]
+    human = [f"accuracy {_pct(result.accuracy)} (validation, BN re-estimated)   " + _costs_text(result.costs, result.relative)]
     if result.measured_latency_ms:
         human.append("latency " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in result.measured_latency_ms.items()))
     network = None

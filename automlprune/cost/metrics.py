@@ -30,13 +30,15 @@ from automlprune.registry import Registry
 class LayerQuantities:
     """Per-layer quantities of one candidate (arrays of shape (layers,), NumPy or torch).
 
-    weights: multiply-accumulate weights kept (0 for batch norms); positions: output positions
-    per sample; biases: bias entries kept; norm_params: batch-norm affine entries kept; bits:
+    weights: multiply-accumulate weights kept (0 for batch norms); inputs / outputs: kept input
+    and output channels; positions: output positions per sample; biases: bias entries kept; norm_params: batch-norm affine entries kept; bits:
     weight bits; quantized: 1 where the layer's weights are below 32 bits; scale_entries: its
     quantization scales (per channel or 1); scale_entry_bytes: bytes per scale entry (scalar);
     activation_bits: bits of every layer's input (scalar)."""
 
     weights: Any
+    inputs: Any
+    outputs: Any
     positions: Any
     biases: Any
     norm_params: Any

@@ -64,6 +64,9 @@ class Costs(Mapping[str, float]):
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Costs are immutable")
 
+    def __reduce__(self) -> tuple:
+        return Costs, (self._values,)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
@@ -156,7 +159,7 @@ class CostModel:
         bits = a["full_bits"] if weight_bits is None else weight_bits
         quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
         quantities = LayerQuantities(
-            weights=weights, positions=a["positions"], biases=conv_like * a["has_bias"] * out_k,
+            weights=weights, inputs=in_k, outputs=out_k, positions=a["positions"], biases=conv_like * a["has_bias"] * out_k,
             norm_params=a["is_bn"] * a["has_bias"] * 2 * out_k, bits=bits, quantized=quantized,
             scale_entries=out_k if self.per_channel_scales else 1.0, scale_entry_bytes=self.scale_entry_bytes,
             activation_bits=self.activation_bits)

@@ -20,7 +20,7 @@ from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
-from automlprune.settings import FinetuneSettings
+from automlprune.settings import EvalSettings, FinetuneSettings
 
 
 UNPRUNED_STUDY = "unpruned"
@@ -65,7 +65,7 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = (1, 64)) -> list[dict[str, Any]]:
+def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = EvalSettings().latency_batch_sizes) -> list[dict[str, Any]]:
     """One row per (strategy, budget): means (and spreads) over seeds; a cost column per analytic
     metric of the registry, a latency column per batch size."""
     rows = []

@@ -151,20 +151,20 @@ class SearchSpace:
         indices of that layer's side ("out" or "in") that survive, from the groups' index maps
         (a side several groups touch, such as a linear reading a concatenation, loses the union
         of their removed indices). Only sides that lose something are listed."""
-        dropped: dict[tuple[str, str], set[int]] = {}
+        alive: dict[tuple[str, str], np.ndarray] = {}
         for name, keep in kept.items():
             group = self.group_by_name[name]
-            removed = np.setdiff1d(np.arange(group.channels), np.asarray(keep, dtype=np.int64))
-            if len(removed) == 0:
+            gone = np.ones(group.channels, dtype=bool)
+            gone[np.asarray(keep, dtype=np.int64)] = False
+            if not gone.any():
                 continue
             for member in group.members:
-                dropped.setdefault((member.layer, member.dim), set()).update(member.index_map[removed].reshape(-1).tolist())
-        out = {}
-        for (layer, side), gone in dropped.items():
-            info = self.layer_by_name[layer]
-            size = info.out_channels if side == "out" else info.in_channels
-            out[(layer, side)] = torch.as_tensor(np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
-        return out
+                key = (member.layer, member.dim)
+                if key not in alive:
+                    info = self.layer_by_name[member.layer]
+                    alive[key] = np.ones(info.out_channels if member.dim == "out" else info.in_channels, dtype=bool)
+                alive[key][member.index_map[gone].reshape(-1)] = False
+        return {key: torch.from_numpy(np.flatnonzero(mask)) for key, mask in alive.items()}
 
     def kept_channels(self, candidate: Candidate) -> np.ndarray:
         """Channels each group keeps under ``candidate``: int64 array of shape (len(groups),)."""

@@ -158,7 +158,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> FitHistory:
         """Run the recipe; returns the history (the model is left in eval mode)."""
-        forked = [self.device] if self.device.type == "cuda" else []
+        forked = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(self.recipe.seed)
             self._fit()

@@ -139,11 +139,6 @@ class Evaluator:
         """Number of distinct proposals evaluated so far."""
         return len(self._cache)
 
-    def key(self, proposal: Candidate | Proposal) -> str:
-        """The cache key of ``proposal``: its canonical candidate's, plus a fingerprint of trained weights."""
-        proposal = as_proposal(proposal)
-        return proposal.key(self.space.resolve(proposal.candidate).key)
-
     def network(self, proposal: Candidate | Proposal, resolved: Resolved | None = None) -> nn.Module:
         """The materialized network of ``proposal`` (from the original weights with the
         evaluator's channel order and reconstruction, or from trained weights keeping their

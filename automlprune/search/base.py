@@ -179,8 +179,8 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             if asked is None:
                 break
             proposal = as_proposal(asked)
-            key = evaluator.key(proposal)  # one key per network, however it was written
             result = evaluator.evaluate(proposal)
+            key = result.key  # one key per network (and weights), however it was written
             if key not in stored_keys or strategy.pending_trial is not None:
                 result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed()},
                                  repeat=key in stored_keys)

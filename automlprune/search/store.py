@@ -12,7 +12,9 @@ strategy, seed, budget, task, wall time and versions; the budget is an Optuna co
 
 from __future__ import annotations
 
+import copy
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -22,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult
+from automlprune.proposal import Proposal, TrainedWeights
 from automlprune.space import Candidate, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -190,39 +194,30 @@ class RunStore:
             params=to_params(space, result.candidate), distributions=distributions(space), values=values,
             user_attrs=user_attrs, system_attrs={"constraints": [violation]}))
 
-    def save_weights(self, key: str, weights: Any) -> str:
+    def save_weights(self, key: str, weights: TrainedWeights) -> str:
         """Save trained weights (:class:`~automlprune.proposal.TrainedWeights`) of the proposal
-        with cache key ``key``; returns the artifact's name (relative to the run directory)."""
-        import hashlib
-
-        import torch
-
+        with cache key ``key`` (atomically: a crash never leaves half a file); returns the
+        artifact's name (relative to the run directory)."""
         name = f"weights/{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         path = self.artifacts.path(name)
         if not path.is_file():
-            torch.save(weights.to_artifact(), path)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(weights.to_artifact(), tmp)
+            tmp.replace(path)
         return name
 
-    def load_weights(self, name: str, architecture: Any) -> Any:
+    def load_weights(self, name: str, architecture: torch.nn.Module) -> TrainedWeights:
         """The trained weights saved as ``name``, loaded into ``architecture`` (a fresh module of
         the original architecture): a :class:`~automlprune.proposal.TrainedWeights`."""
-        import torch
-
-        from automlprune.proposal import TrainedWeights
-
         path = self.run_dir / name
         if not path.is_file():
             raise ConfigError(f"the trained weights {path} of this run are missing; copy the run directory whole, with its weights/ folder")
         return TrainedWeights.from_artifact(torch.load(path, map_location="cpu", weights_only=True), architecture)
 
-    def proposal(self, result: dict[str, Any], model: Any) -> Any:
+    def proposal(self, result: dict[str, Any], model: torch.nn.Module) -> Proposal:
         """The :class:`~automlprune.proposal.Proposal` a stored result (an answer) was evaluated
         from: its candidate with the original weights, or with its trained weights loaded from
         the run's artifacts into a copy of ``model`` (the original network)."""
-        import copy
-
-        from automlprune.proposal import Proposal
-
         candidate = Candidate.from_dict(result["candidate"])
         weights = result.get("weights") or {}
         if weights.get("source") != "trained":

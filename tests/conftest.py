@@ -99,7 +99,8 @@ def digits_evaluator(trained_digits_model, digits_space, digits):
     return Evaluator(trained_digits_model, digits_space, digits, EvalSettings(bn_batches=2, bn_batch_size=64))
 
 
-def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0, max_evals=8, run_name="run", evaluator=None):
+def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0, max_evals=8, run_name="run", evaluator=None,
+               options=None):
     """One search with a fresh evaluator (so its cache counts this search's evaluations only)."""
     from automlprune.evaluator import Evaluator
     from automlprune.search import STRATEGIES
@@ -115,6 +116,6 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     b = parse_budget(budget)
     study = store.study(RunStore.study_name(strategy, b.label, seed), {"strategy": strategy, "budget": b.label, "seed": seed})
     context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, data=data)
-    instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals)
+    instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals, **(options or {}))
     outcome = run_strategy(instance, evaluator, store, study, max_evals=max_evals)
     return outcome, store, study, evaluator

@@ -10,6 +10,9 @@ from conftest import run_search
 STRATEGY_NAMES = STRATEGIES.names()
 AGENT_TRAINING = {"td3", "sac", "ppo"}
 """SB3 agents beyond DDPG (the fast one, with HAQ's bits mode) train in the slow set."""
+SHORT_TRAINING = {name: dict(batch_size=64, update_interval=2, reg_steps=40, pick_steps=10, stabilize_steps=4, max_epochs=3)
+                  for name in ("greg1", "greg2")}
+"""Training-time methods run the contract with a few dozen steps (tests/test_greg.py trains them longer)."""
 CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]
 BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
 
@@ -30,8 +33,9 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     budget, _, mixed = budget.partition(" ")
     budget = BITS_ONLY.get(strategy, {}).get(budget, budget)
     space = mixed_space if mixed or strategy in BITS_ONLY else digits_space
+    options = SHORT_TRAINING.get(strategy, {})
     outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, strategy,
-                                                  budget=budget, max_evals=max_evals, seed=1)
+                                                  budget=budget, max_evals=max_evals, seed=1, options=options)
     b = parse_budget(budget)
     base = evaluator.cost_model.base
     # answers meet the budget
@@ -45,7 +49,7 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     assert len({r.result.candidate.key for r in records}) == len(records)
     # deterministic under a seed
     again, *_ = run_search(tmp_path, trained_digits_model, space, digits, strategy, budget=budget,
-                           max_evals=max_evals, seed=1, run_name="again")
+                           max_evals=max_evals, seed=1, run_name="again", options=options)
     assert again.answer.candidate == outcome.answer.candidate
     assert [r.candidate for r in again.history] == [r.candidate for r in outcome.history]
 

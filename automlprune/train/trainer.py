@@ -18,6 +18,7 @@ What a :class:`Callback` can do, in the order the loop calls it:
 * ``loss``: add loss terms (distillation, regularizers on the differentiable cost model);
 * ``before_step``: edit gradients between backward and the optimizer step;
 * ``after_step``: act after each step (re-zero masked channels, update masks on a schedule);
+  returning False stops training at once;
 * ``on_epoch_end``: act per epoch; returning False stops training;
 * ``on_end``: fold the reparametrization back into plain weights.
 
@@ -43,15 +44,15 @@ from automlprune.data import DataSplits, iterate_batches
 from automlprune.errors import ConfigError
 from automlprune.progress import Progress
 
-SCHEDULES = ("cosine", "onecycle")
+SCHEDULES = ("cosine", "onecycle", "constant")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How to train: ``epochs`` of at most ``steps_per_epoch`` optimizer steps (None: the whole
     training split) of ``batch_size`` images; SGD at ``lr`` with ``momentum`` (Nesterov when
-    positive) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay or
-    one-cycle) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
+    positive) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay,
+    one-cycle, or constant) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
     order and any other randomness."""
 
     epochs: int
@@ -66,7 +67,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown learning-rate schedule '{self.schedule}'; use cosine or onecycle")
+            raise ConfigError(f"unknown learning-rate schedule '{self.schedule}'; use one of: {', '.join(SCHEDULES)}")
 
 
 @dataclass
@@ -118,8 +119,8 @@ class Callback:
     def before_step(self, trainer: "Trainer") -> None:
         """Between backward and the optimizer step (gradients are in ``.grad``)."""
 
-    def after_step(self, trainer: "Trainer") -> None:
-        """After each optimizer step."""
+    def after_step(self, trainer: "Trainer") -> bool | None:
+        """After each optimizer step; False stops training at once (mid-epoch)."""
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> bool | None:
         """After epoch ``epoch`` (0-based) and its validation; False stops training."""
@@ -152,6 +153,8 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.epoch = self.batch_index = self.step = 0
+        self.stopped = False
+        """True once a callback stopped training (``after_step`` or ``on_epoch_end`` returned False)."""
         self.log: dict[str, Any] = {}
         self._started = time.perf_counter()
 
@@ -187,7 +190,8 @@ class Trainer:
                     go_on = [cb.on_epoch_end(self, epoch) for cb in self.callbacks]
                     self.history.logs.append(dict(self.log))
                     self._report(reporter, epoch, time.perf_counter() - start)
-                    if any(v is False for v in go_on):
+                    self.stopped = self.stopped or any(v is False for v in go_on)
+                    if self.stopped:
                         break
             finally:
                 reporter.close()
@@ -207,6 +211,8 @@ class Trainer:
         if r.schedule == "onecycle":
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=[g.get("lr", r.lr) for g in groups],
                                                                  total_steps=self.total_steps)
+        elif r.schedule == "constant":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
 
@@ -233,12 +239,14 @@ class Trainer:
             if result.stepped:
                 self.scheduler.step()
                 self.step += 1
-                for cb in self.callbacks:
-                    cb.after_step(self)
+                go_on = [cb.after_step(self) for cb in self.callbacks]
+                self.stopped = any(v is False for v in go_on)
             if result.loss is not None:
                 running += result.loss * len(y)
                 count += len(y)
             self.history.images += len(y)
+            if self.stopped:
+                break
         self.history.steps = self.step
         self.history.train_loss.append(running / max(count, 1))
 

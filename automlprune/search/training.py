@@ -1,0 +1,145 @@
+"""The base of training-time methods: strategies that prune while they train and hand back
+the trained network.
+
+One search (strategy, budget, seed) is: choose the widths that meet the budget (with the one
+cost model), copy the trained model, train it with the method's callbacks on the one
+:class:`~automlprune.train.Trainer` (one or several phases), then extract the channels each
+shrunk group keeps, and propose the trained network with them
+(:class:`~automlprune.proposal.TrainedWeights`). The loop evaluates it like any proposal (one
+evaluation), the store keeps the weights, and ``compare`` fine-tunes and exports from them.
+
+What training cost is recorded as the search's ``spent`` (``training_seconds``,
+``training_steps``, ``training_images``) and shown in reports next to the search time of the
+other strategies. Resuming a finished search serves the stored answer; a search interrupted
+mid-training trains again from the start (per-phase checkpoints are not kept yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from automlprune.cost import largest_within
+from automlprune.errors import ConfigError
+from automlprune.proposal import Proposal, TrainedWeights
+from automlprune.search.base import SearchContext, Strategy
+from automlprune.search.budget import Budget
+from automlprune.space import Candidate
+from automlprune.train import FitHistory
+
+WIDTH_RULES = ("uniform",)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Settings every training-time method has; subclasses add theirs (all are strategy options).
+
+    groups: which channel groups the method prunes: ``internal`` (groups with exactly one
+    producing multiply-accumulate layer, e.g. the first conv of each residual block, as ResRep
+    and GReg prune) or ``all`` prunable groups. widths: how the budget becomes per-group widths
+    (``uniform``: one keep ratio for the pruned groups, the largest that meets the budget).
+    batch_size: images per step.
+    """
+
+    groups: str = "internal"
+    widths: str = "uniform"
+    batch_size: int = 128
+
+
+class TrainingStrategy(Strategy):
+    """Base of the training-time methods (see the module docstring). Subclasses set
+    ``settings_class`` and implement :meth:`train` (and usually :meth:`kept_channels`)."""
+
+    replays_on_resume = False  # the stored answer is the result; training is not repeated
+    settings_class: ClassVar[type] = TrainingSettings
+
+    def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
+        super().__init__(context, budget, seed, max_evals, **options)
+        if context.data is None or context.model is None:
+            raise ConfigError(f"{self.name} trains the network and needs the task's model and data in its search context")
+        self.settings = self.settings_class(**options)
+        if self.settings.groups not in ("internal", "all"):
+            raise ConfigError(f"{self.name} groups '{self.settings.groups}' is unknown; use internal or all")
+        if self.settings.widths not in WIDTH_RULES:
+            raise ConfigError(f"{self.name} widths '{self.settings.widths}' is unknown; use one of: {', '.join(WIDTH_RULES)}")
+        self.device = torch.device(context.device)
+        self.history_log: list[dict[str, Any]] = []
+        self._asked = False
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        accepted = sorted(f.name for f in fields(cls.settings_class))
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted)}")
+
+    # ---- the strategy interface ---------------------------------------------------------------
+    def ask(self) -> Proposal | None:
+        if self._asked or self.history:
+            return None
+        self._asked = True
+        candidate = self.widths()
+        net = copy.deepcopy(self.context.model).to(self.device)
+        histories = self.train(net, candidate)
+        kept = self.kept_channels(net, candidate)
+        self.spent = {"training_seconds": sum(h.seconds for h in histories),
+                      "training_steps": float(sum(h.steps for h in histories)),
+                      "training_images": float(sum(h.images for h in histories))}
+        self.save_log()
+        return Proposal(candidate, TrainedWeights(net.eval(), kept, self.name), self.bn_recalibration())
+
+    # ---- what a method fills ------------------------------------------------------------------
+    def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
+        """Train ``net`` in place towards ``candidate``'s widths; one history per phase."""
+        raise NotImplementedError
+
+    def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
+        """Group -> indices of the channels kept, for every group ``candidate`` shrinks."""
+        raise NotImplementedError
+
+    def bn_recalibration(self) -> bool | None:
+        """Whether the evaluator re-estimates BN statistics (None: its setting; False after
+        folding a reparametrization behind a batch norm)."""
+        return None
+
+    # ---- shared pieces ------------------------------------------------------------------------
+    def pruned_groups(self) -> list[str]:
+        """The prunable groups this method shrinks (see :class:`TrainingSettings` ``groups``)."""
+        if self.settings.groups == "all":
+            return list(self.space.prunable)
+        return [g for g in self.space.prunable if len(self.producers(g)) == 1]
+
+    def producers(self, group: str) -> list[str]:
+        """The multiply-accumulate layers producing ``group``'s channels (its out-members with weights)."""
+        return [m.layer for m in self.space.group_by_name[group].members
+                if m.dim == "out" and self.space.layer_by_name[m.layer].has_weights]
+
+    def widths(self) -> Candidate:
+        """The widths meeting the budget: one keep ratio for every pruned group, the largest
+        that fits (bisection on the cost model)."""
+        groups = self.pruned_groups()
+        if not groups:
+            raise ConfigError(f"{self.name} finds no {self.settings.groups} group to prune in this space; try --option groups=all")
+        at = lambda r: Candidate.make({g: r for g in groups})  # noqa: E731
+        if self.feasible(at(1.0)):
+            return self.space.canonical(at(1.0))
+        if not self.feasible(at(1e-6)):
+            smallest = self.cost_model(at(1e-6))[self.budget.metric] / self.budget.base
+            raise ConfigError(f"{self.name} cannot meet {self.budget.label} by pruning its {self.settings.groups} groups alone "
+                              f"(they reach {smallest:.1%} at their narrowest); raise the budget or use --option groups=all")
+        steps = math.ceil(math.log2(1e6))
+        return self.space.canonical(at(largest_within(lambda r: self.feasible(at(r)), 1e-6, 1.0, steps + 8)))
+
+    def phase_settings(self, **changes: Any) -> Any:
+        return replace(self.settings, **changes)
+
+    def save_log(self) -> None:
+        """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json``."""
+        if self.context.artifacts is not None:
+            self.context.artifacts.write_json(f"{self.name}-{self.budget.slug}-seed{self.seed}.json",
+                                              {"settings": self.settings.__dict__, "spent": self.spent, "log": self.history_log})

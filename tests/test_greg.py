@@ -1,0 +1,71 @@
+"""GReg-1 / GReg-2 on digits: budgets met, answers judged on the trained weights, the penalty
+drives the chosen filters towards zero and only those."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automlprune.errors import ConfigError
+from automlprune.evaluator import Evaluator
+from automlprune.materialize import materialize
+from automlprune.search.base import SearchContext, run_strategy
+from automlprune.search.budget import parse_budget
+from automlprune.search.greg import GReg2Strategy, GRegStrategy
+from automlprune.search.store import RunStore
+from automlprune.settings import EvalSettings
+
+FAST = dict(batch_size=64, update_interval=2, reg_steps=200, pick_steps=40, stabilize_steps=20, max_epochs=20)
+
+
+def _search(tmp_path, cls, model, space, data, budget, **options):
+    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(tmp_path / cls.name)
+    study = store.study(f"{cls.name}|{budget}|seed0", {"strategy": cls.name, "budget": budget, "seed": 0})
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
+    strategy = cls(context, parse_budget(budget), **{**FAST, **options})
+    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+
+
+@pytest.mark.parametrize("cls", [GRegStrategy, GReg2Strategy])
+@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.4"])
+def test_greg_meets_the_budget_and_is_judged_on_its_trained_weights(cls, budget, tmp_path, trained_digits_model,
+                                                                     digits_space, digits):
+    strategy, outcome, evaluator, store = _search(tmp_path, cls, trained_digits_model, digits_space, digits, budget)
+    answer = outcome.answer
+    metric, limit = budget.split("=")
+    assert outcome.evaluations == 1 and answer.relative[metric] <= float(limit) + 1e-9
+    assert answer.trained and strategy.spent["finished"] == 1.0 and strategy.spent["training_steps"] > 0
+    # the evaluated network is the trained one: the same logits as materializing the strategy's
+    # trained network, not the original model's
+    trained = store.proposal(answer.to_dict(), trained_digits_model)
+    x = digits.example_input().repeat(8, 1, 1, 1)
+    with torch.no_grad():
+        ours = evaluator.network(trained)(x)
+        original = evaluator.network(answer.candidate)(x)
+    assert not torch.allclose(ours, original)
+    # the penalty pushed the removed filters to (almost) nothing, the kept ones stay
+    reg = strategy.regularizer
+    for group, mask in reg.pruned.items():
+        scores = reg.scores(group)
+        assert scores[mask].mean() < 0.05 * scores[~mask].mean()
+        assert torch.equal(torch.nonzero(~mask.cpu()).flatten(), trained.weights.kept[group])
+    assert (store.run_dir / f"{cls.name}-{outcome.budget.slug}-seed0.json").is_file()
+
+
+def test_greg1_picks_once_and_greg2_picks_after_its_uniform_phase(tmp_path, trained_digits_model, digits_space, digits):
+    one, _, _, _ = _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
+    two, _, _, _ = _search(tmp_path, GReg2Strategy, trained_digits_model, digits_space, digits, "macs=0.5")
+    first = [e for e in one.history_log if e["phase"] == "regularize"]
+    assert first and one.history_log[-1]["phase"] == "stabilize"
+    # GReg-2's kept filters end at the negative 'recover' penalty, GReg-1's at zero
+    for group, mask in two.regularizer.pruned.items():
+        assert torch.all(two.regularizer.reg[group][~mask] == two.settings.recover_reg) and two.settings.recover_reg < 0
+        assert torch.all(one.regularizer.reg[group][~one.regularizer.pruned[group]] == 0)
+
+
+def test_greg_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_space, digits):
+    with pytest.raises(ConfigError, match="does not take the options"):
+        GRegStrategy.check_options({"lr": 0.1, "mystery": 1})
+    with pytest.raises(ConfigError, match="widths 'prunenet' is unknown"):
+        _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5", widths="prunenet")

@@ -8,7 +8,6 @@ import torch
 
 from automlprune.errors import ConfigError
 from automlprune.evaluator import Evaluator
-from automlprune.materialize import materialize
 from automlprune.search.base import SearchContext, run_strategy
 from automlprune.search.budget import parse_budget
 from automlprune.search.greg import GReg2Strategy, GRegStrategy

@@ -222,9 +222,8 @@ class GRegStrategy(TrainingStrategy):
             out[group] = torch.nonzero(~mask.cpu()).flatten()
         return out
 
-    def save_log(self) -> None:
-        self.spent["finished"] = float(self.finished)
-        super().save_log()
+    def training_report(self) -> dict[str, float]:
+        return {"finished": float(self.finished)}
 
 
 class GReg2Strategy(GRegStrategy):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -83,13 +83,14 @@ class TrainingStrategy(Strategy):
         if self._asked or self.history:
             return None
         self._asked = True
-        candidate = self.widths()
+        planned = self.widths()
         net = copy.deepcopy(self.context.model).to(self.device)
-        histories = self.train(net, candidate)
+        histories = self.train(net, planned)
+        candidate = self.final_widths(planned)
         kept = self.kept_channels(net, candidate)
         self.spent = {"training_seconds": sum(h.seconds for h in histories),
                       "training_steps": float(sum(h.steps for h in histories)),
-                      "training_images": float(sum(h.images for h in histories))}
+                      "training_images": float(sum(h.images for h in histories)), **self.training_report()}
         self.save_log()
         return Proposal(candidate, TrainedWeights(net.eval(), kept, self.name), self.bn_recalibration())
 
@@ -98,9 +99,17 @@ class TrainingStrategy(Strategy):
         """Train ``net`` in place towards ``candidate``'s widths; one history per phase."""
         raise NotImplementedError
 
+    def final_widths(self, planned: Candidate) -> Candidate:
+        """The widths of the trained network (the planned ones unless training chose its own)."""
+        return planned
+
     def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
         """Group -> indices of the channels kept, for every group ``candidate`` shrinks."""
         raise NotImplementedError
+
+    def training_report(self) -> dict[str, float]:
+        """Method-specific figures recorded with the training cost (``spent``)."""
+        return {}
 
     def bn_recalibration(self) -> bool | None:
         """Whether the evaluator re-estimates BN statistics (None: its setting; False after
@@ -135,11 +144,8 @@ class TrainingStrategy(Strategy):
         steps = math.ceil(math.log2(1e6))
         return self.space.canonical(at(largest_within(lambda r: self.feasible(at(r)), 1e-6, 1.0, steps + 8)))
 
-    def phase_settings(self, **changes: Any) -> Any:
-        return replace(self.settings, **changes)
-
     def save_log(self) -> None:
         """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json``."""
         if self.context.artifacts is not None:
             self.context.artifacts.write_json(f"{self.name}-{self.budget.slug}-seed{self.seed}.json",
-                                              {"settings": self.settings.__dict__, "spent": self.spent, "log": self.history_log})
+                                              {"settings": asdict(self.settings), "spent": self.spent, "log": self.history_log})

@@ -51,7 +51,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 class Recipe:
     """How to train: ``epochs`` of at most ``steps_per_epoch`` optimizer steps (None: the whole
     training split) of ``batch_size`` images; SGD at ``lr`` with ``momentum`` (Nesterov when
-    positive) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay,
+    positive, unless ``nesterov`` is False) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay,
     one-cycle, or constant) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
     order and any other randomness."""
 
@@ -64,6 +64,7 @@ class Recipe:
     label_smoothing: float = 0.0
     steps_per_epoch: int | None = None
     seed: int = 0
+    nesterov: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -207,7 +208,7 @@ class Trainer:
         for cb in self.callbacks:
             groups = cb.param_groups(self, groups)
         self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                         nesterov=r.momentum > 0)
+                                         nesterov=r.nesterov and r.momentum > 0)
         if r.schedule == "onecycle":
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=[g.get("lr", r.lr) for g in groups],
                                                                  total_steps=self.total_steps)

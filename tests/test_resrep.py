@@ -1,0 +1,78 @@
+"""ResRep on digits: the fold is exact, budgets are met, masked rows decay, answers are judged
+on the folded trained weights without BN re-estimation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from automlprune.errors import ConfigError
+from automlprune.evaluator import Evaluator
+from automlprune.search.base import SearchContext, run_strategy
+from automlprune.search.budget import parse_budget
+from automlprune.search.resrep import Compactors, ResRepStrategy, fold_compactors_
+from automlprune.search.store import RunStore
+from automlprune.settings import EvalSettings
+from automlprune.space import SearchSpace
+from automlprune.space.config import SpaceConfig
+
+FAST = dict(epochs=30, batch_size=64, lr=0.02, mask_interval=10, before_mask_steps=20, granularity=8, lasso=0.005)
+
+
+def test_folding_compactors_and_batch_norm_is_exact(trained_digits_model, digits_space, digits):
+    model = copy.deepcopy(trained_digits_model).eval()
+    groups = list(digits_space.prunable)
+    compactors = Compactors(model, digits_space, groups)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in compactors.weights:
+            q.copy_(torch.eye(len(q)) + 0.3 * torch.randn(q.shape, generator=g))
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        before = model(x)
+        compactors.remove()
+        plain = model(x)
+        fold_compactors_(model, digits_space, compactors)
+        after = model(x)
+    assert not torch.allclose(before, plain, atol=1e-3)  # the compactors changed the function
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    bn = model.features[1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.running_mean == 0)
+
+
+def _search(tmp_path, model, space, data, budget, **options):
+    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(tmp_path / "resrep")
+    study = store.study(f"resrep|{budget}|seed0", {"strategy": "resrep", "budget": budget, "seed": 0})
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
+    strategy = ResRepStrategy(context, parse_budget(budget), **{**FAST, **options})
+    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+
+
+@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.4"])
+def test_resrep_meets_the_budget_with_decayed_rows_and_trained_weights(budget, tmp_path, trained_digits_model,
+                                                                       digits_space, digits):
+    strategy, outcome, evaluator, store = _search(tmp_path, trained_digits_model, digits_space, digits, budget)
+    answer = outcome.answer
+    metric, limit = budget.split("=")
+    assert outcome.evaluations == 1 and answer.relative[metric] <= float(limit) + 1e-9
+    assert answer.trained and answer.weights["bn_recalibration"] is False
+    assert strategy.spent["forced_mask"] == 0.0  # the masks met the budget during training
+    norms, masks = strategy.compactors.row_norms(), strategy.compactors.masks
+    kept_median = float(torch.cat([n[m] for n, m in zip(norms, masks)]).median())
+    assert strategy.spent["max_removed_row_norm"] < 0.1 * kept_median  # the lasso drove masked rows towards zero
+    assert answer.accuracy > 0.9  # so removing them loses little (the unpruned network: about 97%)
+    proposal = store.proposal(answer.to_dict(), trained_digits_model)
+    x = digits.example_input().repeat(8, 1, 1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(evaluator.network(proposal)(x), evaluator.network(answer.candidate)(x))
+
+
+def test_resrep_refuses_residual_groups_and_rounded_widths(tmp_path, trained_digits_model, digits_space, digits):
+    with pytest.raises(ConfigError, match="internal groups only"):
+        _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", groups="all")
+    rounded = SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(round_to=4))
+    with pytest.raises(ConfigError, match="round_to 1"):
+        _search(tmp_path, trained_digits_model, rounded, digits, "macs=0.5")

@@ -12,7 +12,7 @@ from automlprune.errors import ConfigError
 from automlprune.evaluator import Evaluator
 from automlprune.search.base import SearchContext, run_strategy
 from automlprune.search.budget import parse_budget
-from automlprune.search.resrep import Compactors, ResRepStrategy, fold_compactors_
+from automlprune.search.resrep import Compactors, ResRepStrategy, fold_compactors_, give_batch_norms_statistics_
 from automlprune.search.store import RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import SearchSpace
@@ -40,6 +40,16 @@ def test_folding_compactors_and_batch_norm_is_exact(trained_digits_model, digits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     bn = model.features[1]
     assert torch.all(bn.weight == 1) and torch.all(bn.running_mean == 0)
+    # real statistics for the folded batch norms: same function in eval mode, and in train mode
+    # (batch statistics) close to it, so a fine-tune starts from the trained function
+    batches = [(x, None)]
+    give_batch_norms_statistics_(model, compactors.feature_layers, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+        model.train()
+        train_mode = model(x)
+        model.eval()
+    torch.testing.assert_close(train_mode, before, atol=1e-3, rtol=1e-3)
 
 
 def _search(tmp_path, model, space, data, budget, **options):

@@ -18,10 +18,14 @@ Forgetting', ICCV 2021), after the official code (DingXiaoH/ResRep, ``rr/``;
    has grown by ``granularity`` (4) channels over the current one while the network is still
    over budget.
 4. **Fold.** BN fused into its conv (with the BN's own eps), the compactor folded into the conv's filters:
-   the conv holds ``Q (gamma / sigma) W`` and the batch norm becomes the identity plus the folded
-   bias (gamma 1, running mean 0, running variance 1 - eps, beta the bias), so the network keeps
-   its architecture and computes what the reparametrized one did (tested within 1e-4). The
-   proposal turns BN re-estimation off: it would replace those identity statistics.
+   the conv holds ``Q (gamma / sigma) W`` and its batch norm becomes the identity plus the folded
+   bias (``fold_compactors_``), so the network keeps its architecture and computes what the
+   reparametrized one did (tested within 1e-4). The official code stops here (convs with bias, no
+   BN). Here the batch norm is then given real statistics of the folded conv's output on training
+   batches (running mean mu, variance s^2) with gamma = sqrt(s^2 + eps) and beta = mu + bias, the
+   same function in eval mode, so that a later fine-tune (batch statistics in train mode) starts
+   from the trained function instead of a renormalized one. The proposal still turns BN
+   re-estimation off, so the evaluation is of exactly this function.
 
 Choices of this implementation, stated:
 
@@ -47,12 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from automlprune.data import cached_batches
 from automlprune.errors import ConfigError
+from automlprune.nn.hooks import run_reading_inputs
 from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
 from automlprune.train import Callback, FitHistory, Recipe, Trainer
 
 LASSO_EPS = 1e-12
+STATISTICS_SAMPLES = 1024
+"""Training images whose folded-conv outputs give the folded batch norms their statistics."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,10 @@ class ResRepStrategy(TrainingStrategy):
             self.forced = True
         self.log_state(trainer)
         fold_compactors_(net, self.space, self.compactors)
+        data = self.context.data
+        batches = cached_batches(data.train, data, s.batch_size, self.device, max_samples=STATISTICS_SAMPLES, seed=self.seed,
+                                 shuffle=True)
+        give_batch_norms_statistics_(net, self.compactors.feature_layers, batches)
         return [history]
 
     def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
@@ -261,3 +273,31 @@ def fold_compactors_(model: nn.Module, space: Any, compactors: Compactors) -> No
         norm.bias.copy_(bias)
         norm.running_mean.zero_()
         norm.running_var.fill_(1.0 - norm.eps)
+
+
+@torch.no_grad()
+def give_batch_norms_statistics_(model: nn.Module, layers: list[str], batches: list) -> None:
+    """For each identity-plus-bias batch norm in ``layers`` (as :func:`fold_compactors_` leaves
+    them): running mean and variance from its inputs over ``batches``, gamma = sqrt(var + eps),
+    beta = mean + bias; the function in eval mode is unchanged."""
+    norms = {name: model.get_submodule(name) for name in layers
+             if isinstance(model.get_submodule(name), nn.modules.batchnorm._BatchNorm)}
+    sums: dict[str, list] = {}
+
+    def read(name: str, x: torch.Tensor) -> None:
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+        total = sums.setdefault(name, [0.0, 0.0, 0])
+        total[0] = total[0] + flat.sum(1)
+        total[1] = total[1] + flat.pow(2).sum(1)
+        total[2] += flat.shape[1]
+
+    run_reading_inputs(model, norms, batches, read)
+    for name, norm in norms.items():
+        first, second, count = sums[name]
+        mean = first / count
+        var = (second / count - mean.pow(2)).clamp_min(0)
+        bias = norm.bias.detach().double()
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+        norm.weight.copy_(torch.sqrt(var + norm.eps))
+        norm.bias.copy_(mean + bias)

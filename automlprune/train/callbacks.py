@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from automlprune.nn import layer_types
 from automlprune.quantization import RECORD_ATTRIBUTE, WeightFakeQuant, quantize_weights_
 from automlprune.train.trainer import Callback, Trainer
 
@@ -52,3 +53,34 @@ class QuantizationAware(Callback):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         record = getattr(model, RECORD_ATTRIBUTE, {})
         quantize_weights_(model, self.bits, self.scheme, record.get("activation_bits", 32))
+
+
+class KeepDropped(Callback):
+    """Keeps removed channels removed while training a full-shape network: after every step (and
+    at the start) the dropped channels of each group are zeroed on every coupled layer (producers'
+    filters and biases, batch-norm affine, readers' weight columns: :mod:`automlprune.nn.layer_types`),
+    so the network always computes what its materialized version does. ``kept``: group -> kept
+    channel indices (groups absent are whole)."""
+
+    def __init__(self, space: object, kept: Mapping[str, torch.Tensor]) -> None:
+        self.space = space
+        self.dropped = {}
+        for name, keep in kept.items():
+            group = space.group_by_name[name]
+            gone = torch.ones(group.channels, dtype=torch.bool)
+            gone[torch.as_tensor(keep, dtype=torch.long)] = False
+            if gone.any():
+                self.dropped[name] = torch.nonzero(gone).flatten()
+
+    @torch.no_grad()
+    def zero_(self, model: nn.Module) -> None:
+        for name, channels in self.dropped.items():
+            for member in self.space.group_by_name[name].members:
+                module = model.get_submodule(member.layer)
+                layer_types.of(module).zero_(module, member.dim, torch.as_tensor(member.index_map)[channels].flatten())
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.zero_(trainer.model)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.zero_(trainer.model)

@@ -44,7 +44,7 @@ from automlprune.data import DataSplits, iterate_batches
 from automlprune.errors import ConfigError
 from automlprune.progress import Progress
 
-SCHEDULES = ("cosine", "onecycle", "constant")
+SCHEDULES = ("cosine", "onecycle", "constant", "triangular")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class Recipe:
     """How to train: ``epochs`` of at most ``steps_per_epoch`` optimizer steps (None: the whole
     training split) of ``batch_size`` images; SGD at ``lr`` with ``momentum`` (Nesterov when
     positive, unless ``nesterov`` is False) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay,
-    one-cycle, or constant) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
+    one-cycle, constant, or triangular: linear from ``lr_min`` up to ``lr`` over the first half
+    of the steps and back down over the second) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
     order and any other randomness."""
 
     epochs: int
@@ -65,6 +66,7 @@ class Recipe:
     steps_per_epoch: int | None = None
     seed: int = 0
     nesterov: bool = True
+    lr_min: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -214,6 +216,10 @@ class Trainer:
                                                                  total_steps=self.total_steps)
         elif r.schedule == "constant":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        elif r.schedule == "triangular":
+            low, half = r.lr_min / r.lr, self.total_steps / 2
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: low + (1 - low) * max(0.0, 1 - abs(step - half) / half))
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
 

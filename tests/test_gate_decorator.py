@@ -1,0 +1,76 @@
+"""Gate Decorator on digits: gates preserve the function, the melt is exact, Tick-Tock prunes
+until the budget is met, answers are judged on the trained weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from automlprune.errors import ConfigError
+from automlprune.evaluator import Evaluator
+from automlprune.search.base import SearchContext, run_strategy
+from automlprune.search.budget import parse_budget
+from automlprune.search.gate_decorator import GateDecoratorStrategy, Gates, melt_gates_
+from automlprune.search.store import RunStore
+from automlprune.settings import EvalSettings
+
+FAST = dict(batch_size=64, p=0.08, tock_epochs=1, tock_every=3, tick_steps=6, tock_steps=10, sparse_lambda=1e-3)
+
+
+def test_gates_preserve_the_function_and_melting_them_is_exact(trained_digits_model, digits_space):
+    model = copy.deepcopy(trained_digits_model).eval()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+        gates = Gates(model, digits_space, list(digits_space.prunable))
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)  # extract_from_bn is function-preserving
+        for gate in gates.gates:
+            gate.mul_(torch.rand(gate.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+        gates.masks["features.3"][::3] = False
+        gated = model(x)
+        gates.remove()
+        melt_gates_(model, gates)
+        torch.testing.assert_close(model(x), gated, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(gated, reference, atol=1e-3)
+
+
+def _search(tmp_path, model, space, data, budget, **options):
+    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(tmp_path / "gd")
+    study = store.study(f"gd|{budget}|seed0", {"strategy": "gate-decorator", "budget": budget, "seed": 0})
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
+    strategy = GateDecoratorStrategy(context, parse_budget(budget), **{**FAST, **options})
+    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+
+
+@pytest.mark.parametrize("budget", ["macs=0.5", "params=0.4"])
+def test_tick_tock_prunes_to_the_budget_on_trained_weights(budget, tmp_path, trained_digits_model, digits_space, digits):
+    strategy, outcome, evaluator, store = _search(tmp_path, trained_digits_model, digits_space, digits, budget)
+    answer = outcome.answer
+    metric, limit = budget.split("=")
+    assert outcome.evaluations == 1 and answer.relative[metric] <= float(limit) + 1e-9 and answer.trained
+    log = strategy.history_log
+    assert strategy.spent["ticks"] == len(log) >= 2 and all(e["removed"] >= 1 for e in log)
+    assert [e["cost_fraction"] for e in log] == sorted((e["cost_fraction"] for e in log), reverse=True)  # masks only shrink
+    for group, mask in strategy.gates.masks.items():
+        assert mask.sum() >= max(1, int(0.1 * len(mask)))  # each gate keeps its top tenth
+    proposal = store.proposal(answer.to_dict(), trained_digits_model)
+    x = digits.example_input().repeat(8, 1, 1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(evaluator.network(proposal)(x), evaluator.network(answer.candidate)(x))
+
+
+def test_the_method_s_own_finetune_keeps_removed_channels_removed(tmp_path, trained_digits_model, digits_space, digits):
+    strategy, outcome, _, store = _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5",
+                                          finetune_epochs=1, finetune_steps=5)
+    net = store.proposal(outcome.answer.to_dict(), trained_digits_model).weights.model
+    for group, mask in strategy.gates.masks.items():
+        producer = net.get_submodule(group)
+        assert torch.all(producer.weight[~mask] == 0)
+
+
+def test_gate_decorator_refuses_bad_settings(tmp_path, trained_digits_model, digits_space, digits):
+    with pytest.raises(ConfigError, match="p must be in"):
+        _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", p=1.5)

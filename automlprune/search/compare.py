@@ -82,7 +82,9 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0,
                "scoring_seconds": max((r.scoring_seconds or 0.0 for r in mine), default=0.0),
-               "training_seconds": statistics.fmean([(r.spent or {}).get("training_seconds", 0.0) for r in mine]) if mine else 0}
+               "training_seconds": statistics.fmean([(r.spent or {}).get("training_seconds", 0.0) for r in mine]) if mine else 0,
+               "training_images": statistics.fmean([(r.spent or {}).get("training_images", 0.0) for r in mine]) if mine else 0,
+               "finetune_images": statistics.fmean([r.finetune.get("images", 0) for r in answered if r.finetune]) if any(r.finetune for r in answered) else 0}
         for metric in analytic_metrics():
             row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
             row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
@@ -127,7 +129,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
     metrics = [METRICS.get(m) for m in analytic_metrics()]
     header = (["strategy", "budget", "val acc", "test acc"] + [m.unit for m in metrics]
-              + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "search time (s)", "training (s)", "scoring (s)"])
+              + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "search time (s)", "training (s)",
+                 "images trained (k)", "scoring (s)"])
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
              f"Baseline: {session.task.spec.model} on {session.task.spec.dataset}, {base.macs / 1e6:.2f}M MACs, "
@@ -139,7 +142,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
                  + [f"{pct(r[f'{m.name}_fraction'])}%" for m in metrics]
                  + [latency(r[f"latency_ms_b{b}"], r[f"latency_ratio_b{b}"]) for b in batches]
                  + [f"{r['hypervolume']:.4f}", f"{r['evaluations']:.0f}", f"{r['search_seconds']:.1f}",
-                    f"{r['training_seconds']:.1f}", f"{r['scoring_seconds']:.1f}"])
+                    f"{r['training_seconds']:.1f}", f"{(r['training_images'] + r['finetune_images']) / 1e3:.0f}",
+                    f"{r['scoring_seconds']:.1f}"])
         lines.append("| " + " | ".join(cells) + " |")
     unpruned_text = " and ".join(f"{unpruned_ms[b]:.3f} ms (batch {b})" for b in batches if b in unpruned_ms)
     lines += ["", "Costs are fractions of the unpruned network"
@@ -148,7 +152,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
                  "(the MACs fraction is the ideal)" if set(batches) <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
               "plane, reference (1, 0); mean over seeds. Training: wall time a strategy spent training networks (DMCP's "
-              "supernet), part of its search time. Scoring: the one-off channel-importance scoring of the "
+              "supernet, the training-time methods), part of its search time; images trained: the images the strategy "
+              "trained on plus those of the fine-tune, the training compute behind each answer. Scoring: the one-off channel-importance scoring of the "
               "strategy's evaluator (shared by its budgets and seeds, not counted in the search time).", ""]
     if tuned and baseline.get("test_accuracy") is not None:
         lines += _best_per_budget(rows, baseline["test_accuracy"]) + [""]

@@ -180,3 +180,35 @@ def test_unknown_strategy_option_in_the_task_is_exit_2(checkpoint, tmp_path, cap
     code, out, err = _run(capsys, "search", "digits-cnn", "--strategy", "uniform", "--run-dir", tmp_path / "r",
                           "--set", f"checkpoint={checkpoint}", "--set", "strategies.dmcp.epochz=3")
     assert code == 2 and "does not take the options ['epochz']" in err and "Traceback" not in err
+
+
+def test_compare_with_equal_training_compute(checkpoint, tmp_path, capsys):
+    run = tmp_path / "budget"
+    code, _, err = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform,greg1", "--budgets", "macs=0.5",
+                        "--train-budget", "2", "--run-dir", run, "--set", f"checkpoint={checkpoint}",
+                        "--set", "strategies.greg1.max_epochs=1", "--json")
+    assert code == 0, err
+    from automlprune.data import load_dataset
+
+    budget_images = 2 * len(load_dataset("digits").train)
+    rows = {r["strategy"]: r for r in csv.DictReader(open(run / "results.csv"))}
+    assert float(rows["uniform"]["training_images"]) == 0 and float(rows["greg1"]["training_images"]) > 0
+    for r in rows.values():  # every answer trained on the same images, within a step per fine-tune epoch (3 here)
+        total = float(r["training_images"]) + float(r["finetune_images"])
+        assert budget_images - 3 * 128 < total <= budget_images
+    assert "equal training compute" in (run / "report.md").read_text()
+    code, _, err = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform", "--budgets", "macs=0.5",
+                        "--train-budget", "2", "--finetune-epochs", "1", "--run-dir", tmp_path / "both",
+                        "--set", f"checkpoint={checkpoint}")
+    assert code == 2 and "replaces --finetune-epochs" in err
+
+
+def test_finetune_for_images_spreads_steps_over_passes():
+    from automlprune.search.compare import finetune_for_images
+    from automlprune.settings import FinetuneSettings
+
+    s = FinetuneSettings(batch_size=100)
+    assert finetune_for_images(s, 50, 1000).epochs == 0  # less than a batch left: no fine-tune
+    three = finetune_for_images(s, 2500, 1000)  # 25 steps, 10 per pass
+    assert three.epochs == 3 and three.steps_per_epoch == 8  # 24 of the 25 steps: never over the budget
+    assert finetune_for_images(s, -10, 1000).epochs == 0

@@ -288,6 +288,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--strategies lists no strategy; give names like uniform,random")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    if args.train_budget is not None and (args.train_budget <= 0 or args.finetune_epochs is not None):
+        raise ConfigError("--train-budget takes a positive number of epochs and replaces --finetune-epochs; give one of them")
     budgets, options = _budgets(args), _options(args.options)
     notes = _read_notes(args.notes)
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
@@ -301,7 +303,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for budget in budgets:
                 session.run(name, budget, seed, args.evals, args.time_limit, per_strategy[name])
     epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-    finish_answers(session, epochs, progress=not args.json)
+    finish_answers(session, epochs, progress=not args.json, train_budget=args.train_budget)
     command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."
     report = write_report(session, budgets, run_dir, command, notes)
     _emit(args, {"run_dir": str(run_dir), "report": str(report)}, f"wrote {report}")

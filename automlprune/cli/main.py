@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. uniform,random,optuna-tpe")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per strategy (0..K-1; default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="E", help="identical fine-tune of every answer (default: the task's finetune.epochs)")
+    p.add_argument("--train-budget", type=float, default=None, metavar="E",
+                   help="equal training compute: every answer trains on E epochs of images in all, its strategy's training plus a fine-tune of the rest")
     p.add_argument("--notes", metavar="FILE", help="Markdown commentary added to the report under 'Notes' (e.g. why a strategy fell short)")
 
     p = sub.add_parser("plot", help="redraw a run's Pareto, progress and width-profile plots from its store")

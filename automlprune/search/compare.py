@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from dataclasses import replace
@@ -27,11 +28,30 @@ UNPRUNED_STUDY = "unpruned"
 """The run's study that holds the unpruned network's measured latency (no trials, no strategy)."""
 
 
-def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True) -> None:
+def finetune_for_images(settings: FinetuneSettings, images: float, train_size: int) -> FinetuneSettings:
+    """``settings`` cut to train on at most ``images`` images: ``images // batch_size`` steps spread
+    over as few epochs of at most one pass over the ``train_size`` training images as they need,
+    the same number each (rounded down: up to one step per epoch fewer); no fine-tune (0 epochs)
+    when less than a batch is left."""
+    steps = int(max(0.0, images) // settings.batch_size)
+    if steps == 0:
+        return replace(settings, epochs=0)
+    per_pass = max(1, train_size // settings.batch_size)
+    epochs = math.ceil(steps / per_pass)
+    return replace(settings, epochs=epochs, steps_per_epoch=steps // epochs)
+
+
+def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True,
+                   train_budget: float | None = None) -> None:
     """Fine-tune every answer of the run identically, then time every answer and the unpruned
     network together in interleaved rounds (:meth:`Evaluator.latencies`; all again when one is
-    missing). Results are stored on the studies, so a rerun skips what is done."""
-    settings = replace(session.task.spec.finetune, epochs=finetune_epochs)
+    missing). Results are stored on the studies, so a rerun skips what is done.
+
+    With ``train_budget`` (epochs of the training split) every answer trains on the same number
+    of images in all: what its strategy trained on (``spent["training_images"]``, 0 for
+    strategies that do not train) plus a fine-tune of the rest (equal training compute)."""
+    base = replace(session.task.spec.finetune, epochs=finetune_epochs)
+    train_size = len(session.task.data.train)
     answered = []
     for record in collect(session.store):
         if not record.answer:
@@ -42,11 +62,16 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
         answered.append((evaluator, study, proposal))
         done = study.user_attrs.get("finetune")
         candidate = proposal.candidate.to_dict()
-        if not done or done.get("epochs") != finetune_epochs or done.get("candidate") != candidate:
+        strategy_images = float((record.spent or {}).get("training_images", 0.0))
+        settings = base if train_budget is None else finetune_for_images(base, train_budget * train_size - strategy_images,
+                                                                             train_size)
+        wanted = {"epochs": finetune_epochs if train_budget is None else settings.epochs, "candidate": candidate,
+                  "train_budget": train_budget}
+        if not done or any(done.get(k) != v for k, v in wanted.items()):
             tuned = evaluator.finetune(proposal, settings, progress=progress)
-            study.set_user_attr("finetune", {"epochs": finetune_epochs, "candidate": candidate,
-                                             "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
-                                             "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images})
+            study.set_user_attr("finetune", {**wanted, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
+                                             "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images,
+                                             "strategy_images": strategy_images})
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
     if all(study.user_attrs.get("latency_ms") for _, study, _ in answered):
         return
@@ -78,6 +103,7 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
         row = {"strategy": strategy, "budget": label, "seeds": len(mine), "answered": len(answered),
                "val_accuracy": val[0], "val_accuracy_sd": val[1], "test_accuracy": test[0], "test_accuracy_sd": test[1],
                "finetune_epochs": answered[0].finetune["epochs"] if answered and answered[0].finetune else None,
+               "train_budget": answered[0].finetune.get("train_budget") if answered and answered[0].finetune else None,
                "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0,
@@ -122,8 +148,17 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     if tuned:
         plot_finetuned(rows, out_dir / "finetuned.png", baseline.get("test_accuracy"))
     epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None}
-    test_meaning = ("test accuracy of the answer without fine-tuning (BN re-estimated)" if epochs == {0}
-                    else f"test accuracy after the identical fine-tune ({_finetune_text(session.task.spec.finetune, epochs)})")
+    budgets_used = {r["train_budget"] for r in rows if r["train_budget"] is not None}
+    if budgets_used:
+        images = max(budgets_used) * len(session.task.data.train)
+        test_meaning = (f"test accuracy after equal training compute: every answer trained on {images:,.0f} images in all "
+                        f"({max(budgets_used):g} epochs of the training split), its strategy's own training plus a fine-tune "
+                        f"of the rest ({_optimizer_text(session.task.spec.finetune)}); "
+                        "an answer whose strategy trained on more gets no fine-tune and is over the budget by that much")
+    elif epochs == {0}:
+        test_meaning = "test accuracy of the answer without fine-tuning (BN re-estimated)"
+    else:
+        test_meaning = f"test accuracy after the identical fine-tune ({_finetune_text(session.task.spec.finetune, epochs)})"
     pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
     spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
     latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
@@ -193,10 +228,14 @@ def _baseline(session: SearchSession) -> dict[str, Any]:
 def _finetune_text(settings: FinetuneSettings, epochs: set[int]) -> str:
     """The fine-tune every answer got, in words: epochs, steps, optimizer and distillation."""
     steps = f" x {settings.steps_per_epoch} steps" if settings.steps_per_epoch else ""
+    return f"{', '.join(map(str, sorted(epochs)))} epochs{steps} of {_optimizer_text(settings)}"
+
+
+def _optimizer_text(settings: FinetuneSettings) -> str:
+    """A fine-tune's batch, optimizer and distillation, in words."""
     distill = (f", distilled from the unpruned network (alpha {settings.distill_alpha:g}, T {settings.distill_temperature:g})"
                if settings.distill else "")
-    return (f"{', '.join(map(str, sorted(epochs)))} epochs{steps} of batch {settings.batch_size}, "
-            f"SGD lr {settings.lr:g} with cosine decay{distill}")
+    return f"batch {settings.batch_size}, SGD lr {settings.lr:g} with cosine decay{distill}"
 
 
 def _baseline_text(meta: dict[str, Any]) -> str:

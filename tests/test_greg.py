@@ -68,3 +68,30 @@ def test_greg_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_s
         GRegStrategy.check_options({"lr": 0.1, "mystery": 1})
     with pytest.raises(ConfigError, match="widths 'prunenet' is unknown"):
         _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5", widths="prunenet")
+
+
+def test_a_crash_mid_training_resumes_from_the_last_epoch_and_ends_as_an_uninterrupted_run(
+        tmp_path, trained_digits_model, digits_space, digits, monkeypatch):
+    from automlprune.search import greg
+
+    whole, whole_outcome, _, _ = _search(tmp_path / "whole", GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
+    original = greg.GrowingRegularization.after_step
+    crashed = {"done": False}
+
+    def crash_once(self, trainer):
+        if trainer.step == 50 and not crashed["done"]:
+            crashed["done"] = True
+            raise KeyboardInterrupt("the machine went down")
+        return original(self, trainer)
+
+    monkeypatch.setattr(greg.GrowingRegularization, "after_step", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tmp_path / "crash", GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
+    checkpoints = list((tmp_path / "crash" / "greg1" / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == 1  # the last finished epoch, kept for the next run
+    again, outcome, _, store = _search(tmp_path / "crash", GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
+    assert again.spent["resumed_after_epoch"] >= 1 and not checkpoints[0].exists()  # removed once training ended
+    assert again.spent["training_steps"] == whole.spent["training_steps"]  # no step trained twice in the count
+    assert outcome.answer.accuracy == whole_outcome.answer.accuracy
+    for group, mask in again.regularizer.pruned.items():
+        assert torch.equal(mask, whole.regularizer.pruned[group])

@@ -113,6 +113,15 @@ class GrowingRegularization(Callback):
         self.ratio_ema: dict[str, float] = {g: 0.0 for g in rows}
         self.stabilize_left: int | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"reg": self.reg, "pruned": self.pruned, "phase": self.phase, "ratio_ema": self.ratio_ema,
+                "stabilize_left": self.stabilize_left, "log": list(self.strategy.history_log)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reg, self.pruned, self.phase = state["reg"], state["pruned"], state["phase"]
+        self.ratio_ema, self.stabilize_left = state["ratio_ema"], state["stabilize_left"]
+        self.strategy.history_log[:] = state["log"]
+
     def scores(self, group: str) -> torch.Tensor:
         """Mean |w| of each channel's filter (L1 / numel), averaged over the group's producers."""
         with torch.no_grad():
@@ -208,9 +217,9 @@ class GRegStrategy(TrainingStrategy):
         self.regularizer = GrowingRegularization(self, rows, {g: self.space.group_by_name[g].channels - kept[g] for g in groups})
         recipe = Recipe(s.max_epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, "constant", seed=self.seed)
         trainer = Trainer(net, self.context.data, self.device, recipe, [self.regularizer],
-                          description=f"{self.name} {self.budget.label}", validate=False)
+                          description=f"{self.name} {self.budget.label}", validate=False, checkpoint=self.checkpoint_path())
         history = trainer.fit()
-        self.finished = trainer.stopped
+        self.finished, self.resumed_from = trainer.stopped, trainer.resumed_from
         return [history]
 
     def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:

@@ -137,6 +137,15 @@ class ResRepTraining(Callback):
                 {"params": norms, "weight_decay": 0.0},
                 {"params": list(self.compactors.parameters()), "momentum": s.compactor_momentum, "weight_decay": 0.0}]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"compactors": self.compactors.state_dict(), "masks": self.compactors.masks,
+                "log": list(self.strategy.history_log)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.compactors.load_state_dict(state["compactors"])
+        self.compactors.masks = state["masks"]
+        self.strategy.history_log[:] = state["log"]
+
     def before_step(self, trainer):
         for q, mask in zip(self.compactors.weights, self.compactors.masks):
             if q.grad is None:
@@ -216,11 +225,12 @@ class ResRepStrategy(TrainingStrategy):
         recipe = Recipe(s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, "cosine", steps_per_epoch=s.steps_per_epoch,
                         seed=self.seed, nesterov=False)
         trainer = Trainer(net, self.context.data, self.device, recipe, [ResRepTraining(self, self.compactors)],
-                          description=f"resrep {self.budget.label}", validate=False)
+                          description=f"resrep {self.budget.label}", validate=False, checkpoint=self.checkpoint_path())
         try:
             history = trainer.fit()
         finally:
             self.compactors.remove()
+        self.resumed_from = trainer.resumed_from
         if not self.feasible(self.widths_of(self.compactors.masks)):
             self.update_masks(limit=False)
             self.forced = True

@@ -11,7 +11,8 @@ evaluation), the store keeps the weights, and ``compare`` fine-tunes and exports
 What training cost is recorded as the search's ``spent`` (``training_seconds``,
 ``training_steps``, ``training_images``) and shown in reports next to the search time of the
 other strategies. Resuming a finished search serves the stored answer; a search interrupted
-mid-training trains again from the start (per-phase checkpoints are not kept yet).
+mid-training resumes from the run's checkpoint of its last finished epoch (methods trained in one
+Trainer run: ``resrep``, ``greg1``, ``greg2``; see :meth:`TrainingStrategy.checkpoint_path`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class TrainingStrategy(Strategy):
             raise ConfigError(f"{self.name} widths '{self.settings.widths}' is unknown; use one of: {', '.join(WIDTH_RULES)}")
         self.device = torch.device(context.device)
         self.history_log: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        """The epoch a checkpoint of an interrupted run resumed training after (None: trained from the start)."""
         self._asked = False
 
     @classmethod
@@ -91,6 +94,8 @@ class TrainingStrategy(Strategy):
         self.spent = {"training_seconds": sum(h.seconds for h in histories),
                       "training_steps": float(sum(h.steps for h in histories)),
                       "training_images": float(sum(h.images for h in histories)), **self.training_report()}
+        if self.resumed_from is not None:
+            self.spent["resumed_after_epoch"] = float(self.resumed_from - 1)
         self.save_log()
         return Proposal(candidate, TrainedWeights(net.eval(), kept, self.name), self.bn_recalibration())
 
@@ -143,6 +148,12 @@ class TrainingStrategy(Strategy):
                               f"(they reach {smallest:.1%} at their narrowest); raise the budget or use --option groups=all")
         steps = math.ceil(math.log2(1e6))
         return self.space.canonical(at(largest_within(lambda r: self.feasible(at(r)), 1e-6, 1.0, steps + 8)))
+
+    def checkpoint_path(self):
+        """The epoch checkpoint of this search in the run's artifacts (None without a run directory)."""
+        if self.context.artifacts is None:
+            return None
+        return self.context.artifacts.path(f"checkpoints/{self.name}-{self.budget.slug}-seed{self.seed}.pt")
 
     def save_log(self) -> None:
         """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json``."""

@@ -30,9 +30,11 @@ as it was.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -132,13 +134,25 @@ class Callback:
     def on_end(self, trainer: "Trainer") -> None:
         """After the last epoch (also when training stops early or fails): fold reparametrizations back."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback must keep to resume from a checkpoint (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when training resumes from a checkpoint."""
+
 
 class Trainer:
     """Trains ``model`` in place on ``data.train`` following ``recipe``, with ``callbacks``.
 
     ``validate``: validation accuracy after each epoch (the baseline and fine-tunes report it);
-    ``start_epoch``: resume at this epoch (the schedule is advanced past the skipped steps and
-    the data order of later epochs is the same as in an uninterrupted run).
+    ``start_epoch``: start at this epoch (the schedule is advanced past the skipped steps and
+    the data order of later epochs is the same as in an uninterrupted run);
+    ``checkpoint``: a file written (atomically) after every epoch with the model, optimizer,
+    schedule, history and every callback's :meth:`Callback.state_dict`; when it exists at the
+    start, training resumes after its epoch, so a crash loses at most the epoch under way
+    (the file is removed once training ends). Randomness outside the seeded data order (dropout)
+    is not restored.
     Inside callbacks: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``batch_index`` (within
     the epoch), ``step`` (optimizer steps so far), ``history`` and ``log`` (a dict a callback
     fills with this epoch's figures; shown in progress lines and kept in ``history.logs``).
@@ -146,10 +160,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: DataSplits, device: torch.device | str, recipe: Recipe,
                  callbacks: Sequence[Callback] = (), *, description: str = "train", progress: bool = True,
-                 validate: bool = True, start_epoch: int = 0) -> None:
+                 validate: bool = True, start_epoch: int = 0, checkpoint: Path | None = None) -> None:
         self.model, self.data, self.device, self.recipe = model, data, torch.device(device), recipe
         self.callbacks = list(callbacks)
         self.description, self.progress, self.validate, self.start_epoch = description, progress, validate, start_epoch
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._prior_seconds = 0.0
+        self.resumed_from: int | None = None
+        """The epoch a checkpoint resumed training after (None: trained from the start)."""
         self.steps_per_epoch = min(recipe.steps_per_epoch or 10 ** 12, max(1, len(data.train) // recipe.batch_size))
         self.total_steps = max(1, recipe.epochs * self.steps_per_epoch)
         self.history = FitHistory()
@@ -182,7 +200,8 @@ class Trainer:
             cb.on_start(self)
         try:
             self._build_optimizer()
-            self._skip_to(self.start_epoch)
+            if not self._resume():
+                self._skip_to(self.start_epoch)
             reporter = Progress(self.description, self.recipe.epochs, "epoch", self.progress)
             try:
                 for epoch in range(self.start_epoch, self.recipe.epochs):
@@ -196,13 +215,44 @@ class Trainer:
                     self.stopped = self.stopped or any(v is False for v in go_on)
                     if self.stopped:
                         break
+                    self._save(epoch)
             finally:
                 reporter.close()
+            if self.checkpoint is not None:
+                self.checkpoint.unlink(missing_ok=True)
         finally:
             for cb in self.callbacks:
                 cb.on_end(self)
-            self.history.seconds = time.perf_counter() - start
+            self.history.seconds = self._prior_seconds + time.perf_counter() - start
             self.model.eval()
+
+    def _save(self, epoch: int) -> None:
+        if self.checkpoint is None:
+            return
+        history = {**asdict(self.history), "seconds": self._prior_seconds + self.elapsed}
+        state = {"epoch": epoch, "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "history": history,
+                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(f"{self.checkpoint.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint)
+
+    def _resume(self) -> bool:
+        """Load the checkpoint if there is one; True when training resumes from it."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        self.history = FitHistory(**state["history"])
+        self._prior_seconds = self.history.seconds
+        self.step = state["step"]
+        self.start_epoch = self.resumed_from = state["epoch"] + 1
+        return True
 
     def _build_optimizer(self) -> None:
         r = self.recipe

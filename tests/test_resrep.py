@@ -86,3 +86,29 @@ def test_resrep_refuses_residual_groups_and_rounded_widths(tmp_path, trained_dig
     rounded = SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(round_to=4))
     with pytest.raises(ConfigError, match="round_to 1"):
         _search(tmp_path, trained_digits_model, rounded, digits, "macs=0.5")
+
+
+def test_an_interrupted_resrep_resumes_with_its_compactors_and_masks(tmp_path, trained_digits_model, digits_space, digits,
+                                                                    monkeypatch):
+    from automlprune.search import resrep
+
+    short = dict(epochs=4, mask_interval=4, before_mask_steps=4, granularity=16)
+    whole, whole_outcome, _, _ = _search(tmp_path / "whole", trained_digits_model, digits_space, digits, "macs=0.5", **short)
+    original = resrep.ResRepTraining.after_step
+    crashed = {"done": False}
+
+    def crash_once(self, trainer):
+        if trainer.step == 60 and not crashed["done"]:
+            crashed["done"] = True
+            raise KeyboardInterrupt("the machine went down")
+        return original(self, trainer)
+
+    monkeypatch.setattr(resrep.ResRepTraining, "after_step", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5", **short)
+    again, outcome, _, _ = _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5", **short)
+    assert again.spent["resumed_after_epoch"] >= 1
+    assert outcome.answer.candidate == whole_outcome.answer.candidate
+    assert outcome.answer.accuracy == whole_outcome.answer.accuracy
+    for a, b in zip(again.compactors.weights, whole.compactors.weights):
+        assert torch.equal(a, b)

@@ -119,3 +119,20 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals, **(options or {}))
     outcome = run_strategy(instance, evaluator, store, study, max_evals=max_evals)
     return outcome, store, study, evaluator
+
+
+def search_with(run_dir, cls, model, space, data, budget, **options):
+    """One search of the strategy class ``cls`` (options as given) with a fresh evaluator and
+    store in ``run_dir``: (strategy, outcome, evaluator, store)."""
+    from automlprune.evaluator import Evaluator
+    from automlprune.search.base import SearchContext, run_strategy
+    from automlprune.search.budget import parse_budget
+    from automlprune.search.store import RunStore
+    from automlprune.tasks import EvalSettings
+
+    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(run_dir)
+    study = store.study(f"{cls.name}|{budget}|seed0", {"strategy": cls.name, "budget": budget, "seed": 0})
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
+    strategy = cls(context, parse_budget(budget), **options)
+    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store

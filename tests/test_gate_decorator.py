@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from automlprune.errors import ConfigError
-from automlprune.evaluator import Evaluator
-from automlprune.search.base import SearchContext, run_strategy
-from automlprune.search.budget import parse_budget
 from automlprune.search.gate_decorator import GateDecoratorStrategy, Gates, melt_gates_
-from automlprune.search.store import RunStore
-from automlprune.settings import EvalSettings
+
+from conftest import search_with
 
 FAST = dict(batch_size=64, p=0.08, tock_epochs=1, tock_every=3, tick_steps=6, tock_steps=10, sparse_lambda=1e-3)
 
@@ -37,12 +34,7 @@ def test_gates_preserve_the_function_and_melting_them_is_exact(trained_digits_mo
 
 
 def _search(tmp_path, model, space, data, budget, **options):
-    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
-    store = RunStore(tmp_path / "gd")
-    study = store.study(f"gd|{budget}|seed0", {"strategy": "gate-decorator", "budget": budget, "seed": 0})
-    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
-    strategy = GateDecoratorStrategy(context, parse_budget(budget), **{**FAST, **options})
-    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+    return search_with(tmp_path / "gd", GateDecoratorStrategy, model, space, data, budget, **{**FAST, **options})
 
 
 @pytest.mark.parametrize("budget", ["macs=0.5", "params=0.4"])

@@ -7,23 +7,15 @@ import pytest
 import torch
 
 from automlprune.errors import ConfigError
-from automlprune.evaluator import Evaluator
-from automlprune.search.base import SearchContext, run_strategy
-from automlprune.search.budget import parse_budget
 from automlprune.search.greg import GReg2Strategy, GRegStrategy
-from automlprune.search.store import RunStore
-from automlprune.settings import EvalSettings
+
+from conftest import search_with
 
 FAST = dict(batch_size=64, update_interval=2, reg_steps=200, pick_steps=40, stabilize_steps=20, max_epochs=20)
 
 
 def _search(tmp_path, cls, model, space, data, budget, **options):
-    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
-    store = RunStore(tmp_path / cls.name)
-    study = store.study(f"{cls.name}|{budget}|seed0", {"strategy": cls.name, "budget": budget, "seed": 0})
-    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
-    strategy = cls(context, parse_budget(budget), **{**FAST, **options})
-    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+    return search_with(tmp_path / cls.name, cls, model, space, data, budget, **{**FAST, **options})
 
 
 @pytest.mark.parametrize("cls", [GRegStrategy, GReg2Strategy])

@@ -9,14 +9,11 @@ import pytest
 import torch
 
 from automlprune.errors import ConfigError
-from automlprune.evaluator import Evaluator
-from automlprune.search.base import SearchContext, run_strategy
-from automlprune.search.budget import parse_budget
 from automlprune.search.resrep import Compactors, ResRepStrategy, fold_compactors_, give_batch_norms_statistics_
-from automlprune.search.store import RunStore
-from automlprune.settings import EvalSettings
 from automlprune.space import SearchSpace
 from automlprune.space.config import SpaceConfig
+
+from conftest import search_with
 
 FAST = dict(epochs=30, batch_size=64, lr=0.02, mask_interval=10, before_mask_steps=20, granularity=8, lasso=0.005)
 
@@ -53,12 +50,7 @@ def test_folding_compactors_and_batch_norm_is_exact(trained_digits_model, digits
 
 
 def _search(tmp_path, model, space, data, budget, **options):
-    evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
-    store = RunStore(tmp_path / "resrep")
-    study = store.study(f"resrep|{budget}|seed0", {"strategy": "resrep", "budget": budget, "seed": 0})
-    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
-    strategy = ResRepStrategy(context, parse_budget(budget), **{**FAST, **options})
-    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+    return search_with(tmp_path / "resrep", ResRepStrategy, model, space, data, budget, **{**FAST, **options})
 
 
 @pytest.mark.parametrize("budget", ["macs=0.5", "params=0.4"])

@@ -11,7 +11,7 @@ Accelerating Deep Convolutional Neural Networks', NeurIPS 2019), after the offic
    batch norm is gated on that layer's output (g starts at 1).
 2. **Tock** first, then every ``tock_every`` Ticks: ``tock_epochs`` of full training with loss
    CE + ``sparse_lambda`` x sum |g| and a triangular learning rate ``lr_min`` -> ``lr_max`` -> ``lr_min``.
-3. **Tick**: convolutions (and linears) frozen, learning rate ``lr_min``, one pass over the
+3. **Tick**: convolutions frozen (gates, BN betas and linear layers train), learning rate ``lr_min``, one pass over the
    training split (``tick_steps`` caps it); every mini-batch adds |g * dL/dg| to each channel's
    score (Taylor on gates, reset every Tick; not :mod:`automlprune.importance`'s ``taylor``).
 4. **Prune** after each Tick: ``int(p x remaining)`` channels (each batch norm's channel counted,
@@ -131,13 +131,14 @@ class Tock(Callback):
 
 
 class Tick(Callback):
-    """Convolutions and linears frozen; |g * dL/dg| of every mini-batch added to the scores."""
+    """Convolutions frozen (gates, batch-norm betas and linear layers train); |g * dL/dg| of
+    every mini-batch added to the scores."""
 
     def __init__(self, gates: Gates) -> None:
         self.gates = gates
 
     def param_groups(self, trainer, groups):
-        frozen = {id(p) for m in trainer.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters()}
+        frozen = {id(p) for m in trainer.model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()}
         return [{"params": [p for p in trainer.model.parameters() if p.requires_grad and id(p) not in frozen]
                  + list(self.gates.parameters())}]
 

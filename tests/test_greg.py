@@ -58,8 +58,17 @@ def test_greg1_picks_once_and_greg2_picks_after_its_uniform_phase(tmp_path, trai
 def test_greg_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_space, digits):
     with pytest.raises(ConfigError, match="does not take the options"):
         GRegStrategy.check_options({"lr": 0.1, "mystery": 1})
-    with pytest.raises(ConfigError, match="widths 'prunenet' is unknown"):
-        _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5", widths="prunenet")
+    with pytest.raises(ConfigError, match="widths 'magic' is unknown"):
+        _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5", widths="magic")
+
+
+def test_greg_trains_towards_prunenet_widths(tmp_path, trained_digits_model, digits_space, digits):
+    strategy, outcome, _, _ = _search(tmp_path, GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.4",
+                                      widths="prunenet")
+    planned = strategy.prunenet_widths()
+    assert outcome.answer.candidate == planned and outcome.answer.relative["macs"] <= 0.4 + 1e-9
+    assert planned != strategy.uniform_widths()  # PruneNet allocates unevenly
+    assert set(strategy.regularizer.pruned) == set(planned.ratio_map)  # every shrunk group penalized
 
 
 def test_a_crash_mid_training_resumes_from_the_last_epoch_and_ends_as_an_uninterrupted_run(

@@ -75,6 +75,8 @@ def test_resrep_meets_the_budget_with_decayed_rows_and_trained_weights(budget, t
 def test_resrep_refuses_residual_groups_and_rounded_widths(tmp_path, trained_digits_model, digits_space, digits):
     with pytest.raises(ConfigError, match="internal groups only"):
         _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", groups="all")
+    with pytest.raises(ConfigError, match="chooses its widths"):
+        _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", widths="prunenet")
     rounded = SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(round_to=4))
     with pytest.raises(ConfigError, match="round_to 1"):
         _search(tmp_path, trained_digits_model, rounded, digits, "macs=0.5")

@@ -155,6 +155,7 @@ class GateDecoratorStrategy(TrainingStrategy):
     """Gate Decorator's Tick-Tock with group pruning until the budget is met (module docstring)."""
 
     name = "gate-decorator"
+    chooses_widths = True
     settings_class = GateDecoratorSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -24,9 +24,10 @@ Defaults are the official CIFAR ones (K_u = 10, delta = 1e-4, ceiling 1, ratio 1
 
 * **Widths from the budget.** The official code takes per-stage ratios; here the budget, in
   any metric, becomes one keep ratio for the pruned groups by the cost model (``widths:
-  uniform``). ``groups: internal`` (default) prunes the groups with one producing conv (each
-  residual block's first conv, as the official ResNet setting); ``groups: all`` also penalizes
-  every producer of residual groups.
+  uniform``), or PruneNet's allocation over every prunable group (``widths: prunenet``).
+  ``groups: internal`` (default) prunes the groups with one producing conv (each residual
+  block's first conv, as the official ResNet setting); ``groups: all`` (or PruneNet's widths)
+  also penalizes every producer of residual groups.
 * **Short training budgets.** The official schedule reaches its ceiling after ``ceiling /
   delta x update_interval`` = 100,000 steps. ``reg_steps`` (and ``pick_steps`` for GReg-2), when
   set, compress it k = 100,000 / reg_steps times while keeping its integrated penalty (the
@@ -210,7 +211,7 @@ class GRegStrategy(TrainingStrategy):
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
         s = self.settings
         kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(candidate).tolist()))
-        groups = [g for g in self.pruned_groups() if kept[g] < self.space.group_by_name[g].channels]
+        groups = [g for g in self.space.prunable if kept[g] < self.space.group_by_name[g].channels]  # what the widths shrink
         rows = {g: [(net.get_submodule(m.layer), torch.as_tensor(m.index_map[:, 0], device=self.device))
                     for m in self.space.group_by_name[g].members if m.layer in self.producers(g) and m.dim == "out"]
                 for g in groups}

@@ -167,6 +167,7 @@ class ResRepStrategy(TrainingStrategy):
     the budget, folded back into plain convs (see the module docstring)."""
 
     name = "resrep"
+    chooses_widths = True
     settings_class = ResRepSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

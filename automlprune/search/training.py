@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from automlprune.cost import largest_within
+from automlprune.data import cached_batches
 from automlprune.errors import ConfigError
+from automlprune.importance import channel_scores
 from automlprune.proposal import Proposal, TrainedWeights
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
 from automlprune.space import Candidate
 from automlprune.train import FitHistory
 
-WIDTH_RULES = ("uniform",)
+WIDTH_RULES = ("uniform", "prunenet")
+PRUNENET_SAMPLES = 640
+"""Training images PruneNet's reconstruction importance is scored on when it gives the widths."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,11 @@ class TrainingSettings:
     groups: which channel groups the method prunes: ``internal`` (groups with exactly one
     producing multiply-accumulate layer, e.g. the first conv of each residual block, as ResRep
     and GReg prune) or ``all`` prunable groups. widths: how the budget becomes per-group widths
-    (``uniform``: one keep ratio for the pruned groups, the largest that meets the budget).
+    (``uniform``: one keep ratio for the pruned groups, the largest that meets the budget;
+    ``prunenet``: PruneNet's cost-aware allocation over every prunable group, from its
+    reconstruction importance on a few training batches), for methods that train towards
+    given widths (GReg); methods that choose widths while training (ResRep, Gate Decorator)
+    take ``uniform`` only.
     batch_size: images per step.
     """
 
@@ -58,6 +66,8 @@ class TrainingStrategy(Strategy):
 
     replays_on_resume = False  # the stored answer is the result; training is not repeated
     settings_class: ClassVar[type] = TrainingSettings
+    chooses_widths: ClassVar[bool] = False
+    """True for methods whose training decides the widths (the planned ones only check the budget is reachable)."""
 
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50, **options: Any) -> None:
         super().__init__(context, budget, seed, max_evals, **options)
@@ -68,6 +78,8 @@ class TrainingStrategy(Strategy):
             raise ConfigError(f"{self.name} groups '{self.settings.groups}' is unknown; use internal or all")
         if self.settings.widths not in WIDTH_RULES:
             raise ConfigError(f"{self.name} widths '{self.settings.widths}' is unknown; use one of: {', '.join(WIDTH_RULES)}")
+        if self.chooses_widths and self.settings.widths != "uniform":
+            raise ConfigError(f"{self.name} chooses its widths while training; drop --option widths")
         self.device = torch.device(context.device)
         self.history_log: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
@@ -134,8 +146,21 @@ class TrainingStrategy(Strategy):
                 if m.dim == "out" and self.space.layer_by_name[m.layer].has_weights]
 
     def widths(self) -> Candidate:
-        """The widths meeting the budget: one keep ratio for every pruned group, the largest
-        that fits (bisection on the cost model)."""
+        """The widths meeting the budget (see :class:`TrainingSettings` ``widths``)."""
+        return self.prunenet_widths() if self.settings.widths == "prunenet" else self.uniform_widths()
+
+    def prunenet_widths(self) -> Candidate:
+        """PruneNet's allocation for the budget, from its importance on the original network."""
+        from automlprune.search.prunenet import PruneNetStrategy
+
+        data = self.context.data
+        batches = cached_batches(data.train, data, 64, self.device, max_samples=PRUNENET_SAMPLES, seed=self.seed, shuffle=True)
+        scores = channel_scores(self.context.model, self.space, "prunenet", batches, seed=self.seed)
+        allocator = PruneNetStrategy(replace(self.context, channel_scores=scores, artifacts=None), self.budget, self.seed)
+        return self.space.canonical(allocator.propose())
+
+    def uniform_widths(self) -> Candidate:
+        """One keep ratio for every pruned group, the largest that fits (bisection on the cost model)."""
         groups = self.pruned_groups()
         if not groups:
             raise ConfigError(f"{self.name} finds no {self.settings.groups} group to prune in this space; try --option groups=all")

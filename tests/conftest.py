@@ -136,3 +136,18 @@ def search_with(run_dir, cls, model, space, data, budget, **options):
     context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
     strategy = cls(context, parse_budget(budget), **options)
     return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+
+
+def crash_once(monkeypatch, cls, method: str, at_step: int) -> None:
+    """Make ``cls.method(self, trainer)`` raise KeyboardInterrupt once, at optimizer step
+    ``at_step`` (a machine going down mid-training); later calls behave normally."""
+    original = getattr(cls, method)
+    crashed = {"done": False}
+
+    def wrapper(self, trainer):
+        if trainer.step == at_step and not crashed["done"]:
+            crashed["done"] = True
+            raise KeyboardInterrupt("the machine went down")
+        return original(self, trainer)
+
+    monkeypatch.setattr(cls, method, wrapper)

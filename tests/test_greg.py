@@ -9,7 +9,7 @@ import torch
 from automlprune.errors import ConfigError
 from automlprune.search.greg import GReg2Strategy, GRegStrategy
 
-from conftest import search_with
+from conftest import crash_once, search_with
 
 FAST = dict(batch_size=64, update_interval=2, reg_steps=200, pick_steps=40, stabilize_steps=20, max_epochs=20)
 
@@ -76,16 +76,7 @@ def test_a_crash_mid_training_resumes_from_the_last_epoch_and_ends_as_an_uninter
     from automlprune.search import greg
 
     whole, whole_outcome, _, _ = _search(tmp_path / "whole", GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
-    original = greg.GrowingRegularization.after_step
-    crashed = {"done": False}
-
-    def crash_once(self, trainer):
-        if trainer.step == 50 and not crashed["done"]:
-            crashed["done"] = True
-            raise KeyboardInterrupt("the machine went down")
-        return original(self, trainer)
-
-    monkeypatch.setattr(greg.GrowingRegularization, "after_step", crash_once)
+    crash_once(monkeypatch, greg.GrowingRegularization, "after_step", at_step=50)
     with pytest.raises(KeyboardInterrupt):
         _search(tmp_path / "crash", GRegStrategy, trained_digits_model, digits_space, digits, "macs=0.5")
     checkpoints = list((tmp_path / "crash" / "greg1" / "checkpoints").glob("*.pt"))

@@ -13,7 +13,7 @@ from automlprune.search.resrep import Compactors, ResRepStrategy, fold_compactor
 from automlprune.space import SearchSpace
 from automlprune.space.config import SpaceConfig
 
-from conftest import search_with
+from conftest import crash_once, search_with
 
 FAST = dict(epochs=30, batch_size=64, lr=0.02, mask_interval=10, before_mask_steps=20, granularity=8, lasso=0.005)
 
@@ -88,16 +88,7 @@ def test_an_interrupted_resrep_resumes_with_its_compactors_and_masks(tmp_path, t
 
     short = dict(epochs=4, mask_interval=4, before_mask_steps=4, granularity=16)
     whole, whole_outcome, _, _ = _search(tmp_path / "whole", trained_digits_model, digits_space, digits, "macs=0.5", **short)
-    original = resrep.ResRepTraining.after_step
-    crashed = {"done": False}
-
-    def crash_once(self, trainer):
-        if trainer.step == 60 and not crashed["done"]:
-            crashed["done"] = True
-            raise KeyboardInterrupt("the machine went down")
-        return original(self, trainer)
-
-    monkeypatch.setattr(resrep.ResRepTraining, "after_step", crash_once)
+    crash_once(monkeypatch, resrep.ResRepTraining, "after_step", at_step=60)
     with pytest.raises(KeyboardInterrupt):
         _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5", **short)
     again, outcome, _, _ = _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5", **short)

@@ -163,8 +163,6 @@ class GateDecoratorStrategy(TrainingStrategy):
         s = self.settings
         if not 0 < s.p < 1 or min(s.tock_every, s.max_ticks) < 1 or min(s.tock_epochs, s.finetune_epochs) < 0:
             raise ConfigError("gate-decorator: p must be in (0, 1), tock_every and max_ticks at least 1, epochs not negative")
-        if self.space.config.round_to > 1:
-            raise ConfigError("gate-decorator removes single channels; use a space with round_to 1")
         self.gates: Gates | None = None
         self.ticks = 0
         self.phase = 0

@@ -80,6 +80,8 @@ class TrainingStrategy(Strategy):
             raise ConfigError(f"{self.name} widths '{self.settings.widths}' is unknown; use one of: {', '.join(WIDTH_RULES)}")
         if self.chooses_widths and self.settings.widths != "uniform":
             raise ConfigError(f"{self.name} chooses its widths while training; drop --option widths")
+        if self.chooses_widths and self.space.config.round_to > 1:
+            raise ConfigError(f"{self.name} removes single channels; use a space with round_to 1")
         self.device = torch.device(context.device)
         self.history_log: list[dict[str, Any]] = []
         self.resumed_from: int | None = None

@@ -66,3 +66,30 @@ def test_the_method_s_own_finetune_keeps_removed_channels_removed(tmp_path, trai
 def test_gate_decorator_refuses_bad_settings(tmp_path, trained_digits_model, digits_space, digits):
     with pytest.raises(ConfigError, match="p must be in"):
         _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", p=1.5)
+
+
+def test_an_interrupted_search_resumes_after_its_last_finished_phase(tmp_path, trained_digits_model, digits_space, digits,
+                                                                    monkeypatch):
+    from automlprune.search import gate_decorator
+
+    whole, whole_outcome, _, _ = _search(tmp_path / "whole", trained_digits_model, digits_space, digits, "macs=0.5")
+    original, ticks_started = gate_decorator.Tick.on_start, []
+
+    def crash_at_third_tick(self, trainer):
+        ticks_started.append(1)
+        if len(ticks_started) == 3:
+            raise KeyboardInterrupt("the machine went down")
+        return original(self, trainer)
+
+    monkeypatch.setattr(gate_decorator.Tick, "on_start", crash_at_third_tick)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5")
+    started = len(ticks_started)
+    again, outcome, _, _ = _search(tmp_path / "crash", trained_digits_model, digits_space, digits, "macs=0.5")
+    assert again.spent["resumed_after_phase"] >= 3  # the first Tock and two Ticks were not repeated
+    assert len(ticks_started) - started == whole.ticks - 2
+    assert again.history_log == whole.history_log
+    assert outcome.answer.candidate == whole_outcome.answer.candidate
+    assert outcome.answer.accuracy == whole_outcome.answer.accuracy
+    assert again.spent["training_steps"] == whole.spent["training_steps"]
+    assert not again.checkpoint_path().exists()

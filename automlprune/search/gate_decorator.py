@@ -25,7 +25,9 @@ Accelerating Deep Convolutional Neural Networks', NeurIPS 2019), after the offic
 Choices of this implementation, stated:
 
 * Each Tick and Tock is one Trainer run with its own SGD (momentum 0.9, weight decay 5e-4, no
-  Nesterov): momentum buffers restart at every phase (the code keeps one optimizer).
+  Nesterov): momentum buffers restart at every phase (the code keeps one optimizer). The run's
+  checkpoint is written after every phase (network, gates, masks, counters), so an interrupted
+  search resumes after its last finished Tick or Tock and computes what an uninterrupted one does.
 * ``p`` (0.002 in the ResNet-56 notebook) and the epochs are options scaled per task; the
   method's own fine-tune (triangular 1e-3 -> 1e-2, momentum 0) runs with ``finetune_epochs`` > 0
   (default 0: ``compare`` fine-tunes every answer identically), masked channels kept at zero.
@@ -34,7 +36,7 @@ Choices of this implementation, stated:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -166,6 +168,8 @@ class GateDecoratorStrategy(TrainingStrategy):
         self.gates: Gates | None = None
         self.ticks = 0
         self.phase = 0
+        self.resumed_after_phase: int | None = None
+        """The Trainer runs (Ticks and Tocks) an interrupted search had finished when it resumed (None: from the start)."""
 
     def _run(self, net: nn.Module, epochs: int, steps: int | None, schedule: str, lr: float, callbacks: list,
              label: str, momentum: float | None = None) -> FitHistory:
@@ -181,18 +185,28 @@ class GateDecoratorStrategy(TrainingStrategy):
         s = self.settings
         self.gates = gates = Gates(net, self.space, self.pruned_groups()).to(self.device)
         histories: list[FitHistory] = []
+        upcoming = "tock" if s.tock_epochs else "tick"
+        state = self.load_phase_state()
+        if state is not None:
+            histories, upcoming = self._restore(net, state), state["upcoming"]
+        tock = lambda: self._run(net, s.tock_epochs, s.tock_steps, "triangular", s.lr_max,  # noqa: E731
+                                 [Tock(gates, s.sparse_lambda)], "tock")
         try:
-            if s.tock_epochs:
-                histories.append(self._run(net, s.tock_epochs, s.tock_steps, "triangular", s.lr_max, [Tock(gates, s.sparse_lambda)], "tock"))
-            while not self.feasible(self.widths_of()) and self.ticks < s.max_ticks:
-                histories.append(self._run(net, 1, s.tick_steps, "constant", s.lr_min, [Tick(gates)], "tick"))
-                self.ticks += 1
-                removed = self.prune_step()
-                self.history_log.append({"tick": self.ticks, "removed": removed,
-                                         "cost_fraction": self.budget.cost_fraction(self.cost_model(self.widths_of()))})
-                if not self.feasible(self.widths_of()) and self.ticks % s.tock_every == 0 and s.tock_epochs:
-                    histories.append(self._run(net, s.tock_epochs, s.tock_steps, "triangular", s.lr_max,
-                                               [Tock(gates, s.sparse_lambda)], "tock"))
+            while upcoming != "done":
+                if upcoming == "tock":
+                    histories.append(tock())
+                    upcoming = "tick"
+                elif self.feasible(self.widths_of()) or self.ticks >= s.max_ticks:
+                    upcoming = "done"
+                else:
+                    histories.append(self._run(net, 1, s.tick_steps, "constant", s.lr_min, [Tick(gates)], "tick"))
+                    self.ticks += 1
+                    removed = self.prune_step()
+                    self.history_log.append({"tick": self.ticks, "removed": removed,
+                                             "cost_fraction": self.budget.cost_fraction(self.cost_model(self.widths_of()))})
+                    if not self.feasible(self.widths_of()) and self.ticks % s.tock_every == 0 and s.tock_epochs:
+                        upcoming = "tock"
+                self._checkpoint(net, histories, upcoming)
         finally:
             gates.remove()
         if not self.feasible(self.widths_of()):
@@ -202,7 +216,26 @@ class GateDecoratorStrategy(TrainingStrategy):
             kept = self.kept_channels(net, candidate)
             histories.append(self._run(net, s.finetune_epochs, s.finetune_steps, "triangular", s.lr_max,
                                        [KeepDropped(self.space, kept)], "finetune", momentum=0.0))
+        self.drop_phase_state()
         return histories
+
+    def _checkpoint(self, net: nn.Module, histories: list[FitHistory], upcoming: str) -> None:
+        """After every Tick (with its pruning) and Tock: the network, gates, masks and counters."""
+        gates = self.gates
+        self.save_phase_state({"net": net.state_dict(), "gates": [g.detach() for g in gates.gates], "masks": dict(gates.masks),
+                               "ticks": self.ticks, "phase": self.phase, "upcoming": upcoming, "log": self.history_log,
+                               "histories": [asdict(h) for h in histories]})
+
+    def _restore(self, net: nn.Module, state: dict[str, Any]) -> list[FitHistory]:
+        """Continue from :meth:`_checkpoint`'s state; the histories of the finished phases."""
+        with torch.no_grad():
+            net.load_state_dict(state["net"])
+            for gate, saved in zip(self.gates.gates, state["gates"]):
+                gate.copy_(saved)
+        self.gates.masks = {g: m.cpu() for g, m in state["masks"].items()}
+        self.ticks, self.phase, self.history_log = state["ticks"], state["phase"], list(state["log"])
+        self.resumed_after_phase = self.phase
+        return [FitHistory(**h) for h in state["histories"]]
 
     def widths_of(self) -> Candidate:
         return Candidate.make({g: int(m.sum()) / len(m) for g, m in self.gates.masks.items()})
@@ -249,7 +282,10 @@ class GateDecoratorStrategy(TrainingStrategy):
         return self.widths_of()
 
     def training_report(self) -> dict[str, float]:
-        return {"ticks": float(self.ticks)}
+        report = {"ticks": float(self.ticks)}
+        if self.resumed_after_phase is not None:
+            report["resumed_after_phase"] = float(self.resumed_after_phase)
+        return report
 
 
 @torch.no_grad()

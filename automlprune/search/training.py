@@ -12,13 +12,16 @@ What training cost is recorded as the search's ``spent`` (``training_seconds``,
 ``training_steps``, ``training_images``) and shown in reports next to the search time of the
 other strategies. Resuming a finished search serves the stored answer; a search interrupted
 mid-training resumes from the run's checkpoint of its last finished epoch (methods trained in one
-Trainer run: ``resrep``, ``greg1``, ``greg2``; see :meth:`TrainingStrategy.checkpoint_path`).
+Trainer run: ``resrep``, ``greg1``, ``greg2``; see :meth:`TrainingStrategy.checkpoint_path`) or
+of its last finished phase (methods trained in many short Trainer runs, ``gate-decorator``; see
+:meth:`TrainingStrategy.save_phase_state`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -181,6 +184,29 @@ class TrainingStrategy(Strategy):
         if self.context.artifacts is None:
             return None
         return self.context.artifacts.path(f"checkpoints/{self.name}-{self.budget.slug}-seed{self.seed}.pt")
+
+    def save_phase_state(self, state: dict[str, Any]) -> None:
+        """Keep ``state`` (tensors and plain values) as this search's checkpoint, atomically, after a
+        finished phase; nothing without a run directory."""
+        path = self.checkpoint_path()
+        if path is None:
+            return
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_phase_state(self) -> dict[str, Any] | None:
+        """The state :meth:`save_phase_state` kept for an interrupted run of this search (None: none)."""
+        path = self.checkpoint_path()
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, map_location=self.device, weights_only=True)
+
+    def drop_phase_state(self) -> None:
+        """Remove the checkpoint once training is done."""
+        path = self.checkpoint_path()
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def save_log(self) -> None:
         """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json``."""

@@ -109,6 +109,41 @@ def test_tiny_agent_search_records_evaluations_and_saves_the_agent(strategy, che
                  "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--no-export", "--json",
                  "--option", f"init_agent={agent}"])
     assert code == 0  # a saved agent continues in a new search
+    crafted, marker = _crafted_agent(agent, tmp_path)
+    code = main(["search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5", "--evals", "2", "--seed", "2",
+                 "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--no-export", "--json",
+                 "--option", f"init_agent={crafted}"])
+    assert code == 0 and not marker.exists()  # only tensors are read from an agent file: its pickled data never runs
+
+
+class _WritesAMarker:
+    """Unpickling this creates a file: what a crafted agent would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _crafted_agent(agent, tmp_path):
+    """A copy of the agent .zip whose pickled data would create a marker file if unpickled."""
+    import base64
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.zip"
+    with zipfile.ZipFile(agent) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item.filename)
+            if item.filename == "data":
+                data = json.loads(payload)
+                data["learning_rate"] = {":type:": "<class 'function'>",
+                                         ":serialized:": base64.b64encode(pickle.dumps(_WritesAMarker(marker))).decode()}
+                payload = json.dumps(data).encode()
+            dst.writestr(item, payload)
+    return crafted, marker
 
 
 @pytest.mark.parametrize("extra,message", [

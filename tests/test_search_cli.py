@@ -127,7 +127,7 @@ def test_run_dir_of_another_task_is_refused_and_left_untouched(run_dir, checkpoi
     other.write_text(f"name: other-task\nmodel: digits_cnn\ndataset: digits\ncheckpoint: {checkpoint}\n")
     before = _trial_count(run_dir)
     code, _, err = _run(capsys, "search", other, "--strategy", "random", "--run-dir", run_dir, "--evals", "3")
-    assert code == 2 and "holds a run of task 'digits-cnn'" in err
+    assert code == 2 and 'made with task.name "digits-cnn", not "other-task"' in err
     assert _trial_count(run_dir) == before
 
 

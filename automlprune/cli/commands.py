@@ -220,6 +220,7 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
     spec = TaskSpec.load(args.env, _overrides(args))
     run_dir = Path(args.run_dir or Path("results", kind, spec.name, name))
     store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
+    store.refuse_conflict({"task": spec.to_dict()})  # before the baseline loads or trains
     session = SearchSession(Task(spec), resolve_device(args.device), store, args.space, progress=not args.json)
     session.check_budgets(budgets)
     return session, run_dir
@@ -269,7 +270,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     lines.append(f"  saved {packed} ({packed.stat().st_size / 1024:.1f} KiB on disk, "
                                  f"{a.costs.bytes / 1024:.1f} KiB of parameters reported)")
         answers.append(entry)
-    (run_dir / "answers.json").write_text(json.dumps(answers, indent=2))
+    session.store.update_answers(answers)
     records = collect(session.store)
     plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}")
     plot_allocations(session.store.artifacts)
@@ -321,14 +322,16 @@ def _read_notes(path: str | None) -> str | None:
 
 
 def _run_context(run_dir: Path, storage: str | None):
-    from automlprune.search.store import RunStore
+    """The store (opened, never created), saved config and task of a finished run directory."""
+    from automlprune.search.store import RunStore, is_own_storage
     from automlprune.tasks import Task, TaskSpec
 
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json); give the folder a search or compare wrote")
     config = json.loads((run_dir / "config.json").read_text())
-    store = RunStore(run_dir, storage or config.get("storage"))
-    return store, config, Task(TaskSpec.from_saved(config["task"]))
+    saved = config.get("storage")
+    store = RunStore(run_dir, storage or (None if is_own_storage(saved) else saved), create=False)
+    return store, config, Task(TaskSpec.from_saved(store.saved_task(config)))
 
 
 def _saved_space(task, config: dict, model=None):

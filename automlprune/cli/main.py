@@ -123,6 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("automlprune: interrupted; files already written are kept", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the command reads or writes: permissions, a full disk, a missing folder
+        where = exc.filename or "a file"
+        print(f"automlprune: error: {exc.strerror or exc} ({where}); fix the path's permissions or free disk space and rerun: "
+              "what was stored before is kept", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from automlprune.search.store import storage_write_problem
+
+        problem = storage_write_problem(exc)
+        if problem is None:
+            raise
+        print(f"automlprune: error: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

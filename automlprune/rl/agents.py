@@ -74,7 +74,9 @@ class RLStrategy(Strategy):
     actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size; gamma
     (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
     noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others
-    off); episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip to start from.
+    off); episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip (one a previous search
+    saved) whose network and optimizer weights the agent starts from; only its tensors are read
+    (``torch.load(weights_only=True)``), never its pickled data, so the agent's settings are these options.
     The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
     """
 
@@ -103,7 +105,7 @@ class RLStrategy(Strategy):
     def _build_agent(self) -> Any:
         import stable_baselines3 as sb3
 
-        o, T = self.options, self.steps_per_episode
+        o = self.options
         warmup = int(o.get("warmup", min(100, max(1, self.max_evals // 4))))
         arch = list(o.get("net_arch", [300, 400]))
         common = dict(seed=self.seed, verbose=0, device="cpu", gamma=float(o.get("gamma", 1.0)))
@@ -111,11 +113,15 @@ class RLStrategy(Strategy):
         actor_rate = o.get("actor_learning_rate", 1e-4 if self.algorithm in ("ddpg", "td3") else None)  # AMC: 1e-4
         if actor_rate is not None and self.algorithm != "ppo":
             algorithm_class = _separate_actor_rate(algorithm_class, float(actor_rate))
+        agent = self._new_agent(algorithm_class, common, arch, warmup)
         if "init_agent" in o:
-            path = Path(o["init_agent"])
-            if not path.is_file():
-                raise ConfigError(f"agent file {path} does not exist; give the .zip a previous search saved")
-            return algorithm_class.load(path, env=self.env, **common)
+            _load_weights(agent, Path(o["init_agent"]))
+        return agent
+
+    def _new_agent(self, algorithm_class: Any, common: dict[str, Any], arch: list[int], warmup: int) -> Any:
+        import stable_baselines3 as sb3
+
+        o, T = self.options, self.steps_per_episode
         if self.algorithm == "ppo":
             episodes = int(o.get("episodes_per_update", 4))
             return sb3.PPO("MlpPolicy", self.env, n_steps=T * episodes, batch_size=T, n_epochs=int(o.get("n_epochs", 10)),
@@ -187,3 +193,19 @@ PPOStrategy = _make("ppo", "discrete")
 HAQStrategy = _make("ddpg", name="haq", mode="bits",
                     doc="HAQ (Wang et al., CVPR 2019): DDPG choosing each layer's weight bits, channels whole, the budget "
                         "enforced by lowering bits from the last layer backward (the ddpg strategy with mode=bits).")
+
+
+def _load_weights(agent: Any, path: Path) -> None:
+    """Start ``agent`` from the network and optimizer weights of the SB3 .zip ``path``, read
+    without unpickling (SB3's ``set_parameters``: ``load_data=False``, ``weights_only=True``): a
+    crafted file cannot run code."""
+    import zipfile
+
+    if not path.is_file():
+        raise ConfigError(f"agent file {path} does not exist; give the .zip a previous search saved")
+    try:
+        agent.set_parameters(str(path), exact_match=True, device="cpu")
+    except (ValueError, RuntimeError, KeyError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ConfigError(f"agent file {path} does not fit this agent ({first}); give a .zip saved by a search with the "
+                          "same strategy, mode and net_arch") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import optuna
@@ -126,12 +126,18 @@ class Strategy:
         """Release what the strategy holds (threads, files); called once the loop ends."""
 
     def answer(self) -> EvalResult | None:
-        """The strategy's answer for its budget: by default the most accurate feasible result
-        (cheaper first among equals). Must meet the budget."""
-        feasible = [r for r in self.history if self.budget.met_by(r.costs)]
-        if not feasible:
-            return None
-        return max(feasible, key=lambda r: (r.accuracy, -r.costs[self.budget.metric]))
+        """The best feasible result this strategy has seen (:func:`best_feasible`)."""
+        return best_feasible(self.history, self.budget)
+
+
+def best_feasible(results: Sequence[EvalResult], budget: BoundBudget) -> EvalResult | None:
+    """The answer for a budget: the most accurate result meeting it (cheaper first among equals,
+    then the earliest). The search's stored answer is this over the study's results, whichever
+    worker evaluated them."""
+    feasible = [r for r in results if budget.met_by(r.costs)]
+    if not feasible:
+        return None
+    return max(feasible, key=lambda r: (r.accuracy, -r.costs[budget.metric]))
 
 
 @dataclass
@@ -194,7 +200,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
                 break
     finally:
         strategy.close()
-    answer = strategy.answer()
+    answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.met_by(answer.costs):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
     if answer is not None:

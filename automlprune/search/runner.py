@@ -75,7 +75,7 @@ class SearchSession:
         self.store.save_config({
             "task": self.task.spec.to_dict(), "space": self.space.config.to_dict(), "strategies": list(strategies),
             "budgets": [b.label for b in budgets], "seeds": list(seeds), "max_evals": max_evals, "time_limit": time_limit,
-            "options": options, "storage": self.store.url, "evaluator_seed": self.evaluator.seed,
+            "options": options, "evaluator_seed": self.evaluator.seed,
             "versions": {"automlprune": automlprune.__version__, "torch": str(torch.__version__)},
         })
 

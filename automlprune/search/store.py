@@ -12,15 +12,18 @@ strategy, seed, budget, task, wall time and versions; the budget is an Optuna co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -117,8 +120,34 @@ class Record:
     number: int
 
 
+OPENED_STORAGES: list[str] = []
+"""The storage URLs this process opened (named when a write to one fails)."""
+
+STORAGE_FAILURES = (("readonly database", "is read-only"), ("read-only transaction", "is read-only"),
+                    ("database or disk is full", "is on a full disk"), ("disk i/o error", "could not be written (disk I/O error)"),
+                    ("unable to open database file", "cannot be opened for writing"))
+"""Driver messages (lower case) of a failed storage write, and what they mean for the user."""
+
+
+def storage_write_problem(exc: BaseException) -> str | None:
+    """One sentence for an exception whose causes include a failed write to the run's storage
+    (Optuna re-raises SQLite's "attempt to write a readonly database" as a misleading
+    "exceeding max length"), or None when it is not one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        for needle, meaning in STORAGE_FAILURES:
+            if needle in text:
+                where = ", ".join(dict.fromkeys(_storage_file(u) and str(_storage_file(u)) or u for u in OPENED_STORAGES)) or "the run's storage"
+                return (f"the storage {where} {meaning}; make the run directory and its study.db writable (or free disk space) "
+                        "and rerun: what was stored before is kept and the search resumes")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url`` (any SQLAlchemy URL, or ``journal:PATH``)."""
+    OPENED_STORAGES.append(url)
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
@@ -130,15 +159,114 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                           "check the URL, the server and its driver") from None
 
 
-class RunStore:
-    """Studies of one run directory, plus the run's saved configuration."""
+OWN_STORAGE = "study.db"
+"""The run directory's own SQLite study: the storage of a run unless ``--storage`` names another."""
 
-    def __init__(self, run_dir: str | Path, storage: str | None = None) -> None:
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file of this process (unique name), so a
+    crash or a concurrent writer never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:  # name the file the user knows, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock of a run directory between processes (``.lock``, ``flock``): held while a
+    worker creates the storage or rewrites the run's config, so workers started together take turns."""
+    with open(run_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_own_storage(url: str | None) -> bool:
+    """Whether a stored storage URL is a run directory's own SQLite file (``None``, or the
+    absolute ``sqlite:///.../study.db`` that runs before automlprune 0.1 recorded)."""
+    return url is None or (url.startswith("sqlite:///") and Path(url[len("sqlite:///"):]).name == OWN_STORAGE)
+
+
+def _storage_file(url: str) -> Path | None:
+    """The file a SQLite or journal storage URL points at (None for server databases)."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix):
+            return Path(url[len(prefix):].split("?", 1)[0])
+    return None
+
+
+MEANING_KEYS = {"task": ("name", "model", "model_kwargs", "dataset", "dataset_options", "evaluation"),
+                "space": None, "evaluator_seed": None}
+"""Saved settings that change what a stored evaluation means (None: the whole value): a resumed
+run must match them. Training, fine-tune and strategy options may differ between searches."""
+
+
+def config_conflict(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first setting in which ``new`` differs from a run's saved ``old`` config in a way that
+    would change what its stored evaluations mean, in words (None: they agree). Keys one side
+    lacks (a setting added in a later version) are not compared."""
+    def differ(where: str, a: Any, b: Any) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [k for k in a if k in b]:
+                found = differ(f"{where}.{k}", a[k], b[k])
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{where} {json.dumps(a, default=str)}, not {json.dumps(b, default=str)}"
+
+    for key, fields_ in MEANING_KEYS.items():
+        if key not in old or key not in new:
+            continue
+        a, b = old[key], new[key]
+        if fields_ is not None:
+            a, b = {k: a.get(k) for k in fields_ if k in a}, {k: b.get(k) for k in fields_ if k in b}
+            found = differ(key, a, b)
+        else:
+            found = differ(key, a, b)
+        if found:
+            return found
+    old_ckpt, new_ckpt = old.get("task", {}).get("checkpoint"), new.get("task", {}).get("checkpoint")
+    if old_ckpt and new_ckpt and Path(old_ckpt).resolve() != Path(new_ckpt).resolve():
+        return f"the checkpoint {old_ckpt}, not {new_ckpt}"
+    return None
+
+
+class RunStore:
+    """Studies of one run directory, plus the run's saved configuration.
+
+    The storage is the run directory's own ``study.db`` unless ``storage`` names another URL, so
+    a run directory can be moved or copied whole. With ``create=False`` (commands that read a
+    finished run: plot, export) nothing is created: a missing run directory or storage file is
+    refused in one sentence instead of starting an empty study."""
+
+    def __init__(self, run_dir: str | Path, storage: str | None = None, create: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
-        self.storage = open_storage(self.url)
+        self.explicit_storage = storage
+        self.url = storage or f"sqlite:///{(self.run_dir / OWN_STORAGE).resolve()}"
         self.artifacts = Artifacts(self.run_dir)
+        file = _storage_file(self.url)
+        if not create:
+            if file is not None and not file.is_file():
+                hint = ("copy the run directory whole, or give its storage with --storage" if storage is None
+                        else "check the --storage path")
+                raise ConfigError(f"the run's storage {file} does not exist; {hint}")
+            self.storage = open_storage(self.url)
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with run_lock(self.run_dir):  # workers started together create the storage's tables one at a time
+                self.storage = open_storage(self.url)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {exc.filename or self.run_dir} ({exc.strerror}); "
+                              "choose a writable --run-dir") from None
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -149,19 +277,66 @@ class RunStore:
         return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
 
     def save_config(self, config: dict[str, Any]) -> None:
-        """Save the resolved run configuration; refuse a run directory made for another task or space."""
+        """Save the resolved run configuration (``storage``: only an explicit one; paths inside
+        the run directory relative to it), merged with what another search of the run stored;
+        refuse one that would change what a stored evaluation means (:func:`config_conflict`)."""
+        config = json.loads(json.dumps({**config, "storage": self.explicit_storage, **self._portable_checkpoint(config)}, default=str))
+        with run_lock(self.run_dir):
+            old = self.refuse_conflict(config)
+            if old is not None:
+                config = {**old, **config, "strategies": sorted(set(old.get("strategies", [])) | set(config.get("strategies", []))),
+                          "budgets": list(dict.fromkeys(old.get("budgets", []) + config.get("budgets", [])))}
+            atomic_write_text(self.config_path, json.dumps(config, indent=2))
+
+    def refuse_conflict(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Refuse ``config`` (what a search is about to run with; parts may be missing) when the
+        run's saved config differs in a setting that changes what an evaluation means
+        (:func:`config_conflict`); returns the saved config (None for a new run)."""
         old = self.load_config()
-        if old is not None:
-            for key in ("task", "space"):
-                if old.get(key, {}).get("name") != config.get(key, {}).get("name"):
-                    raise ConfigError(
-                        f"run directory {self.run_dir} holds a run of {key} '{old.get(key, {}).get('name')}', not "
-                        f"'{config.get(key, {}).get('name')}'; choose another --run-dir"
-                    )
-            config = {**old, **config, "strategies": sorted(set(old.get("strategies", [])) | set(config.get("strategies", [])))}
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2, default=str))
-        tmp.replace(self.config_path)
+        if old is None:
+            return None
+        saved = {**old, "task": {**old.get("task", {}), "checkpoint": str(self.checkpoint_of(old))}}
+        conflict = config_conflict(saved, json.loads(json.dumps(config, default=str)))
+        if conflict:
+            raise ConfigError(f"run directory {self.run_dir} was made with {conflict}; "
+                              "use the same settings to resume it, or choose another --run-dir")
+        return old
+
+    def _portable_checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The task's checkpoint as an absolute path, and relative to the run directory when it
+        lies inside (so a moved run finds it), for a config about to be saved."""
+        task = config.get("task")
+        if not task or not task.get("checkpoint"):
+            return {}
+        path = Path(task["checkpoint"]).resolve()
+        root = self.run_dir.resolve()
+        inside = str(path.relative_to(root)) if path.is_relative_to(root) else None
+        return {"task": {**task, "checkpoint": str(path)}, "checkpoint_in_run_dir": inside}
+
+    def checkpoint_of(self, config: dict[str, Any]) -> Path:
+        """The baseline checkpoint of a saved run: the copy inside the run directory when it was
+        saved there (wherever the run now lives), else the saved path (older runs: relative to the
+        folder the command ran in)."""
+        inside = config.get("checkpoint_in_run_dir")
+        if inside and (self.run_dir / inside).is_file():
+            return self.run_dir / inside
+        return Path(config.get("task", {}).get("checkpoint", ""))
+
+    def saved_task(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The saved task of ``config`` with its checkpoint found (:meth:`checkpoint_of`)."""
+        return {**config["task"], "checkpoint": str(self.checkpoint_of(config))}
+
+    def update_answers(self, entries: list[dict[str, Any]]) -> Path:
+        """Merge this search's ``entries`` into the run's ``answers.json`` (one per strategy,
+        budget and seed; a rerun replaces its own, earlier searches keep theirs); returns its path."""
+        path = self.run_dir / "answers.json"
+        key = lambda e: (e.get("strategy"), e.get("budget"), e.get("seed"))  # noqa: E731
+        with run_lock(self.run_dir):
+            old = json.loads(path.read_text()) if path.is_file() else []
+            merged = {key(e): e for e in old}
+            merged.update({key(e): e for e in entries})
+            atomic_write_text(path, json.dumps(list(merged.values()), indent=2))
+        return path
 
     # ---- studies -----------------------------------------------------------------------------
     @staticmethod

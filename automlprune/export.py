@@ -3,19 +3,22 @@
 The packed format (``.qpt``) stores each quantized layer's weights as bit-packed integer codes
 (``bits`` bits per weight) with their scales and zero points, so the file is about the size the
 cost model reports as ``bytes``; :func:`load_packed` restores the network. Layout: 8 magic bytes,
-the length of the metadata (uint64), the metadata (the module's structure without its tensors
-and where each tensor lies in the payload; a zlib-compressed pickle: load only files you trust,
-as with ``torch.load``), then the payload bytes."""
+the length of the metadata (uint64), the metadata (zlib-compressed JSON: the architecture's
+registry name, each module's class and changed sizes, where each tensor lies in the payload,
+the quantization record), then the payload bytes. Nothing in the file is unpickled or executed:
+the network is rebuilt from automlprune's model registry (or from the original model the caller
+passes) and cut to the recorded sizes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import copy
-import pickle
-from dataclasses import replace
+import json
 import struct
 import zlib
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,17 +29,22 @@ from automlprune.quantization import RECORD_ATTRIBUTE, Quantized, pack_codes, qu
 
 FORMATS = {".pt": "pt", ".pt2": "torch.export", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx",
            ".qpt": "packed"}
-MAGIC = b"AMLPQPT1"  # then the metadata length (uint64, little-endian), the metadata, the payload
+MAGIC = b"AMLPQPT2"  # then the metadata length (uint64, little-endian), the metadata, the payload
+OLD_MAGIC = b"AMLPQPT1"  # before 0.1: pickled metadata, no longer read
+SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+"""Module attributes that record a layer's width (what materializing changes besides tensors)."""
 
 
-def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path, fmt: str | None = None) -> Path:
+def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path, fmt: str | None = None,
+                 architecture: dict[str, Any] | None = None) -> Path:
     """Save ``model`` to ``path``; the format follows the suffix unless ``fmt`` is given:
 
     * ``.pt``: ``torch.save`` of the whole module (loading needs the model's classes importable);
     * ``.pt2``: ``torch.export`` program (``torch.export.load``, no Python classes needed);
     * ``.ts``: TorchScript via tracing (``torch.jit.load``);
     * ``.onnx``: ONNX (needs the ``onnx`` and ``onnxscript`` packages);
-    * ``.qpt``: packed quantized weights (:func:`save_packed`; load with :func:`load_packed`).
+    * ``.qpt``: packed quantized weights (:func:`save_packed`, which records ``architecture``;
+      load with :func:`load_packed`).
     """
     path = Path(path)
     fmt = fmt or FORMATS.get(path.suffix)
@@ -48,7 +56,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path
     if fmt == "pt":
         torch.save(model, path)
     elif fmt == "packed":
-        save_packed(model, path)
+        save_packed(model, path, architecture)
     elif fmt == "torch.export":
         torch.export.save(torch.export.export(model, (example,)), path)
     elif fmt == "torchscript":
@@ -64,82 +72,93 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path
     return path
 
 
-def save_packed(model: nn.Module, path: str | Path) -> Path:
+def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:
     """Save a quantized materialized network with its weights bit-packed.
 
-    The file holds the module's structure with every tensor taken out, and one byte payload: per
-    quantized layer its packed codes (ceil(weights x bits / 8) bytes), float32 scales and, for
-    asymmetric schemes, int32 zero points; every other parameter and buffer as raw bytes. On disk
-    that is the cost model's ``bytes`` plus the batch-norm running statistics (buffers, 2 float32
-    per channel) plus the compressed structure (a few KB).
+    The file holds one byte payload: per quantized layer its packed codes (ceil(weights x bits /
+    8) bytes), float32 scales and, for asymmetric schemes, int32 zero points; every other
+    parameter and buffer as raw bytes. On disk that is the cost model's ``bytes`` plus the
+    batch-norm running statistics (buffers, 2 float32 per channel) plus the compressed JSON
+    metadata (a few KB). ``architecture`` (``{"model", "num_classes", "in_channels", "kwargs"}``,
+    :meth:`automlprune.tasks.Task.architecture`) names the registry model the network was cut
+    from, so :func:`load_packed` rebuilds it alone; without it, loading needs the original model.
     """
     record = getattr(model, RECORD_ATTRIBUTE, None)
     if not record or not record.get("layers"):
         raise ConfigError("the network has no quantized layers to pack; give its candidate bits below 32, or export as .pt2")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    skeleton = copy.deepcopy(model).cpu().eval()
+    model = model.cpu().eval()
     chunks: list[bytes] = []
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     offset = 0
 
-    def put(data: bytes) -> tuple[int, int]:
+    def put(data: bytes) -> list[int]:
         nonlocal offset
         chunks.append(data)
         offset += len(data)
-        return offset - len(data), len(data)
+        return [offset - len(data), len(data)]
 
-    for module_name, module in skeleton.named_modules():
+    modules = {}
+    for module_name, module in model.named_modules():
+        modules[module_name] = {"class": _class_name(module),
+                                "sizes": {a: getattr(module, a) for a in SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), int)}}
         for kind, store in (("parameter", module._parameters), ("buffer", module._buffers)):
-            for name, tensor in list(store.items()):
+            for name, tensor in store.items():
                 if tensor is None:
                     continue
-                entry = {"module": module_name, "name": name, "kind": kind, "shape": tuple(tensor.shape),
-                         "dtype": str(tensor.dtype).replace("torch.", "")}
+                entry: dict[str, Any] = {"module": module_name, "name": name, "kind": kind, "shape": list(tensor.shape),
+                                         "dtype": str(tensor.dtype).replace("torch.", "")}
                 info = record["layers"].get(module_name) if kind == "parameter" and name == "weight" else None
                 if info is not None:
-                    q = quantize(tensor, info["bits"], record["scheme"])
+                    q = quantize(tensor.detach(), info["bits"], record["scheme"])
                     entry.update(bits=q.bits, codes=put(pack_codes((q.codes + q.offset).numpy(), q.bits).tobytes()),
                                  scale=put(q.scale.float().numpy().tobytes()),
                                  zero_point=None if symmetric(q.scheme) else put(q.zero_point.to(torch.int32).numpy().tobytes()))
                 else:
                     entry["raw"] = put(tensor.detach().contiguous().numpy().tobytes())
                 entries.append(entry)
-                store[name] = None
     kept = {k: v for k, v in record.items() if k != "layers"}
-    setattr(skeleton, RECORD_ATTRIBUTE, {**kept, "layers": {n: {"bits": i["bits"]} for n, i in record["layers"].items()}})
-    meta = zlib.compress(pickle.dumps({"module": skeleton, "entries": entries}, protocol=pickle.HIGHEST_PROTOCOL), 9)
+    meta = {"format": 2, "architecture": architecture, "modules": modules, "entries": entries,
+            "record": {**kept, "layers": {n: {"bits": i["bits"]} for n, i in record["layers"].items()}}}
+    blob = zlib.compress(json.dumps(meta).encode(), 9)
     with open(path, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(meta)) + meta)
+        f.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
         f.writelines(chunks)
     return path
 
 
-def load_packed(path: str | Path) -> nn.Module:
+def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The network :func:`save_packed` wrote, with its weights dequantized to float32 (their
-    quantized values) and its quantization record restored. Needs the model's classes importable."""
+    quantized values) and its quantization record restored. It is rebuilt from the original
+    architecture, ``model`` (the unpruned network; copied, not changed) or else the registry
+    model the file names, cut to the recorded sizes: nothing in the file runs as code."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path} ({exc.strerror}); give a .qpt file that 'automlprune export' wrote") from None
+    if data.startswith(OLD_MAGIC):
+        raise ConfigError(f"{path} was written by an older automlprune whose metadata was pickled, which is no longer read; "
+                          "export the network again")
     if not data.startswith(MAGIC):
         raise ConfigError(f"{path} is not a packed automlprune network; give a .qpt file that 'automlprune export' wrote")
     start = len(MAGIC) + 8
     (length,) = struct.unpack("<Q", data[len(MAGIC):start])
     try:
-        blob = pickle.loads(zlib.decompress(data[start:start + length]))
-    except (zlib.error, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as exc:
+        meta = json.loads(zlib.decompress(data[start:start + length]))
+    except (zlib.error, ValueError) as exc:
         raise ConfigError(f"cannot read {path} as a packed network ({exc}); give a .qpt file that 'automlprune export' wrote") from None
-    model, payload = blob["module"], np.frombuffer(data, dtype=np.uint8, offset=start + length)
-    record = getattr(model, RECORD_ATTRIBUTE)
+    net = _skeleton(path, meta, model)
+    payload = np.frombuffer(data, dtype=np.uint8, offset=start + length)
+    record = {**meta["record"], "layers": {n: dict(i) for n, i in meta["record"]["layers"].items()}}
     scheme = record["scheme"]
 
-    def get(span: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    def get(span: list[int], dtype: np.dtype) -> np.ndarray:
         return np.frombuffer(payload[span[0]: span[0] + span[1]].tobytes(), dtype=dtype)
 
-    for e in blob["entries"]:
-        module = model.get_submodule(e["module"])
+    for e in meta["entries"]:
+        module = net.get_submodule(e["module"])
         count = int(np.prod(e["shape"], dtype=np.int64))
         if "codes" in e:
             scale = torch.from_numpy(get(e["scale"], np.float32).copy())
@@ -155,4 +174,33 @@ def load_packed(path: str | Path) -> nn.Module:
             module._parameters[e["name"]] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         else:
             module._buffers[e["name"]] = tensor
-    return model
+    setattr(net, RECORD_ATTRIBUTE, record)
+    return net.eval()
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _skeleton(path: Path, meta: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    """The original architecture (``model`` copied, or built from the registry name in
+    ``meta``) with every module's sizes set as recorded, after checking its modules are the
+    recorded ones (a file from another architecture is refused)."""
+    if model is None:
+        arch = meta.get("architecture")
+        if not arch:
+            raise ConfigError(f"{path} does not name its architecture; load it with load_packed(path, original_model)")
+        from automlprune.models import build_model
+
+        model = build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"], **arch.get("kwargs", {}))
+    net = copy.deepcopy(model).cpu()
+    present = dict(net.named_modules())
+    if set(present) != set(meta["modules"]):
+        raise ConfigError(f"{path} holds a network with other modules than this architecture; load it with the model it was exported from")
+    for name, info in meta["modules"].items():
+        if _class_name(present[name]) != info["class"]:
+            raise ConfigError(f"{path} holds a network whose module '{name}' is a {info['class']}, not a "
+                              f"{_class_name(present[name])}; load it with the model it was exported from")
+        for attribute, value in info["sizes"].items():
+            setattr(present[name], attribute, value)
+    return net

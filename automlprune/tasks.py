@@ -191,6 +191,12 @@ class Task:
         return build_model(self.spec.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                            **self.spec.model_kwargs)
 
+    def architecture(self) -> dict[str, Any]:
+        """How :meth:`build_model` builds the network (registry name and arguments), as recorded in
+        packed exports so they load without pickled structure."""
+        return {"model": self.spec.model, "num_classes": self.data.num_classes, "in_channels": self.data.in_channels,
+                "kwargs": dict(self.spec.model_kwargs)}
+
     def checkpoint_identity(self) -> dict[str, Any]:
         """Metadata a checkpoint must match to be used for this task."""
         return {"model": self.spec.model, "model_kwargs": self.spec.model_kwargs, "dataset": self.spec.dataset}

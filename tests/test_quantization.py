@@ -162,9 +162,12 @@ def test_packed_file_is_the_reported_bytes_plus_metadata(tmp_path, trained_digit
     candidate = Candidate.make({"features.0": 0.5}, {name: 3 for name in space.quantizable})
     net = evaluator.network(candidate)
     path = save_packed(net, tmp_path / "net.qpt")
-    restored = load_packed(path)
+    restored = load_packed(path, trained_digits_model)  # rebuilt from the original architecture, nothing unpickled
     x = digits.example_input().repeat(3, 1, 1, 1)
     assert torch.allclose(restored(x), net(x), atol=1e-6)
+    assert trained_digits_model.features[0].out_channels == 16  # the original is not changed
+    with pytest.raises(ConfigError, match="does not name its architecture"):
+        load_packed(path)
     reported = evaluator.cost_model(candidate).bytes
     buffers = sum(b.numel() * b.element_size() for b in net.buffers())
     overhead = path.stat().st_size - reported - buffers
@@ -273,3 +276,36 @@ def test_loading_a_file_that_is_not_packed_is_one_sentence(tmp_path):
         load_packed(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_packed(tmp_path / "missing.qpt")
+
+
+def test_a_packed_file_of_the_old_pickled_format_is_never_unpickled(tmp_path):
+    """A crafted file in the old layout (pickled metadata) would create a marker file if unpickled."""
+    import pickle
+    import struct
+    import zlib
+
+    from automlprune.export import OLD_MAGIC
+
+    marker = tmp_path / "code-ran"
+
+    class WritesAMarker:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    meta = zlib.compress(pickle.dumps({"module": WritesAMarker(), "entries": []}))
+    path = tmp_path / "crafted.qpt"
+    path.write_bytes(OLD_MAGIC + struct.pack("<Q", len(meta)) + meta)
+    with pytest.raises(ConfigError, match="no longer read"):
+        load_packed(path)
+    assert not marker.exists()
+
+
+def test_a_packed_file_refuses_another_architecture(tmp_path, trained_digits_model, digits):
+    from automlprune.models import build_model
+
+    space = _space(trained_digits_model, digits)
+    net = Evaluator(trained_digits_model, space, digits, SETTINGS).network(Candidate.make({}, {n: 4 for n in space.quantizable}))
+    path = save_packed(net, tmp_path / "net.qpt", {"model": "digits_cnn", "num_classes": 10, "in_channels": 1, "kwargs": {}})
+    assert torch.allclose(load_packed(path)(digits.example_input()), net(digits.example_input()), atol=1e-6)
+    with pytest.raises(ConfigError, match="load it with the model it was exported from"):
+        load_packed(path, build_model("resnet20", 10, 1))

@@ -52,14 +52,17 @@ def test_crashed_search_resumes_without_losing_or_repeating(strategy, tmp_path, 
         assert straight.answer.candidate == resumed.answer.candidate
 
 
-def test_trials_hold_encoding_metrics_and_constraint(tmp_path, trained_digits_model, digits_space, digits):
-    outcome, store, study, _ = run_search(tmp_path, trained_digits_model, digits_space, digits, "random", max_evals=4)
+@pytest.mark.parametrize("strategy", ["random", "optuna-tpe"])
+def test_trials_hold_encoding_metrics_and_constraint(strategy, tmp_path, trained_digits_model, digits_space, digits):
+    outcome, store, study, _ = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy, max_evals=4)
     trial = study.trials[0]
     cand = outcome.history[0].candidate
     assert trial.params == to_params(digits_space, cand) and from_params(digits_space, trial.params) == cand
     assert trial.values[0] == trial.user_attrs["result"]["accuracy"]
     assert trial.values[1] == pytest.approx(trial.user_attrs["result"]["relative"]["macs"])
     assert trial.constraints and list(trial.constraints.values())[0] <= 0
+    for t in study.trials:  # where optuna-dashboard reads the constraint, for the loop's trials and Optuna samplers' alike
+        assert t.system_attrs["constraints"] == [t.user_attrs["constraint"]] and len(t.constraints) == 1
     assert {"strategy", "seed", "budget", "elapsed_s", "candidate", "result", "evaluated"} <= set(trial.user_attrs)
     loaded = optuna.load_study(study_name=study.study_name, storage=store.url)
     assert len(loaded.trials) == len(study.trials)

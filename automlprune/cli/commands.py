@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             human.append(f"{label:>7} (PyTorch x86, CPU): accuracy {_pct(int8[label]['accuracy'])}, latency {lat}")
     if args.export:
         network = network or evaluator.network(candidate)
-        path = export_model(network.cpu(), task.data.example_input(), args.export)
+        path = export_model(network.cpu(), task.data.example_input(), args.export, architecture=task.architecture())
         payload["export"] = str(path)
         human.append(f"saved {path}")
     _emit(args, payload, "\n".join(human))
@@ -265,7 +265,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 entry["export"] = str(path)
                 lines.append(f"  saved {path}")
                 if a.candidate.bits:
-                    packed = export_model(network, session.task.data.example_input(), run_dir / f"model-{budget.slug}.qpt")
+                    packed = export_model(network, session.task.data.example_input(), run_dir / f"model-{budget.slug}.qpt",
+                                          architecture=session.task.architecture())
                     entry["export_packed"] = str(packed)
                     lines.append(f"  saved {packed} ({packed.stat().st_size / 1024:.1f} KiB on disk, "
                                  f"{a.costs.bytes / 1024:.1f} KiB of parameters reported)")
@@ -384,7 +385,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx", "packed": ".qpt"}[args.format]
     out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"
     fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx", "packed": "packed"}[args.format]
-    path = export_model(evaluator.network(proposal).cpu(), task.data.example_input(), out, fmt)
+    path = export_model(evaluator.network(proposal).cpu(), task.data.example_input(), out, fmt, task.architecture())
     _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},
           f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
           f"{_pct(best.answer['relative']['macs'])} MACs)")

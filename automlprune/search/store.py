@@ -367,7 +367,7 @@ class RunStore:
             return
         study.add_trial(optuna.trial.create_trial(
             params=to_params(space, result.candidate), distributions=distributions(space), values=values,
-            user_attrs=user_attrs, system_attrs={"constraints": [violation]}))
+            user_attrs=user_attrs, system_attrs={CONSTRAINTS_ATTR: [violation]}))
 
     def save_weights(self, key: str, weights: TrainedWeights) -> str:
         """Save trained weights (:class:`~automlprune.proposal.TrainedWeights`) of the proposal
@@ -430,11 +430,17 @@ NATIVE_CONSTRAINTS = hasattr(optuna.Trial, "set_constraint")
 """Optuna >= 5 takes constraints on the trial; older versions through the sampler's constraints_func."""
 
 
+CONSTRAINTS_ATTR = "constraints"
+"""The system attribute holding a trial's constraints as a list: what ``create_trial`` stores,
+what optuna-dashboard shows, and what Optuna 5 still reads (``trial.constraints == {"0": v}``).
+Optuna 5's ``Trial.set_constraint`` writes ``constraints:<key>`` instead, which the dashboard
+does not read; every trial of a run (the loop's and the Optuna samplers') uses the list."""
+
+
 def set_constraint(trial: optuna.Trial, violation: float) -> None:
     """Attach the budget constraint (``<= 0`` feasible) to an open trial."""
     trial.set_user_attr("constraint", violation)
-    if NATIVE_CONSTRAINTS:
-        trial.set_constraint("budget", violation)
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(violation)])
 
 
 def mark_worker(trial: optuna.Trial) -> None:

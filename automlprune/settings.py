@@ -3,9 +3,27 @@ YAML reading and ``--set`` overrides live in :mod:`automlprune.tasks`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 from automlprune.train.trainer import Recipe
+
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE: Rule = (lambda v: v > 0, "must be positive")
+AT_LEAST_ONE: Rule = (lambda v: v >= 1, "must be at least 1")
+NOT_NEGATIVE: Rule = (lambda v: v >= 0, "cannot be negative")
+FRACTION: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+UNIT: Rule = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+def check_ranges(settings: Any, rules: dict[str, Rule]) -> None:
+    """Raise ValueError ("<field> <rule>, got <value>") for the first field of ``settings`` (a
+    dataclass) outside its rule; None values (unset optional fields) are not checked."""
+    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    for name, (ok, rule) in rules.items():
+        value = values[name]
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +38,11 @@ class TrainSettings:
     schedule: str = "cosine"  # "cosine" or "onecycle"
     label_smoothing: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE, "momentum": FRACTION,
+                            "weight_decay": NOT_NEGATIVE, "label_smoothing": FRACTION, "seed": NOT_NEGATIVE,
+                            "schedule": (lambda v: v in ("cosine", "onecycle"), "must be cosine or onecycle")})
 
     def recipe(self, epochs: int | None = None) -> Recipe:
         return Recipe(self.epochs if epochs is None else epochs, self.batch_size, self.lr, self.momentum,
@@ -48,6 +71,14 @@ class EvalSettings:
     latency_batch_sizes: tuple[int, ...] = (1, 64)
     reconstruction: str = "none"
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"batch_size": AT_LEAST_ONE, "val_samples": AT_LEAST_ONE, "bn_batches": NOT_NEGATIVE,
+                            "bn_batch_size": AT_LEAST_ONE,
+                            "criterion_combine": (lambda v: v in ("sum", "max", "mean"), "must be sum, max or mean"),
+                            "latency_batch_sizes": (lambda v: len(v) > 0 and all(isinstance(b, int) and b >= 1 for b in v),
+                                                    "must list whole numbers of at least 1"),
+                            "reconstruction": (lambda v: v in ("none", "least_squares"), "must be none or least_squares")})
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
@@ -64,6 +95,11 @@ class FinetuneSettings:
     distill_temperature: float = 4.0
     seed: int = 0
     steps_per_epoch: int | None = None  # cap on batches per epoch (None = the whole training split)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"epochs": NOT_NEGATIVE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE, "momentum": FRACTION,
+                            "weight_decay": NOT_NEGATIVE, "distill_alpha": UNIT, "distill_temperature": POSITIVE,
+                            "seed": NOT_NEGATIVE, "steps_per_epoch": AT_LEAST_ONE})
 
     def recipe(self) -> Recipe:
         return Recipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, "cosine", 0.0,

@@ -25,7 +25,10 @@ def _settings(cls: type, data: Any, where: str) -> Any:
         if f.name not in data:
             continue
         kwargs[f.name] = _coerce(data[f.name], getattr(cls(), f.name), f"{where}.{f.name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a value outside its range (the settings' own check)
+        raise ConfigError(f"{where}.{exc}; fix it in the task file or with --set") from None
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -90,6 +93,8 @@ class TaskSpec:
         if not isinstance(dataset, dict) or "name" not in dataset:
             raise ConfigError(f"{where} dataset needs a name (digits, fashion-mnist, cifar10, imagefolder)")
         check_keys(dataset, {"name", "root", "val_size", "seed", "download", "image_size", "test_dir"}, f"{where} dataset")
+        if "root" in dataset and (dataset["root"] is None or not str(dataset["root"]).strip()):
+            raise ConfigError(f"{where} dataset root is empty; give the folder holding the data, or remove the key to use the default places")
         name = str(data.get("name") or (source.stem if source else "task"))
         return cls(
             name=name, model=str(model["name"]), model_kwargs=dict(model.get("kwargs") or {}),

@@ -19,7 +19,8 @@ def test_budget_parsing():
 
 @pytest.mark.parametrize("text,message", [
     ("macs", "metric=value"), ("flops=0.5", "unknown budget metric"), ("macs=half", "not a number"),
-    ("macs=0", "must be positive"), ("macs=5ms", "unit of latency budgets only"),
+    ("macs=0", "must be positive"), ("macs=-1", "must be positive"), ("macs=5ms", "unit of latency budgets only"),
+    ("macs=1.5", "is above 1: write a fraction"), ("latency=3", "like latency=3ms"),
 ])
 def test_malformed_budgets_are_refused(text, message):
     with pytest.raises(ConfigError, match=message):
@@ -73,7 +74,7 @@ def test_best_so_far_counts_only_points_within_absolute_and_relative_budgets():
                                                           "bytes": params / 1000, "bitops": params / 1000}, 0.1)
 
     points = [point(0.9, 800), point(0.5, 400), point(0.7, 450), point(0.95, 900)]
-    absolute = SearchRecord("s", "random", parse_budget("params=500").bind(1000), 0, points, [1, 2, 3, 4], None)
+    absolute = SearchRecord("s", "random", parse_budget("params=0.5k").bind(1000), 0, points, [1, 2, 3, 4], None)
     assert absolute.feasible() == [False, True, True, False]
     assert best_so_far(absolute)[0] != best_so_far(absolute)[0]  # NaN: nothing within 500 parameters yet
     assert best_so_far(absolute)[1:] == [0.5, 0.7, 0.7]

@@ -86,6 +86,11 @@ BAD_INPUTS = {
     "unknown env": (["inspect", "no-such-task"], "no envs config named 'no-such-task'"),
     "bad export suffix": (["evaluate", "digits-cnn", "--uniform", "0.5", "--set", "checkpoint={ckpt}", "--export", "{tmp}/x.zip"], "export format"),
     "cuda without cuda": (["inspect", "digits-cnn", "--device", "cuda"], "no CUDA device"),
+    "negative learning rate": (["inspect", "digits-cnn", "--set", "train.lr=-1"], "train.lr must be positive, got -1.0"),
+    "negative fine-tune epochs": (["evaluate", "digits-cnn", "--uniform", "0.5", "--set", "checkpoint={ckpt}", "--finetune-epochs", "-1"],
+                                  "--finetune-epochs cannot be negative"),
+    "empty dataset root": (["inspect", "{yaml:model: {name: resnet20}\ndataset: {name: fashion-mnist, root: ''}}"], "dataset root is empty"),
+    "no benchmark candidates": (["benchmark", "--quick", "--candidates", "0", "--out", "{tmp}/bench"], "--candidates must be at least 1"),
 }
 
 

@@ -50,6 +50,9 @@ def test_rerunning_a_finished_search_evaluates_nothing_new(run_dir, checkpoint, 
 
 
 def test_plot_and_export(run_dir, capsys, tmp_path):
+    from automlprune.search.store import RunStore
+
+    assert 0.9 < RunStore(run_dir, create=False).unpruned_accuracy() <= 1  # the plots' reference point, stored once
     code, out, _ = _run(capsys, "plot", run_dir, "--json")
     assert code == 0 and len(json.loads(out)["plots"]) == 3
     assert_drawn(run_dir / "profiles.png")
@@ -105,6 +108,13 @@ BAD = {
     "zero evaluations": (["--evals", "0"], "--evals must be at least 1"),
     "unopenable storage": (["--storage", "sqlite:////nonexistent-dir/sub/x.db"], "cannot open the storage"),
     "bad strategy option": (["--strategy", "greedy", "--option", "probez=3"], "does not take the options"),
+    "option of the wrong type": (["--strategy", "greedy", "--option", "probes=abc"], "probes='abc' must be a whole number"),
+    "option out of range": (["--strategy", "dmcp", "--option", "search_epochs=-1"], "search_epochs=-1 must be at least 1"),
+    "negative seed": (["--seed", "-1"], "--seed -1 is negative"),
+    "budget above 1": (["--budget", "macs=1.5"], "is above 1"),
+    "negative budget": (["--budget", "macs=-1"], "must be positive"),
+    "channel agent on a bits-only space": (["--strategy", "ddpg", "--space", "bits-only", "--budget", "bytes=0.5"],
+                                           "has no channel choices"),
 }
 
 
@@ -114,6 +124,7 @@ def test_bad_search_input_is_one_sentence_exit_2(case, checkpoint, tmp_path, cap
     code, out, err = _run(capsys, "search", "digits-cnn", "--run-dir", tmp_path / "r", "--evals", "3",
                           "--set", f"checkpoint={checkpoint}", *extra)
     assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # a failed command leaves no empty run directory behind
 
 
 def test_conflicting_budget_flags_exit_2(capsys):
@@ -212,3 +223,16 @@ def test_finetune_for_images_spreads_steps_over_passes():
     three = finetune_for_images(s, 2500, 1000)  # 25 steps, 10 per pass
     assert three.epochs == 3 and three.steps_per_epoch == 8  # 24 of the 25 steps: never over the budget
     assert finetune_for_images(s, -10, 1000).epochs == 0
+
+
+def test_a_storage_url_whose_driver_is_missing_names_the_driver(checkpoint, tmp_path, capsys):
+    pytest.importorskip("sqlalchemy")
+    try:
+        import psycopg  # noqa: F401
+        pytest.skip("psycopg is installed: the URL would reach for a server")
+    except ImportError:
+        pass
+    code, _, err = _run(capsys, "search", "digits-cnn", "--run-dir", tmp_path / "r", "--evals", "3", "--set", f"checkpoint={checkpoint}",
+                        "--storage", "postgresql://user:secret@localhost:1/db")
+    assert code == 2 and "needs the database driver 'psycopg'" in err and "automlprune[postgres]" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -35,7 +35,7 @@ def run_criteria_benchmark(env: str, out_dir: Path, device: torch.device, target
     space = task.search_space(model)
     cost = CostModel(space, model)
     candidates = {t: space.uniform(uniform_ratio_for_budget(cost, "macs", t * cost.base.macs)) for t in targets}
-    tune = replace(task.spec.finetune, epochs=1, steps_per_epoch=finetune_steps, distill=False)
+    tune = replace(task.spec.finetune, epochs=1 if finetune_steps else 0, steps_per_epoch=finetune_steps or None, distill=False)
     rows = []
     for name in criteria or CRITERIA.names():
         start = time.perf_counter()

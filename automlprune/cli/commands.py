@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from automlprune.device import resolve_device
 from automlprune.errors import ConfigError
@@ -92,6 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     task = _task(args)
     device = resolve_device(args.device)
+    if args.finetune_epochs < 0:
+        raise ConfigError("--finetune-epochs cannot be negative")
     if args.uniform is not None and not 0 < args.uniform <= 1:
         raise ConfigError(f"--uniform {args.uniform} is outside (0, 1]; give the fraction of channels to keep, e.g. 0.5")
     candidate = Candidate.load(args.candidate) if args.candidate else None
@@ -149,7 +153,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    out = Path(args.out or Path("results") / "benchmarks" / args.suite)
+    out = Path(args.out or Path("results") / "runs" / f"benchmark-{args.suite}")  # never over the committed reports
     if args.suite == "criteria":
         from automlprune.benchmarks.criteria import run_criteria_benchmark
 
@@ -162,6 +166,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         return 0
     from automlprune.benchmarks.engine import run_engine_benchmark
 
+    if args.candidates < 1:
+        raise ConfigError("--candidates must be at least 1")
     report = run_engine_benchmark(out, resolve_device(args.device), candidates=args.candidates, quick=args.quick)
     _emit(args, report, f"wrote {out / 'report.md'}")
     return 0
@@ -208,6 +214,48 @@ def _check_search_args(args: argparse.Namespace) -> None:
         raise ConfigError("--time-limit must be a positive number of seconds")
     if getattr(args, "finetune_epochs", None) is not None and args.finetune_epochs < 0:
         raise ConfigError("--finetune-epochs cannot be negative")
+    if getattr(args, "seed", 0) < 0:
+        raise ConfigError(f"--seed {args.seed} is negative; give a seed of 0 or more")
+
+
+def _run_dir(args: argparse.Namespace, kind: str, name: str, task_name: str | None = None) -> Path:
+    """``--run-dir``, or results/<kind>/<task>[/<name>]."""
+    if args.run_dir:
+        return Path(args.run_dir)
+    if task_name is None:
+        from automlprune.tasks import TaskSpec
+
+        task_name = TaskSpec.load(args.env, _overrides(args)).name
+    return Path("results", kind, task_name, name)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(run_dir: Path) -> Iterator[None]:
+    """A run directory this command creates is removed again when the command fails before it
+    stored anything (only the lock, the config and an empty own study.db in it): failed commands
+    leave no empty run directories behind."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and run_dir.is_dir() and _holds_nothing(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _holds_nothing(run_dir: Path) -> bool:
+    import sqlite3
+
+    if any(p.name not in (".lock", "config.json", "study.db") for p in run_dir.iterdir()):
+        return False
+    db = run_dir / "study.db"
+    if not db.is_file():
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return conn.execute("select count(*) from trials").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
 
 
 def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> tuple[Any, Path]:
@@ -218,7 +266,7 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
     from automlprune.tasks import Task, TaskSpec
 
     spec = TaskSpec.load(args.env, _overrides(args))
-    run_dir = Path(args.run_dir or Path("results", kind, spec.name, name))
+    run_dir = _run_dir(args, kind, name, spec.name)
     store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
     store.refuse_conflict({"task": spec.to_dict()})  # before the baseline loads or trains
     session = SearchSession(Task(spec), resolve_device(args.device), store, args.space, progress=not args.json)
@@ -227,13 +275,19 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from automlprune.report.collect import collect
-    from automlprune.report.plots import plot_allocations, plot_pareto
     from automlprune.search import STRATEGIES
 
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
+    with _removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
+        return _search(args, budgets, options)
+
+
+def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) -> int:
+    from automlprune.report.collect import collect
+    from automlprune.report.plots import plot_allocations, plot_pareto
+
     session, run_dir = _open_run(args, "runs", args.strategy, budgets)
     session.save_config([args.strategy], budgets, [args.seed], args.evals, args.time_limit, options)
     answers, lines = [], []
@@ -273,7 +327,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         answers.append(entry)
     session.store.update_answers(answers)
     records = collect(session.store)
-    plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}")
+    plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}", session.store.unpruned_accuracy())
     plot_allocations(session.store.artifacts)
     lines.append(f"Pareto plot: {plot}; run store: {session.store.url}")
     _emit(args, {"run_dir": str(run_dir), "answers": answers, "pareto_plot": str(plot)}, "\n".join(lines))
@@ -282,7 +336,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
-    from automlprune.search.compare import finish_answers, write_report
 
     _check_search_args(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -297,6 +350,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
+    with _removed_if_left_empty(_run_dir(args, "compare", "")):
+        return _compare(args, strategies, budgets, options, per_strategy, notes)
+
+
+def _compare(args: argparse.Namespace, strategies: list[str], budgets: list, options: dict[str, Any],
+             per_strategy: dict[str, dict[str, Any]], notes: str | None) -> int:
+    from automlprune.search import STRATEGIES
+    from automlprune.search.compare import finish_answers, write_report
+
     session, run_dir = _open_run(args, "compare", "", budgets)
     seeds = list(range(args.seeds))
     session.save_config(strategies, budgets, seeds, args.evals, args.time_limit, options)
@@ -352,7 +414,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     records = collect(store)
     if not records:
         raise ConfigError(f"the run in {run_dir} holds no searches yet; run a search first")
-    paths = [plot_pareto(records, run_dir / "pareto.png", task.spec.name), plot_progress(records, run_dir / "progress.png"),
+    unpruned = store.unpruned_accuracy()
+    paths = [plot_pareto(records, run_dir / "pareto.png", task.spec.name, unpruned), plot_progress(records, run_dir / "progress.png", unpruned),
              plot_profiles(records, _saved_space(task, config), run_dir / "profiles.png"), *plot_allocations(store.artifacts)]
     _emit(args, {"plots": [str(p) for p in paths]}, "wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criteria", help="criteria suite: comma-separated criteria (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="criteria suite: override a task setting, e.g. --set evaluation.bn_batches=40")
-    p.add_argument("--out", help="report folder (default: results/benchmarks/<suite>)")
+    p.add_argument("--out", help="report folder (default: results/runs/benchmark-<suite>)")
     p.add_argument("--candidates", type=int, default=30, help="random candidates timed per measurement")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     return parser

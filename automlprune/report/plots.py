@@ -33,9 +33,11 @@ def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
     return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
 
 
-def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Path:
+def plot_pareto(records: list[SearchRecord], path: Path, title: str = "", unpruned: float | None = None) -> Path:
     """Validation accuracy against cost (fraction of the unpruned network) of every evaluation,
-    one colour per strategy, its Pareto front as a line, each budget as a dashed vertical line."""
+    one colour per strategy, its Pareto front as a line, each search's answer ringed, each budget
+    as a labelled dashed vertical line, and the unpruned network (``unpruned``: its validation
+    accuracy) as a black star at cost 1."""
     metric = records[0].metric
     records = [r for r in records if r.metric == metric]
     colors = _colors([r.strategy for r in records])
@@ -51,12 +53,22 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "") -> Pat
         right = max(right, float(costs.max()))
         front = pareto_front(costs, accs)
         ax.step(costs[front], accs[front], where="post", color=color, linewidth=1.8, label=f"{strategy} ({len(costs)} evals)")
+        answers = [r.answer for r in mine if r.answer]
+        ax.scatter([a["relative"][metric] for a in answers], [a["accuracy"] for a in answers], s=90, facecolors="none",
+                   edgecolors=[color], linewidths=1.8, zorder=3)
+    if any(r.answer for r in records):
+        ax.scatter([], [], s=90, facecolors="none", edgecolors="black", linewidths=1.8, label="answer (ringed)")
     for value in sorted({r.budget.value for r in records if r.budget.relative}):
         ax.axvline(value, color="grey", linestyle="--", linewidth=0.9)
+        ax.annotate(f"{metric}={value:g}", (value, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="dimgrey")
         right = max(right, value)
+    if unpruned is not None:
+        ax.scatter([1.0], [unpruned], marker="*", s=160, color="black", zorder=4, label=f"unpruned ({100 * unpruned:.2f}%)")
+        right = 1.0
     ax.set_xlabel(f"{metric} / unpruned {metric}")
     ax.set_ylabel("validation accuracy (BN re-estimated)")
-    ax.set_xlim(0, min(1.02, 1.15 * right) if right > 0 else 1.02)  # bytes / BitOps budgets live near 0
+    ax.set_xlim(0, min(1.05, 1.15 * right) if right > 0 else 1.05)  # bytes / BitOps budgets live near 0
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "Accuracy vs cost: every evaluation and each strategy's Pareto front")
@@ -117,9 +129,10 @@ def best_curve(records: list[SearchRecord], length: int) -> np.ndarray:
     return np.array(rows, dtype=float)
 
 
-def plot_progress(records: list[SearchRecord], path: Path) -> Path:
+def plot_progress(records: list[SearchRecord], path: Path, unpruned: float | None = None) -> Path:
     """Best feasible accuracy at each budget against evaluations (top: mean over seeds, band =
-    min..max) and against search wall time (bottom: one line per seed)."""
+    min..max) and against search wall time (bottom: one line per seed), drawn as steps (the best
+    so far changes only at an evaluation); the unpruned network's accuracy as a dotted line."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
     fig, axes = figure(2, len(budgets), figsize=(4.6 * len(budgets), 7), squeeze=False)
@@ -134,14 +147,17 @@ def plot_progress(records: list[SearchRecord], path: Path) -> Path:
             steps = np.arange(1, length + 1)
             with warnings.catch_warnings():  # columns before a seed's first feasible answer are all NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
-                axes[0, col].plot(steps, np.nanmean(curve, axis=0), color=color, label=f"{strategy} ({len(runs)} seeds)")
-                axes[0, col].fill_between(steps, np.nanmin(curve, axis=0), np.nanmax(curve, axis=0), color=color, alpha=0.15)
+                axes[0, col].step(steps, np.nanmean(curve, axis=0), where="post", color=color, label=f"{strategy} ({len(runs)} seeds)")
+                axes[0, col].fill_between(steps, np.nanmin(curve, axis=0), np.nanmax(curve, axis=0), step="post", color=color, alpha=0.15)
             for r in runs:
                 axes[1, col].step(r.elapsed_s, best_so_far(r), where="post", color=color, alpha=0.8, linewidth=1.2)
         axes[0, col].set_title(f"budget {label}")
         axes[0, col].set_xlabel("evaluations")
         axes[1, col].set_xlabel("search wall time (s)")
         for row in range(2):
+            if unpruned is not None:
+                axes[row, col].axhline(unpruned, color="black", linestyle=":", linewidth=1.0,
+                                       label=f"unpruned ({100 * unpruned:.2f}%)" if row == 0 else None)
             axes[row, col].set_ylabel("best feasible accuracy")
             axes[row, col].grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)

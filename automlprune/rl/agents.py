@@ -85,6 +85,15 @@ class RLStrategy(Strategy):
     default_mode: ClassVar[str] = "channels"
     option_names = ("mode", "action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
                     "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
+    option_types = {**dict.fromkeys(("mode", "action_type", "reward", "init_agent"), str),
+                    **dict.fromkeys(("warmup", "batch_size", "episodes_per_update", "n_epochs"), int),
+                    **dict.fromkeys(("learning_rate", "actor_learning_rate", "gamma", "tau", "noise_sigma", "noise_decay"), float),
+                    "reward_baseline": float | None}
+    option_ranges = {**dict.fromkeys(("batch_size", "episodes_per_update", "n_epochs"), (lambda v: v >= 1, "must be at least 1")),
+                     "warmup": (lambda v: v >= 0, "cannot be negative"),
+                     **dict.fromkeys(("learning_rate", "actor_learning_rate", "noise_decay"), (lambda v: v > 0, "must be positive")),
+                     **dict.fromkeys(("gamma", "tau"), (lambda v: 0 <= v <= 1, "must be in [0, 1]")),
+                     "noise_sigma": (lambda v: v >= 0, "cannot be negative")}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

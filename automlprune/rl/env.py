@@ -91,8 +91,9 @@ class LayerWidthEnv(gym.Env):
         self._baseline: float | None = None
         self.groups = list(self.space.prunable) if mode in ("channels", "joint") else []
         self.bit_layers = list(self.space.bit_searchable) if mode in ("bits", "joint") else []
-        if mode != "bits" and not self.groups:
-            raise ConfigError("the search space has no prunable group; unpin some groups or use mode bits")
+        if mode != "bits" and (not self.groups or len(self.space.config.ratios) < 2):
+            raise ConfigError(f"mode {mode} searches channel widths but the search space has no channel choices (no prunable "
+                              "group or one ratio only); use a space with ratios below 1, or --option mode=bits")
         if mode != "channels" and not self.bit_layers:
             raise ConfigError(f"mode {mode} searches bit widths but the search space has no bit choices; "
                               "use a space with bits.choices (e.g. --space mixed-precision) or mode channels")

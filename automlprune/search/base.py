@@ -16,6 +16,8 @@ continues from the study, which already holds its history.
 from __future__ import annotations
 
 import time
+import types as types_module
+import typing
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -67,6 +69,10 @@ class Strategy:
     """False for deterministic strategies: comparisons run them once, not once per seed."""
     option_names: ClassVar[tuple[str, ...]] = ()
     """Options accepted beyond the constructor's named parameters."""
+    option_types: ClassVar[dict[str, Any]] = {}
+    """Value types of ``option_names`` (the named parameters' come from their annotations)."""
+    option_ranges: ClassVar[dict[str, Any]] = {}
+    """Rules for option values, ``name -> (predicate, "must be ...")`` (see :func:`check_option_values`)."""
     evaluation: ClassVar[dict[str, Any]] = {}
     """Evaluation settings the strategy's candidates are materialized with, over the task's
     (e.g. its own importance criterion); see :meth:`evaluation_settings`."""
@@ -98,6 +104,8 @@ class Strategy:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted) or 'none'}")
+        types = {**cls.option_types, **typing.get_type_hints(cls.__init__)}
+        check_option_values(cls.name, {k: v for k, v in options.items() if k in types}, types, cls.option_ranges)
 
     @classmethod
     def evaluation_settings(cls, task_settings: EvalSettings) -> EvalSettings:
@@ -128,6 +136,30 @@ class Strategy:
     def answer(self) -> EvalResult | None:
         """The best feasible result this strategy has seen (:func:`best_feasible`)."""
         return best_feasible(self.history, self.budget)
+
+
+def check_option_values(strategy: str, options: dict[str, Any], types: dict[str, Any], ranges: dict[str, Any]) -> None:
+    """Refuse, in one sentence and before any model loads, an option whose value has the wrong
+    type for its annotation in ``types`` (int, float, bool, str, optionally ``| None``) or lies
+    outside its rule in ``ranges`` (``(predicate, "must be ...")``)."""
+    for key, value in options.items():
+        allowed = typing.get_args(types[key]) if typing.get_origin(types[key]) in (typing.Union, types_module.UnionType) else (types[key],)
+        if value is None and type(None) in allowed:
+            continue
+        simple = [t for t in allowed if t in (int, float, bool, str)]
+        if simple and not any(_is(value, t) for t in simple):
+            words = {int: "a whole number", float: "a number", bool: "true or false", str: "a word"}
+            raise ConfigError(f"strategy '{strategy}' option {key}={value!r} must be {' or '.join(words[t] for t in simple)}")
+        if key in ranges and value is not None and not ranges[key][0](value):
+            raise ConfigError(f"strategy '{strategy}' option {key}={value!r} {ranges[key][1]}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def best_feasible(results: Sequence[EvalResult], budget: BoundBudget) -> EvalResult | None:

@@ -112,6 +112,8 @@ class GreedyStrategy(Strategy):
     name = "greedy"
     uses_seed = False
 
+    option_ranges = {"probes": (lambda v: v >= 1, "must be at least 1")}
+
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50,
                  probes: int | None = None, **options: Any) -> None:
         super().__init__(context, budget, seed, max_evals, **options)

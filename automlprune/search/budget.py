@@ -24,7 +24,7 @@ from automlprune.errors import ConfigError
 TOLERANCE = 1e-9
 """Relative slack on a budget's limit, so float rounding never rejects a candidate exactly at it."""
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-_VALUE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>ms|[kmg]?)\s*$", re.IGNORECASE)
+_VALUE = re.compile(r"^\s*(?P<num>[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>ms|[kmg]?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,11 @@ class BoundBudget(Budget):
         return cls(str(data["metric"]), float(data["value"]), bool(data["relative"]), float(data["base"]))
 
 
-def parse_budget(text: str, default_metric: str | None = None) -> Budget:
-    """One budget from ``metric=value`` (or ``value`` when ``default_metric`` is given)."""
+def parse_budget(text: str, default_metric: str | None = None, bare_amounts: bool = False) -> Budget:
+    """One budget from ``metric=value`` (or ``value`` when ``default_metric`` is given): a bare
+    number in (0, 1] is a fraction of the unpruned network; an amount needs a unit (``20M``,
+    ``1.5k``, latency ``3ms``), so ``macs=1.5`` is refused rather than read as 1.5 MACs
+    (``bare_amounts``: accept bare amounts above 1, as stored labels write them)."""
     metric, sep, raw = text.strip().partition("=")
     if not sep:
         if default_metric is None:
@@ -121,12 +124,16 @@ def parse_budget(text: str, default_metric: str | None = None) -> Budget:
     relative = not suffix and value <= 1.0
     if value <= 0:
         raise ConfigError(f"budget '{text}' must be positive")
+    if not suffix and value > 1.0 and not bare_amounts:
+        unit = "ms" if metric == "latency" else "M"
+        raise ConfigError(f"budget '{text}' is above 1: write a fraction of the unpruned network in (0, 1] like {metric}=0.5, "
+                          f"or an amount with its unit like {metric}={match['num']}{unit}")
     return Budget(metric, value, relative)
 
 
 def parse_label(label: str) -> Budget:
     """Inverse of :attr:`Budget.label` (absolute amounts end in ``abs``)."""
-    return parse_budget(label[:-3] if label.endswith("abs") else label)
+    return parse_budget(label[:-3] if label.endswith("abs") else label, bare_amounts=True)
 
 
 def parse_budgets(text: str) -> list[Budget]:

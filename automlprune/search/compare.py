@@ -21,10 +21,10 @@ from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
 from automlprune.search.runner import SearchSession
+from automlprune.search.store import UNPRUNED_STUDY
 from automlprune.settings import EvalSettings, FinetuneSettings
 
 
-UNPRUNED_STUDY = "unpruned"
 """The run's study that holds the unpruned network's measured latency (no trials, no strategy)."""
 
 
@@ -138,8 +138,9 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         writer.writeheader()
         writer.writerows(rows)
     if records:
-        plot_pareto(records, out_dir / "pareto.png", f"{session.task.spec.name}: accuracy vs cost")
-        plot_progress(records, out_dir / "progress.png")
+        unpruned = session.store.unpruned_accuracy()
+        plot_pareto(records, out_dir / "pareto.png", f"{session.task.spec.name}: accuracy vs cost", unpruned)
+        plot_progress(records, out_dir / "progress.png", unpruned)
         plot_profiles(records, session.space, out_dir / "profiles.png")
     plot_allocations(session.store.artifacts)
     base = session.cost_model.base

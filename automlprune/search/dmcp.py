@@ -233,6 +233,10 @@ class DMCPStrategy(Strategy):
     name = "dmcp"
     replays_on_resume = False  # the stored answer is the result; training is not repeated
 
+    option_ranges = {**dict.fromkeys(("search_epochs", "steps_per_epoch", "batch_size"), (lambda v: v >= 1, "must be at least 1")),
+                     **dict.fromkeys(("warmup_epochs", "block_size", "penalty", "random_widths"), (lambda v: v >= 0, "cannot be negative")),
+                     **dict.fromkeys(("weight_lr", "arch_lr"), (lambda v: v > 0, "must be positive"))}
+
     def __init__(self, context: SearchContext, budget: Budget, seed: int = 0, max_evals: int = 50,
                  warmup_epochs: int = 1, search_epochs: int = 2, steps_per_epoch: int | None = None,
                  batch_size: int = 128, block_size: int = 0, weight_lr: float = 0.01, arch_lr: float = 0.02,

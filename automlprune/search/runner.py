@@ -17,7 +17,7 @@ from automlprune.progress import Progress
 from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
 from automlprune.search.budget import Budget, check_achievable
-from automlprune.search.store import RunStore
+from automlprune.search.store import UNPRUNED_STUDY, RunStore
 from automlprune.tasks import Task
 
 
@@ -79,10 +79,18 @@ class SearchSession:
             "versions": {"automlprune": automlprune.__version__, "torch": str(torch.__version__)},
         })
 
+    def record_unpruned(self) -> None:
+        """Store the unpruned network's validation accuracy once per run (the reference point of
+        the plots; one evaluation, about a second)."""
+        study = self.store.study(UNPRUNED_STUDY)
+        if "val_accuracy" not in study.user_attrs:
+            study.set_user_attr("val_accuracy", self.evaluator.evaluate(self.space.full()).accuracy)
+
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
         """One search; resumes the stored one of the same strategy, budget and seed if any."""
         self.check_budgets([budget])
+        self.record_unpruned()
         cls = STRATEGIES.get(strategy)
         name = RunStore.study_name(strategy, budget.label, seed)
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,

@@ -39,6 +39,8 @@ from automlprune.space import Candidate, SearchSpace
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DIRECTIONS = ["maximize", "minimize"]
+UNPRUNED_STUDY = "unpruned"
+"""The study holding the unpruned network's figures (validation accuracy, measured latency)."""
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -154,6 +156,14 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
         return optuna.storages.RDBStorage(url)
+    except ImportError as exc:  # a database driver SQLAlchemy needs for the URL is not installed
+        cause: BaseException | None = exc
+        while cause is not None and not getattr(cause, "name", None):
+            cause = cause.__cause__ or cause.__context__
+        driver = getattr(cause, "name", None) or "its driver"
+        raise ConfigError(f"the storage '{url}' needs the database driver '{driver}', which is not installed; for "
+                          "PostgreSQL pip install 'automlprune[postgres]' (psycopg 3: postgresql:// or postgresql+psycopg:// URLs), "
+                          "or write postgresql+psycopg2:// if psycopg2 is what you have") from None
     except Exception as exc:  # SQLAlchemy and drivers raise many types
         raise ConfigError(f"cannot open the storage '{url}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                           "check the URL, the server and its driver") from None
@@ -349,6 +359,14 @@ class RunStore:
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         return study
+
+    def unpruned_accuracy(self) -> float | None:
+        """The unpruned network's validation accuracy (a fraction) as the run recorded it (the
+        reference point of its plots), or None when it has not."""
+        if UNPRUNED_STUDY not in self.study_names():
+            return None
+        value = self.study(UNPRUNED_STUDY).user_attrs.get("val_accuracy")
+        return None if value is None else float(value)
 
     def study_names(self) -> list[str]:
         return sorted(s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False))

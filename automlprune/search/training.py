@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -33,12 +34,27 @@ from automlprune.data import cached_batches
 from automlprune.errors import ConfigError
 from automlprune.importance import channel_scores
 from automlprune.proposal import Proposal, TrainedWeights
-from automlprune.search.base import SearchContext, Strategy
+from automlprune.search.base import SearchContext, Strategy, check_option_values
 from automlprune.search.budget import Budget
 from automlprune.space import Candidate
 from automlprune.train import FitHistory
 
 WIDTH_RULES = ("uniform", "prunenet")
+_AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
+_NOT_NEGATIVE = (lambda v: v >= 0, "cannot be negative")
+_POSITIVE = (lambda v: v > 0, "must be positive")
+_FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+SETTING_RANGES: dict[str, Any] = {
+    **dict.fromkeys(("batch_size", "epochs", "max_epochs", "steps_per_epoch", "reg_steps", "pick_steps", "update_interval",
+                     "mask_interval", "granularity", "min_channels", "tock_every", "tock_steps", "tick_steps", "max_ticks",
+                     "finetune_steps"), _AT_LEAST_ONE),
+    **dict.fromkeys(("weight_decay", "stabilize_steps", "before_mask_steps", "tock_epochs", "finetune_epochs", "lasso",
+                     "sparse_lambda"), _NOT_NEGATIVE),
+    **dict.fromkeys(("lr", "lr_min", "lr_max", "delta", "ceiling", "pick_delta", "pick_ceiling", "mag_ratio_limit"), _POSITIVE),
+    **dict.fromkeys(("momentum", "compactor_momentum"), _FRACTION),
+    "p": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
+}
+"""Rules for the training methods' settings, by field name (a field a method lacks is not checked)."""
 PRUNENET_SAMPLES = 640
 """Training images PruneNet's reconstruction importance is scored on when it gives the widths."""
 
@@ -97,6 +113,7 @@ class TrainingStrategy(Strategy):
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted)}")
+        check_option_values(cls.name, options, typing.get_type_hints(cls.settings_class), {**SETTING_RANGES, **cls.option_ranges})
 
     # ---- the strategy interface ---------------------------------------------------------------
     def ask(self) -> Proposal | None:

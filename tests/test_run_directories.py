@@ -232,3 +232,22 @@ def test_a_full_disk_ends_in_one_sentence_and_keeps_the_store(finished_run, tmp_
     err = _one_sentence_error(capsys)
     assert "No space left on device" in err and "answers.json" in err
     assert _trials(run) == _trials(finished_run) + 1  # the search's evaluation was stored before the write failed
+
+
+@pytest.mark.slow
+def test_four_search_commands_started_together_on_a_fresh_run_all_finish(tmp_path, checkpoint):
+    """Four `automlprune search` processes (seeds 0-3) started at the same moment on one new run directory."""
+    import sys
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "automlprune.cli.main", "search", "digits-cnn", "--strategy", "random", "--evals", "2",
+               "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--no-export", "--json"]
+    workers = [subprocess.Popen(command + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for seed in range(4)]
+    outcomes = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], [err[-500:] for _, err in outcomes]
+    answers = json.loads((run / "answers.json").read_text())
+    assert sorted(a["seed"] for a in answers) == [0, 1, 2, 3]
+    with sqlite3.connect(run / "study.db") as db:
+        studies = {name for (name,) in db.execute("select study_name from studies")}
+    assert {f"random|macs=0.5|seed{s}" for s in range(4)} <= studies

@@ -1,5 +1,5 @@
 """Task specs: a model, a dataset, a checkpoint and the training / evaluation settings, read
-from a YAML file in ``envs/``; and the :class:`Task` that loads them."""
+from a YAML file (shipped ones in ``automlprune/envs/``); and the :class:`Task` that loads them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from automlprune.config_files import check_keys, read_yaml
 from automlprune.errors import CheckpointError, ConfigError
 from automlprune.settings import EvalSettings, FinetuneSettings, TrainSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = Path(__file__).resolve().parent
+"""The package folder whose ``envs/`` and ``search_spaces/`` hold the shipped task and space files (package data)."""
 
 
 def _settings(cls: type, data: Any, where: str) -> Any:
@@ -85,7 +86,7 @@ class TaskSpec:
             raise ConfigError(f"{where} strategies must map strategy names to their options, e.g. strategies: {{dmcp: {{search_epochs: 4}}}}")
         for key in ("model", "dataset"):
             if key not in data:
-                raise ConfigError(f"{where} has no '{key}' section; add one (see envs/digits-cnn.yaml)")
+                raise ConfigError(f"{where} has no '{key}' section; add one (see automlprune/envs/digits-cnn.yaml)")
         model, dataset = data["model"], data["dataset"]
         model = {"name": model} if isinstance(model, str) else model
         dataset = {"name": dataset} if isinstance(dataset, str) else dataset
@@ -131,14 +132,14 @@ class TaskSpec:
 
 
 def resolve_config(name_or_path: str | Path, kind: str) -> Path:
-    """A config file given as a path, or as a name looked up in ``./<kind>/`` then in the
-    ``<kind>/`` folder shipped beside the package."""
+    """A config file given as a path, or as a name looked up in ``./<kind>/`` (your own files,
+    from the current directory) then in the ``<kind>/`` folder shipped inside the package."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"{kind[:-1] if kind.endswith('s') else kind} file {path} does not exist; check the path")
         return path
-    for folder in (Path.cwd() / kind, REPO_ROOT / kind):
+    for folder in (Path.cwd() / kind, SHIPPED / kind):
         for suffix in (".yaml", ".yml"):
             if (folder / f"{name_or_path}{suffix}").is_file():
                 return folder / f"{name_or_path}{suffix}"
@@ -147,7 +148,7 @@ def resolve_config(name_or_path: str | Path, kind: str) -> Path:
 
 def list_configs(kind: str) -> list[str]:
     names: set[str] = set()
-    for folder in (Path.cwd() / kind, REPO_ROOT / kind):
+    for folder in (Path.cwd() / kind, SHIPPED / kind):
         if folder.is_dir():
             names |= {p.stem for p in folder.glob("*.yaml")}
     return sorted(names)

@@ -11,7 +11,7 @@ from automlprune.errors import AutomlpruneError
 
 def _common(parser: argparse.ArgumentParser, env: bool = True) -> None:
     if env:
-        parser.add_argument("env", metavar="ENV", help="task spec: a name from envs/ (e.g. digits-cnn) or a YAML path")
+        parser.add_argument("env", metavar="ENV", help="task spec: a shipped task name (automlprune list envs; e.g. digits-cnn) or a YAML path")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a task setting, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto takes CUDA when present)")
@@ -22,7 +22,7 @@ def _search_args(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--budget", help="one budget, e.g. macs=0.5 (fraction) or params=1.2M (absolute); default macs=0.5")
     which.add_argument("--budgets", help="several budgets, e.g. macs=0.3,0.5,0.7")
-    parser.add_argument("--space", help="search space name from search_spaces/ or a YAML path (default: the task's)")
+    parser.add_argument("--space", help="search space name (automlprune list spaces) or a YAML path (default: the task's)")
     parser.add_argument("--evals", type=int, default=50, help="evaluations per search (default %(default)s)")
     parser.add_argument("--time-limit", type=float, metavar="S", help="seconds of search per strategy, budget and seed")
     parser.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the run directory; journal:PATH for a journal file)")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list a task's channel groups and the full network's costs")
     _common(p)
-    p.add_argument("--space", help="search space name from search_spaces/ or a YAML path (default: the task's)")
+    p.add_argument("--space", help="search space name (automlprune list spaces) or a YAML path (default: the task's)")
 
     p = sub.add_parser("evaluate", help="accuracy and costs of one candidate; optionally export its network")
     _common(p)

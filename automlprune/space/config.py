@@ -1,4 +1,4 @@
-"""Search-space settings, read from a YAML file in ``search_spaces/``."""
+"""Search-space settings, read from a YAML file (shipped ones in ``automlprune/search_spaces/``)."""
 
 from __future__ import annotations
 

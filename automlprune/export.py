@@ -42,7 +42,10 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path
     * ``.pt``: ``torch.save`` of the whole module (loading needs the model's classes importable);
     * ``.pt2``: ``torch.export`` program (``torch.export.load``, no Python classes needed);
     * ``.ts``: TorchScript via tracing (``torch.jit.load``);
-    * ``.onnx``: ONNX (needs the ``onnx`` and ``onnxscript`` packages);
+    * ``.onnx``: ONNX (needs the ``onnx`` and ``onnxscript`` packages; input ``input``, output ``logits``);
+
+    .pt2 and .onnx take any batch size (:data:`DYNAMIC_BATCH`); .pt2, .ts and .onnx hold the
+    network with its batch norms folded into the convolutions (:func:`fold_batch_norms`).
     * ``.qpt``: packed quantized weights (:func:`save_packed`, which records ``architecture``;
       load with :func:`load_packed`).
     """
@@ -52,24 +55,44 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str | Path
         raise ConfigError(f"cannot tell the export format of '{path.name}'; end the file name in one of {', '.join(FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    example = example_input[:1].to(next(model.parameters()).device)
+    first = example_input[:1].to(next(model.parameters()).device)
+    example = first.repeat(2, *[1] * (first.dim() - 1))  # batch 2: torch.export specializes a batch of 1
     if fmt == "pt":
         torch.save(model, path)
     elif fmt == "packed":
         save_packed(model, path, architecture)
     elif fmt == "torch.export":
-        torch.export.save(torch.export.export(model, (example,)), path)
+        torch.export.save(torch.export.export(fold_batch_norms(model), (example,), dynamic_shapes=DYNAMIC_BATCH), path)
     elif fmt == "torchscript":
         with torch.no_grad():
-            torch.jit.trace(model, example).save(str(path))
+            torch.jit.trace(fold_batch_norms(model), example).save(str(path))
     else:
         try:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
             raise ConfigError("ONNX export needs the onnx and onnxscript packages; pip install onnx onnxscript") from None
-        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(fold_batch_norms(model), (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                          dynamic_shapes=DYNAMIC_BATCH, input_names=["input"], output_names=["logits"])
     return path
+
+
+DYNAMIC_BATCH = ({0: torch.export.Dim("batch", min=1, max=65_536)},)
+"""The first input's batch dimension is dynamic in every traced export (.pt2, .onnx): a deployed
+network takes any batch size, not only the example's."""
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """``model`` (in eval mode) with every batch norm that follows a convolution folded into it
+    (``torch.fx``'s ``fuse``: the exported network runs one layer fewer per block and computes the
+    same, within float rounding); the model itself is not changed. A model ``torch.fx`` cannot
+    trace is exported unfolded."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception:  # noqa: BLE001 - untraceable Python control flow: export the module as it is
+        return model
 
 
 def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:

@@ -3,6 +3,7 @@ budget (MACs, parameters, bytes or latency) and hand back the physically smaller
 
 The public API is re-exported here lazily (``import automlprune`` stays cheap)::
 
+    from automlprune import compress  # your model and data: result = compress(model, x, train=loader)
     from automlprune import Candidate, CostModel, Evaluator, SearchSpace, materialize
 """
 
@@ -22,6 +23,7 @@ _EXPORTS = {
     "Task": "automlprune.tasks", "TaskSpec": "automlprune.tasks",
     "build_model": "automlprune.models", "load_dataset": "automlprune.data",
     "export_model": "automlprune.export", "AutomlpruneError": "automlprune.errors",
+    "compress": "automlprune.api", "CompressResult": "automlprune.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

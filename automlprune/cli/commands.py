@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from automlprune.device import resolve_device
 from automlprune.errors import ConfigError
@@ -229,35 +227,6 @@ def _run_dir(args: argparse.Namespace, kind: str, name: str, task_name: str | No
     return Path("results", kind, task_name, name)
 
 
-@contextlib.contextmanager
-def _removed_if_left_empty(run_dir: Path) -> Iterator[None]:
-    """A run directory this command creates is removed again when the command fails before it
-    stored anything (only the lock, the config and an empty own study.db in it): failed commands
-    leave no empty run directories behind."""
-    existed = run_dir.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed and run_dir.is_dir() and _holds_nothing(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def _holds_nothing(run_dir: Path) -> bool:
-    import sqlite3
-
-    if any(p.name not in (".lock", "config.json", "study.db") for p in run_dir.iterdir()):
-        return False
-    db = run_dir / "study.db"
-    if not db.is_file():
-        return True
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return conn.execute("select count(*) from trials").fetchone()[0] == 0
-    except sqlite3.Error:
-        return False
-
-
 def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> tuple[Any, Path]:
     """The search session of a ``search`` or ``compare`` run (default directory
     results/<kind>/<task>[/<name>]), with every budget checked before any search starts."""
@@ -276,11 +245,12 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
+    from automlprune.search.store import removed_if_left_empty
 
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
-    with _removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
+    with removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
         return _search(args, budgets, options)
 
 
@@ -336,6 +306,7 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
+    from automlprune.search.store import removed_if_left_empty
 
     _check_search_args(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -350,7 +321,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
-    with _removed_if_left_empty(_run_dir(args, "compare", "")):
+    with removed_if_left_empty(_run_dir(args, "compare", "")):
         return _compare(args, strategies, budgets, options, per_strategy, notes)
 
 

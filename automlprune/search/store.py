@@ -19,7 +19,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,33 @@ def _storage_file(url: str) -> Path | None:
         if url.startswith(prefix):
             return Path(url[len(prefix):].split("?", 1)[0])
     return None
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(run_dir: Path, also: tuple[str, ...] = ()) -> Iterator[None]:
+    """A run directory this command creates is removed again when the command fails before it
+    stored anything (only the lock, the config, an empty own study.db and the files named in
+    ``also`` in it): failed commands leave no empty run directories behind."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and run_dir.is_dir() and _holds_nothing(run_dir, also):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _holds_nothing(run_dir: Path, also: tuple[str, ...] = ()) -> bool:
+    if any(p.name not in (".lock", "config.json", "study.db", *also) for p in run_dir.iterdir()):
+        return False
+    db = run_dir / "study.db"
+    if not db.is_file():
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return conn.execute("select count(*) from trials").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
 
 
 MEANING_KEYS = {"task": ("name", "model", "model_kwargs", "dataset", "dataset_options", "evaluation"),

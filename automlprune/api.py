@@ -1,0 +1,255 @@
+"""Your own model and data in three lines::
+
+    from automlprune import compress
+    result = compress(model, example_input, train=train_loader, budget="macs=0.5")
+    smaller = result.network
+
+:func:`compress` runs one search (any registered strategy, ``prunenet`` by default) on any
+``nn.Module`` classifier with the same run store, resume, evaluator and strategies as the command
+line; data may be DataLoaders, Datasets or ``(inputs, labels)`` tensors. What the user's objects
+become: a task named after the model's class, its data splits (a seeded validation split carved
+from ``train`` when ``val`` is not given; ``test`` defaults to the validation split), and the
+model's weights saved in the run directory as its baseline checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+from automlprune.data.base import DataSplits
+from automlprune.errors import ConfigError
+from automlprune.evaluator import EvalResult
+from automlprune.settings import EvalSettings
+from automlprune.tasks import Task, TaskSpec
+
+VAL_FRACTION = 0.1
+"""Share of ``train`` carved (seeded) into the validation split when none is given (at most 5,000 items)."""
+LABELS_CHECKED = 512
+"""Items of each split whose labels are checked against the model's classes before any work."""
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` found: ``network`` (the smaller ``nn.Module``, fine-tuned when asked),
+    its validation ``accuracy`` (a fraction; BN re-estimated as in the search), ``costs``
+    (absolute, in each metric's units) and ``relative`` costs (fractions of the unpruned
+    network), ``test_accuracy`` after the fine-tune (None without one), ``pareto`` (the
+    non-dominated evaluations of the search, by increasing cost), and the ``run_dir`` holding
+    the store (a rerun with the same arguments resumes from it)."""
+
+    network: nn.Module
+    answer: EvalResult
+    pareto: list[EvalResult]
+    run_dir: Path
+    strategy: str
+    budget: str
+    evaluations: int
+    seconds: float
+    unpruned_accuracy: float
+    test_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.answer.accuracy
+
+    @property
+    def costs(self) -> Any:
+        return self.answer.costs
+
+    @property
+    def relative(self) -> dict[str, float]:
+        return self.answer.relative
+
+    def report(self) -> Path:
+        """Write ``report.md`` and ``pareto.png`` into the run directory; returns the report's path."""
+        from automlprune.report.collect import collect
+        from automlprune.report.plots import plot_pareto
+        from automlprune.search.store import RunStore
+
+        store = RunStore(self.run_dir, create=False)
+        plot = plot_pareto(collect(store), self.run_dir / "pareto.png", f"{self.strategy}: accuracy vs cost", self.unpruned_accuracy)
+        lines = [f"# {self.strategy} under {self.budget}", "",
+                 f"Validation accuracy {100 * self.accuracy:.2f}% (unpruned {100 * self.unpruned_accuracy:.2f}%)"
+                 + (f", test accuracy after fine-tune {100 * self.test_accuracy:.2f}%" if self.test_accuracy is not None else "")
+                 + f"; {self.evaluations} evaluations in {self.seconds:.1f} s.", "",
+                 "| metric | answer | fraction of unpruned |", "|---|---:|---:|"]
+        lines += [f"| {name} | {self.costs[name]:.6g} | {100 * self.relative[name]:.2f}% |" for name in self.relative]
+        metric = self.budget.split("=")[0]
+        lines += ["", f"Pareto front ({len(self.pareto)} networks, {metric} fraction -> validation accuracy): " + ", ".join(
+            f"{100 * r.relative[metric]:.1f}% -> {100 * r.accuracy:.2f}%" for r in self.pareto), "",
+            f"![Pareto front]({plot.name})", ""]
+        path = self.run_dir / "report.md"
+        path.write_text("\n".join(lines))
+        return path
+
+
+def compress(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any = None, budget: str = "macs=0.5",
+             strategy: str = "prunenet", *, test: Any = None, evals: int = 50, seed: int = 0, run_dir: str | Path | None = None,
+             space: str = "default", criterion: str | None = None, finetune_epochs: int = 0, device: str = "auto",
+             progress: bool = True, **options: Any) -> CompressResult:
+    """Search the widths (and bits, with a space that has them) of ``model`` under ``budget``
+    with ``strategy`` (its ``options`` as keyword arguments) and return the smaller network.
+
+    ``example_input``: one input batch of the model's shape (N, C, H, W). ``train``, ``val``,
+    ``test``: DataLoaders, Datasets of (input, label) or ``(inputs, labels)`` tensors, inputs
+    already normalised as the model expects (a DataLoader's batching is not used: automlprune
+    batches the dataset itself). ``run_dir`` (default ``results/compress/<ModelClass>``) holds the
+    store; ``finetune_epochs`` fine-tunes the answer (distillation and schedule: the digits task's
+    defaults). Bad input ends in one :class:`~automlprune.errors.ConfigError` sentence."""
+    from automlprune.device import resolve_device
+    from automlprune.search import STRATEGIES
+    from automlprune.search.budget import parse_budget
+    from automlprune.search.store import removed_if_left_empty
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"compress needs an nn.Module model, not {type(model).__name__}")
+    if evals < 1 or finetune_epochs < 0 or seed < 0:
+        raise ConfigError("compress needs evals of at least 1, and finetune_epochs and seed of 0 or more")
+    STRATEGIES.get(strategy).check_options(options)
+    parsed = parse_budget(budget)
+    dev = resolve_device(device)
+    classes = _check_model(model, example_input)
+    data = user_data(train, val, test, example_input, classes, seed)
+    run_dir = Path(run_dir or Path("results", "compress", type(model).__name__))
+    task = UserTask(model, data, run_dir, space, EvalSettings() if criterion is None else EvalSettings(criterion=criterion))
+    with removed_if_left_empty(run_dir, also=(task.spec.checkpoint.name,)):
+        return _compress(task, run_dir, parsed, strategy, evals, seed, finetune_epochs, dev, progress, options)
+
+
+def _compress(task: "UserTask", run_dir: Path, parsed: Any, strategy: str, evals: int, seed: int, finetune_epochs: int,
+              dev: torch.device, progress: bool, options: dict[str, Any]) -> CompressResult:
+    from automlprune.report.pareto import pareto_front
+    from automlprune.search.runner import SearchSession
+    from automlprune.search.store import RunStore
+
+    store = RunStore(run_dir)
+    store.refuse_conflict({"task": task.spec.to_dict()})
+    task.save_baseline()
+    session = SearchSession(task, dev, store, task.spec.space, progress=progress)
+    session.check_budgets([parsed])
+    session.save_config([strategy], [parsed], [seed], evals, None, options)
+    outcome = session.run(strategy, parsed, seed, evals, None, options)
+    if outcome.answer is None:
+        raise ConfigError(f"no network met {parsed.label} in {outcome.evaluations} evaluations; raise evals or the budget")
+    evaluator = session.evaluator_for(strategy)
+    proposal = store.proposal(outcome.answer.to_dict(), session.model)
+    test_accuracy = None
+    if finetune_epochs:
+        tuned = evaluator.finetune(proposal, replace(task.spec.finetune, epochs=finetune_epochs), progress=progress)
+        network, test_accuracy = tuned.model, tuned.test_accuracy
+    else:
+        network = evaluator.network(proposal)
+    history = outcome.history or [outcome.answer]
+    front = pareto_front([r.relative[parsed.metric] for r in history], [r.accuracy for r in history])
+    return CompressResult(network.eval(), outcome.answer, [history[i] for i in front], run_dir, strategy, parsed.label,
+                          outcome.evaluations, outcome.seconds, store.unpruned_accuracy() or float("nan"), test_accuracy)
+
+
+def _check_model(model: nn.Module, example_input: Any) -> int:
+    """The number of classes the model outputs for ``example_input``; one sentence when it cannot run."""
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+        raise ConfigError(f"the example input must be an image batch tensor of shape (N, C, H, W), got {shape}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_input.to(device))
+    except Exception as exc:  # noqa: BLE001 - the user's forward: any error becomes one sentence
+        raise ConfigError(f"the model raises in forward on the example input of shape {tuple(example_input.shape)} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                          "give an input the model accepts") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError("the model must return class scores of shape (N, classes) for automlprune to judge its accuracy")
+    return int(out.shape[1])
+
+
+def _split(obj: Any, name: str) -> Dataset:
+    if isinstance(obj, DataLoader):
+        return obj.dataset
+    if isinstance(obj, Dataset):
+        return obj
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
+        inputs, labels = obj
+        if len(inputs) != len(labels):
+            raise ConfigError(f"{name} holds {len(inputs)} inputs but {len(labels)} labels; give one label per input")
+        return TensorDataset(inputs.float(), labels.long())
+    raise ConfigError(f"{name} must be a DataLoader, a Dataset or an (inputs, labels) pair of tensors, not {type(obj).__name__}")
+
+
+def _check_split(split: Dataset, name: str, example_input: torch.Tensor, classes: int) -> None:
+    """Inputs of the example's shape and labels in [0, classes) (the first items), else one sentence."""
+    if len(split) == 0:
+        raise ConfigError(f"{name} is empty; give it some labelled inputs")
+    for i in range(min(len(split), LABELS_CHECKED)):
+        x, y = split[i]
+        if tuple(x.shape) != tuple(example_input.shape[1:]):
+            raise ConfigError(f"{name} item {i} has an input of shape {tuple(x.shape)}, but the example input's is "
+                              f"{tuple(example_input.shape[1:])}; give inputs of one shape")
+        label = int(y)
+        if not 0 <= label < classes:
+            raise ConfigError(f"{name} item {i} has label {label}, but the model outputs {classes} classes; labels must be 0..{classes - 1}")
+
+
+def user_data(train: Any, val: Any, test: Any, example_input: torch.Tensor, classes: int, seed: int = 0) -> DataSplits:
+    """The user's data as :class:`DataSplits` (see :func:`compress`): inputs used as given (mean 0, std 1)."""
+    train_set = _split(train, "train")
+    if val is None:
+        n = len(train_set)
+        k = max(1, min(5000, round(VAL_FRACTION * n)))
+        if n - k < 1:
+            raise ConfigError(f"train holds {n} items, too few to carve a validation split; give val")
+        train_set, val_set = random_split(train_set, [n - k, k], generator=torch.Generator().manual_seed(seed))
+    else:
+        val_set = _split(val, "val")
+    test_set = val_set if test is None else _split(test, "test")
+    for split, name in ((train_set, "train"), (val_set, "val"), (test_set, "test")):
+        _check_split(split, name, example_input, classes)
+    channels, height, width = example_input.shape[1:]
+    return DataSplits("user", train_set, val_set, test_set, classes, int(channels), (int(height), int(width)),
+                      (0.0,) * channels, (1.0,) * channels)
+
+
+class UserTask(Task):
+    """A task made of the user's model and data (see :func:`compress`): the architecture is the
+    model itself (copied), its baseline checkpoint the model's weights saved in the run directory,
+    and a digest of the weights in the spec so a resume with other weights is refused."""
+
+    def __init__(self, model: nn.Module, data: DataSplits, run_dir: Path, space: str, evaluation: EvalSettings) -> None:
+        self.model = copy.deepcopy(model).cpu().eval()
+        buffer = io.BytesIO()
+        torch.save(self.model.state_dict(), buffer)
+        digest = hashlib.sha1(buffer.getvalue()).hexdigest()[:16]
+        name = type(model).__name__
+        spec = TaskSpec(name=name, model=f"user:{type(model).__module__}.{type(model).__qualname__}", model_kwargs={"weights_sha1": digest},
+                        dataset="user", dataset_options={"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                        checkpoint=run_dir / "baseline.pt", space=space, evaluation=evaluation)
+        super().__init__(spec)
+        self._data = data
+        self._weights = buffer.getvalue()
+
+    def save_baseline(self) -> None:
+        """The model's weights as the run's baseline checkpoint (a state dict)."""
+        self.spec.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        self.spec.checkpoint.write_bytes(self._weights)
+
+    def build_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def load_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def architecture(self) -> dict[str, Any] | None:
+        return None  # not in the model registry: packed exports load with load_packed(path, model)

@@ -8,6 +8,7 @@ name raises a :class:`ConfigError` that lists the valid names, and an entry may 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from automlprune.errors import ConfigError
@@ -71,3 +72,27 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def import_object(reference: str, search: tuple[Path, ...] = ()) -> Any:
+    """The object ``package.module:name`` names (a user's model builder or dataset maker), imported
+    with the current directory and ``search`` folders on the path; one sentence when it cannot be."""
+    import sys
+
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"python reference '{reference}' is not of the form package.module:name")
+    folders = [str(Path.cwd()), *map(str, search)]
+    added = [f for f in folders if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's module: any error becomes one sentence
+        raise ConfigError(f"cannot import {module_name} for '{reference}' ({type(exc).__name__}: {exc}); make it importable "
+                          "from the current directory or the task file's folder") from None
+    finally:
+        for f in added:
+            sys.path.remove(f)
+    if not hasattr(module, attr):
+        raise ConfigError(f"module {module_name} has no '{attr}' for '{reference}'")
+    return getattr(module, attr)

@@ -90,10 +90,18 @@ class TaskSpec:
         model, dataset = data["model"], data["dataset"]
         model = {"name": model} if isinstance(model, str) else model
         dataset = {"name": dataset} if isinstance(dataset, str) else dataset
+        for section, what in ((model, "model"), (dataset, "dataset")):  # your own code: {python: package.module:function}
+            if isinstance(section, dict) and "python" in section:
+                if "name" in section:
+                    raise ConfigError(f"{where} {what} gives both a name and python; give one of them")
+                section["name"] = f"python:{section.pop('python')}"
         check_keys(model, {"name", "kwargs"}, f"{where} model")
         if not isinstance(dataset, dict) or "name" not in dataset:
-            raise ConfigError(f"{where} dataset needs a name (digits, fashion-mnist, cifar10, imagefolder)")
-        check_keys(dataset, {"name", "root", "val_size", "seed", "download", "image_size", "test_dir"}, f"{where} dataset")
+            raise ConfigError(f"{where} dataset needs a name (digits, fashion-mnist, cifar10, imagefolder) or python: package.module:function")
+        if dataset["name"].startswith("python:"):
+            check_keys(dataset, {"name", "kwargs"}, f"{where} dataset")
+        else:
+            check_keys(dataset, {"name", "root", "val_size", "seed", "download", "image_size", "test_dir"}, f"{where} dataset")
         if "root" in dataset and (dataset["root"] is None or not str(dataset["root"]).strip()):
             raise ConfigError(f"{where} dataset root is empty; give the folder holding the data, or remove the key to use the default places")
         name = str(data.get("name") or (source.stem if source else "task"))
@@ -187,13 +195,25 @@ class Task:
         from automlprune.data import load_dataset
 
         if self._data is None:
-            self._data = load_dataset(self.spec.dataset, **self.spec.dataset_options)
+            if self.spec.dataset.startswith("python:"):
+                self._data = python_datasets(self.spec.dataset[len("python:"):], self._search_folders(),
+                                             **self.spec.dataset_options.get("kwargs", {}))
+            else:
+                self._data = load_dataset(self.spec.dataset, **self.spec.dataset_options)
         return self._data
+
+    def _search_folders(self) -> tuple[Path, ...]:
+        """Where a task's own Python code is looked for besides the current directory: the task file's folder."""
+        return (self.spec.source.resolve().parent,) if self.spec.source else ()
 
     def build_model(self):
         """The task's architecture with fresh weights."""
         from automlprune.models import build_model
+        from automlprune.models.zoo import build_python_model
 
+        if self.spec.model.startswith("python:"):
+            return build_python_model(self.spec.model[len("python:"):], self.data.num_classes, self.data.in_channels,
+                                      self._search_folders(), **self.spec.model_kwargs)
         return build_model(self.spec.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                            **self.spec.model_kwargs)
 
@@ -231,3 +251,21 @@ class Task:
         model = model if model is not None else self.build_model()
         device = next(model.parameters()).device
         return SearchSpace(model, self.data.example_input().to(device), self.space_config(space))
+
+
+def python_datasets(reference: str, search: tuple[Path, ...] = (), **kwargs: Any):
+    """A task's own data from ``package.module:make_datasets`` (``dataset: {python: ...}``):
+    the function returns :class:`~automlprune.data.DataSplits`, or a dict with ``train`` (and
+    optionally ``val``, ``test``) as Datasets or ``(inputs, labels)`` tensors and ``num_classes``;
+    inputs as the model takes them (see :func:`automlprune.api.user_data`)."""
+    from automlprune.api import _split, user_data
+    from automlprune.data.base import DataSplits
+    from automlprune.registry import import_object
+
+    made = import_object(reference, search)(**kwargs)
+    if isinstance(made, DataSplits):
+        return made
+    if not isinstance(made, dict) or "train" not in made or "num_classes" not in made:
+        raise ConfigError(f"{reference} must return DataSplits or a dict with train, num_classes (and optionally val, test)")
+    x, _ = _split(made["train"], "train")[0]
+    return user_data(made["train"], made.get("val"), made.get("test"), x.unsqueeze(0), int(made["num_classes"]))

@@ -29,7 +29,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read (state_dict, metadata) from a checkpoint written by :func:`save_checkpoint`."""
+    """Read (state_dict, metadata) from a checkpoint written by :func:`save_checkpoint`, or from
+    a plain state dict (``torch.save(model.state_dict(), path)``; metadata ``{}``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train it with 'automlprune train <task>'")
@@ -37,8 +38,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it and retrain with 'automlprune train <task>'") from None
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return blob, {}  # a plain state dict (a model's own checkpoint): no metadata to check
     if not isinstance(blob, dict) or "state_dict" not in blob or "metadata" not in blob:
-        raise CheckpointError(f"{path} is not an automlprune checkpoint (no state_dict/metadata); retrain with 'automlprune train <task>'")
+        raise CheckpointError(f"{path} is neither an automlprune checkpoint nor a state dict; retrain with 'automlprune train <task>'")
     return blob["state_dict"], blob["metadata"]
 
 

@@ -7,6 +7,7 @@ keyword arguments (``width`` for the zoo models).
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -64,9 +65,12 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
-    """Build a model by registry name or ``torchvision:NAME``; kwargs go to its builder."""
+    """Build a model by registry name, ``torchvision:NAME`` or ``python:package.module:build_fn``
+    (your own builder); kwargs go to its builder."""
     if name.startswith("torchvision:"):
         return _torchvision_model(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if name.startswith("python:"):
+        return build_python_model(name[len("python:"):], num_classes, in_channels, **kwargs)
     builder = MODELS.get(name)
     try:
         return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
@@ -76,3 +80,25 @@ def build_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) ->
 
 def model_names() -> list[str]:
     return MODELS.names() + ["torchvision:<name>"]
+
+
+def build_python_model(reference: str, num_classes: int, in_channels: int, search: tuple[Path, ...] = (), **kwargs: Any) -> nn.Module:
+    """A user's model from ``package.module:build_fn`` (a task's ``model: {python: ...}``):
+    ``build_fn(**kwargs)``, given ``num_classes`` and ``in_channels`` too when it takes them."""
+    import inspect
+
+    from automlprune.registry import import_object
+
+    build = import_object(reference, search)
+    try:
+        accepted = inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    extra = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted}
+    try:
+        model = build(**extra, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{reference} does not accept the options {sorted(kwargs)} ({exc}); fix model.kwargs in the task YAML") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{reference} returned a {type(model).__name__}, not an nn.Module")
+    return model

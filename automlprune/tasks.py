@@ -258,7 +258,7 @@ def python_datasets(reference: str, search: tuple[Path, ...] = (), **kwargs: Any
     the function returns :class:`~automlprune.data.DataSplits`, or a dict with ``train`` (and
     optionally ``val``, ``test``) as Datasets or ``(inputs, labels)`` tensors and ``num_classes``;
     inputs as the model takes them (see :func:`automlprune.api.user_data`)."""
-    from automlprune.api import _split, user_data
+    from automlprune.data.user import as_split, user_data
     from automlprune.data.base import DataSplits
     from automlprune.registry import import_object
 
@@ -267,5 +267,5 @@ def python_datasets(reference: str, search: tuple[Path, ...] = (), **kwargs: Any
         return made
     if not isinstance(made, dict) or "train" not in made or "num_classes" not in made:
         raise ConfigError(f"{reference} must return DataSplits or a dict with train, num_classes (and optionally val, test)")
-    x, _ = _split(made["train"], "train")[0]
+    x, _ = as_split(made["train"], "train")[0]
     return user_data(made["train"], made.get("val"), made.get("test"), x.unsqueeze(0), int(made["num_classes"]))

@@ -42,13 +42,19 @@ def cifar_mobilenet_v2(num_classes: int = 10, in_channels: int = 3, width_mult: 
     return model
 
 
+TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                        "inception_v3": {"aux_logits": False, "init_weights": True}}
+"""Builder options automlprune sets for torchvision models whose defaults do not fit a pruned
+classifier: auxiliary heads off (they never run in eval and would return tuples in training)."""
+
+
 def _torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
     """A torchvision classifier built without weights, its first conv adapted to ``in_channels``."""
     from torchvision import models as tv
 
     if name not in tv.list_models(module=tv):
         raise ConfigError(f"torchvision has no classification model '{name}'; see torchvision.models.list_models()")
-    model = tv.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    model = tv.get_model(name, weights=None, num_classes=num_classes, **{**TORCHVISION_DEFAULTS.get(name, {}), **kwargs})
     if in_channels != 3:
         parent, attr, conv = _first_conv(model)
         setattr(parent, attr, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,

@@ -18,6 +18,7 @@ from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
 from automlprune.search.budget import Budget, check_achievable
 from automlprune.search.store import UNPRUNED_STUDY, RunStore
+from automlprune.self_check import check_space
 from automlprune.tasks import Task
 
 
@@ -38,6 +39,7 @@ class SearchSession:
         self.model = ensure_baseline(self.task, self.device, progress=self.progress)
         self.space = self.task.search_space(self.model, self.space_name)
         self.cost_model = CostModel(self.space, self.model)
+        check_space(self.space, self.model, self.task.data.example_input(), self.cost_model)  # before any search uses it
         self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device,
                                    cost_model=self.cost_model)
         self._evaluators = {self.evaluator.settings: self.evaluator}

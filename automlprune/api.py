@@ -105,7 +105,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any
     from automlprune.device import resolve_device
     from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
-    from automlprune.search.store import removed_if_left_empty
+    from automlprune.search.run_dir import removed_if_left_empty
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compress needs an nn.Module model, not {type(model).__name__}")

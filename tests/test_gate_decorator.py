@@ -64,7 +64,7 @@ def test_the_method_s_own_finetune_keeps_removed_channels_removed(tmp_path, trai
 
 
 def test_gate_decorator_refuses_bad_settings(tmp_path, trained_digits_model, digits_space, digits):
-    with pytest.raises(ConfigError, match="p must be in"):
+    with pytest.raises(ConfigError, match=r"p=1.5 must be in \(0, 1\)"):
         _search(tmp_path, trained_digits_model, digits_space, digits, "macs=0.5", p=1.5)
 
 

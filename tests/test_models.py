@@ -53,6 +53,9 @@ def test_corrupt_and_missing_checkpoints_are_refused(tmp_path):
         read_checkpoint(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "none.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not an automlprune checkpoint"):
+    torch.save({"weights": [1, 2]}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="neither an automlprune checkpoint nor a state dict"):
         read_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")  # a model's own state dict is read, with no metadata
+    state, meta = read_checkpoint(tmp_path / "plain.pt")
+    assert set(state) == {"weights"} and meta == {}

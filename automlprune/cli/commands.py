@@ -245,7 +245,7 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
-    from automlprune.search.store import removed_if_left_empty
+    from automlprune.search.run_dir import removed_if_left_empty
 
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
@@ -306,7 +306,7 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
-    from automlprune.search.store import removed_if_left_empty
+    from automlprune.search.run_dir import removed_if_left_empty
 
     _check_search_args(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -357,7 +357,8 @@ def _read_notes(path: str | None) -> str | None:
 
 def _run_context(run_dir: Path, storage: str | None):
     """The store (opened, never created), saved config and task of a finished run directory."""
-    from automlprune.search.store import RunStore, is_own_storage
+    from automlprune.search.run_dir import is_own_storage
+    from automlprune.search.store import RunStore
     from automlprune.tasks import Task, TaskSpec
 
     if not (run_dir / "config.json").is_file():

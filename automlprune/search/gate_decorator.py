@@ -161,10 +161,7 @@ class GateDecoratorStrategy(TrainingStrategy):
     settings_class = GateDecoratorSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        s = self.settings
-        if not 0 < s.p < 1 or min(s.tock_every, s.max_ticks) < 1 or min(s.tock_epochs, s.finetune_epochs) < 0:
-            raise ConfigError("gate-decorator: p must be in (0, 1), tock_every and max_ticks at least 1, epochs not negative")
+        super().__init__(*args, **kwargs)  # option values checked by the base (SETTING_RANGES)
         self.gates: Gates | None = None
         self.ticks = 0
         self.phase = 0

@@ -47,7 +47,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from automlprune.errors import ConfigError
 from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
 from automlprune.train import Callback, FitHistory, Recipe, Trainer
@@ -202,10 +201,7 @@ class GRegStrategy(TrainingStrategy):
     settings_class = GRegSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        s = self.settings
-        if s.update_interval < 1 or s.max_epochs < 1 or s.stabilize_steps < 0:
-            raise ConfigError(f"{self.name}: update_interval and max_epochs must be at least 1 and stabilize_steps not negative")
+        super().__init__(*args, **kwargs)  # option values checked by the base (SETTING_RANGES)
         self.regularizer: GrowingRegularization | None = None
 
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:

@@ -175,8 +175,6 @@ class ResRepStrategy(TrainingStrategy):
         s = self.settings
         if s.groups != "internal":
             raise ConfigError("resrep prunes internal groups only (one producing layer each); drop --option groups")
-        if min(s.epochs, s.mask_interval, s.granularity, s.min_channels) < 1 or s.before_mask_steps < 0:
-            raise ConfigError("resrep: epochs, mask_interval, granularity and min_channels must be at least 1")
         self.compactors: Compactors | None = None
         self.forced = False
 

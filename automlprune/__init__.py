@@ -23,7 +23,7 @@ _EXPORTS = {
     "Task": "automlprune.tasks", "TaskSpec": "automlprune.tasks",
     "build_model": "automlprune.models", "load_dataset": "automlprune.data",
     "export_model": "automlprune.export", "AutomlpruneError": "automlprune.errors",
-    "compress": "automlprune.api", "CompressResult": "automlprune.api",
+    "compress": "automlprune.api", "compare": "automlprune.api", "CompressResult": "automlprune.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,6 +4,8 @@
     result = compress(model, example_input, train=train_loader, budget="macs=0.5")
     smaller = result.network
 
+and :func:`compare` puts several strategies side by side on the same model and data.
+
 :func:`compress` runs one search (any registered strategy, ``prunenet`` by default) on any
 ``nn.Module`` classifier with the same run store, resume, evaluator and strategies as the command
 line; data may be DataLoaders, Datasets or ``(inputs, labels)`` tensors. What the user's objects
@@ -14,12 +16,13 @@ model's weights saved in the run directory as its baseline checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -102,53 +105,90 @@ def compress(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any
     batches the dataset itself). ``run_dir`` (default ``results/compress/<ModelClass>``) holds the
     store; ``finetune_epochs`` fine-tunes the answer (distillation and schedule: the digits task's
     defaults). Bad input ends in one :class:`~automlprune.errors.ConfigError` sentence."""
+    from automlprune.report.pareto import pareto_front
+
+    with _user_session(model, example_input, train, val, test, [budget], {strategy: options}, seed, evals, run_dir,
+                       "compress", space, criterion, device, progress) as (session, budgets):
+        parsed = budgets[0]
+        outcome = session.run(strategy, parsed, seed, evals, None, options)
+        if outcome.answer is None:
+            raise ConfigError(f"no network met {parsed.label} in {outcome.evaluations} evaluations; raise evals or the budget")
+        evaluator, store = session.evaluator_for(strategy), session.store
+        proposal = store.proposal(outcome.answer.to_dict(), session.model)
+        test_accuracy = None
+        if finetune_epochs:
+            tuned = evaluator.finetune(proposal, replace(session.task.spec.finetune, epochs=finetune_epochs), progress=progress)
+            network, test_accuracy = tuned.model, tuned.test_accuracy
+        else:
+            network = evaluator.network(proposal)
+        history = outcome.history or [outcome.answer]
+        front = pareto_front([r.relative[parsed.metric] for r in history], [r.accuracy for r in history])
+        return CompressResult(network.eval(), outcome.answer, [history[i] for i in front], store.run_dir, strategy, parsed.label,
+                              outcome.evaluations, outcome.seconds, store.unpruned_accuracy() or float("nan"), test_accuracy)
+
+
+def compare(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any = None,
+            budgets: tuple[str, ...] | list[str] = ("macs=0.5",), strategies: tuple[str, ...] | list[str] = ("uniform", "prunenet"),
+            *, test: Any = None, seeds: int = 1, evals: int = 50, run_dir: str | Path | None = None, space: str = "default",
+            criterion: str | None = None, finetune_epochs: int = 0, train_budget: float | None = None, device: str = "auto",
+            progress: bool = True, options: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Run several ``strategies`` on the user's model under the same ``budgets`` and ``seeds``,
+    fine-tune every answer identically (``finetune_epochs``, or ``train_budget`` epochs of
+    training images in all, as ``automlprune compare --train-budget``), time them together and
+    write the comparison report; returns the path of ``report.md`` (beside it ``results.csv``,
+    ``results.json`` and the plots). ``options``: per strategy name, its options. Data and
+    ``run_dir`` (default ``results/compare/<ModelClass>``) as in :func:`compress`."""
+    from automlprune.search import STRATEGIES
+    from automlprune.search.compare import finish_answers, write_report
+
+    if seeds < 1 or (train_budget is not None and train_budget <= 0):
+        raise ConfigError("compare needs seeds of at least 1 and a positive train_budget")
+    per_strategy = {name: dict((options or {}).get(name, {})) for name in strategies}
+    with _user_session(model, example_input, train, val, test, list(budgets), per_strategy, 0, evals, run_dir, "compare",
+                       space, criterion, device, progress, seeds=list(range(seeds))) as (session, parsed):
+        for name in strategies:
+            for seed in range(seeds) if STRATEGIES.get(name).uses_seed else [0]:
+                for budget in parsed:
+                    session.run(name, budget, seed, evals, None, per_strategy[name])
+        finish_answers(session, finetune_epochs, progress=progress, train_budget=train_budget)
+        command = f"automlprune.compare(..., strategies={list(strategies)}, budgets={list(budgets)}, seeds={seeds})"
+        return write_report(session, parsed, session.store.run_dir, command)
+
+
+@contextlib.contextmanager
+def _user_session(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any, test: Any, budgets: list[str],
+                  strategy_options: dict[str, dict[str, Any]], seed: int, evals: int, run_dir: str | Path | None, kind: str,
+                  space: str, criterion: str | None, device: str, progress: bool, seeds: list[int] | None = None) -> Iterator[tuple[Any, list]]:
+    """A search session over the user's model and data (checked first, in one sentence each), with
+    the run's config saved; a run directory it created is removed again if nothing gets stored."""
     from automlprune.device import resolve_device
     from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
     from automlprune.search.run_dir import removed_if_left_empty
-
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"compress needs an nn.Module model, not {type(model).__name__}")
-    if evals < 1 or finetune_epochs < 0 or seed < 0:
-        raise ConfigError("compress needs evals of at least 1, and finetune_epochs and seed of 0 or more")
-    STRATEGIES.get(strategy).check_options(options)
-    parsed = parse_budget(budget)
-    dev = resolve_device(device)
-    classes = _check_model(model, example_input)
-    data = user_data(train, val, test, example_input, classes, seed)
-    run_dir = Path(run_dir or Path("results", "compress", type(model).__name__))
-    task = UserTask(model, data, run_dir, space, EvalSettings() if criterion is None else EvalSettings(criterion=criterion))
-    with removed_if_left_empty(run_dir, also=(task.spec.checkpoint.name,)):
-        return _compress(task, run_dir, parsed, strategy, evals, seed, finetune_epochs, dev, progress, options)
-
-
-def _compress(task: "UserTask", run_dir: Path, parsed: Any, strategy: str, evals: int, seed: int, finetune_epochs: int,
-              dev: torch.device, progress: bool, options: dict[str, Any]) -> CompressResult:
-    from automlprune.report.pareto import pareto_front
     from automlprune.search.runner import SearchSession
     from automlprune.search.store import RunStore
 
-    store = RunStore(run_dir)
-    store.refuse_conflict({"task": task.spec.to_dict()})
-    task.save_baseline()
-    session = SearchSession(task, dev, store, task.spec.space, progress=progress)
-    session.check_budgets([parsed])
-    session.save_config([strategy], [parsed], [seed], evals, None, options)
-    outcome = session.run(strategy, parsed, seed, evals, None, options)
-    if outcome.answer is None:
-        raise ConfigError(f"no network met {parsed.label} in {outcome.evaluations} evaluations; raise evals or the budget")
-    evaluator = session.evaluator_for(strategy)
-    proposal = store.proposal(outcome.answer.to_dict(), session.model)
-    test_accuracy = None
-    if finetune_epochs:
-        tuned = evaluator.finetune(proposal, replace(task.spec.finetune, epochs=finetune_epochs), progress=progress)
-        network, test_accuracy = tuned.model, tuned.test_accuracy
-    else:
-        network = evaluator.network(proposal)
-    history = outcome.history or [outcome.answer]
-    front = pareto_front([r.relative[parsed.metric] for r in history], [r.accuracy for r in history])
-    return CompressResult(network.eval(), outcome.answer, [history[i] for i in front], run_dir, strategy, parsed.label,
-                          outcome.evaluations, outcome.seconds, store.unpruned_accuracy() or float("nan"), test_accuracy)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{kind} needs an nn.Module model, not {type(model).__name__}")
+    if evals < 1 or seed < 0:
+        raise ConfigError(f"{kind} needs evals of at least 1 and a seed of 0 or more")
+    for name, options in strategy_options.items():
+        STRATEGIES.get(name).check_options(options)
+    parsed = [parse_budget(b) for b in budgets]
+    dev = resolve_device(device)
+    classes = _check_model(model, example_input)
+    data = user_data(train, val, test, example_input, classes, seed)
+    run_dir = Path(run_dir or Path("results", kind, type(model).__name__))
+    task = UserTask(model, data, run_dir, space, EvalSettings() if criterion is None else EvalSettings(criterion=criterion))
+    with removed_if_left_empty(run_dir, also=(task.spec.checkpoint.name,)):
+        store = RunStore(run_dir)
+        store.refuse_conflict({"task": task.spec.to_dict()})
+        task.save_baseline()
+        session = SearchSession(task, dev, store, task.spec.space, progress=progress)
+        session.check_budgets(parsed)
+        session.save_config(list(strategy_options), parsed, seeds or [seed], evals, None,
+                            {n: o for n, o in strategy_options.items() if o})
+        yield session, parsed
 
 
 def _check_model(model: nn.Module, example_input: Any) -> int:

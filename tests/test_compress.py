@@ -88,3 +88,18 @@ def test_bad_input_to_compress_is_one_sentence(case, message, user_data_and_mode
         compress(model, example, train=train, budget="macs=0.05" if case == "nothing to lower" else "macs=0.5",
                  run_dir=tmp_path / "run", progress=False, evals=2)
     assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+def test_compare_puts_strategies_side_by_side_on_a_user_model(user_data_and_model, tmp_path):
+    import csv
+
+    from automlprune import compare
+
+    model, x, y = user_data_and_model
+    report = compare(model, x[:1], train=(x[:1500], y[:1500]), test=(x[1500:], y[1500:]), budgets=["macs=0.5", "macs=0.3"],
+                     strategies=["uniform", "prunenet"], evals=2, run_dir=tmp_path / "cmp", progress=False)
+    assert report.is_file() and "prunenet" in report.read_text()
+    with open(tmp_path / "cmp" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["strategy"], r["budget"]) for r in rows} == {(s, b) for s in ("uniform", "prunenet") for b in ("macs=0.5", "macs=0.3")}
+    assert all(float(r["macs_fraction"]) <= float(r["budget"].split("=")[1]) + 1e-9 for r in rows)

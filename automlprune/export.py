@@ -95,6 +95,37 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
         return model
 
 
+class _OnnxModule(nn.Module):
+    """An onnxruntime session behind the nn.Module call interface (CPU; float32 in, tensor out)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
+
+
+def load_exported(path: str | Path) -> nn.Module | None:
+    """The network an exported file holds, ready to run as a module: .pt2 (``torch.export.load``),
+    .ts (``torch.jit.load``) or .onnx (onnxruntime, when installed); None for other formats."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix)
+    if fmt == "torch.export":
+        return torch.export.load(str(path)).module()
+    if fmt == "torchscript":
+        return torch.jit.load(str(path)).eval()
+    if fmt == "onnx":
+        try:
+            return _OnnxModule(path)
+        except ImportError:
+            return None
+    return None
+
+
 def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:
     """Save a quantized materialized network with its weights bit-packed.
 

@@ -58,7 +58,10 @@ def test_plot_and_export(run_dir, capsys, tmp_path):
     assert_drawn(run_dir / "profiles.png")
     assert_drawn(run_dir / "progress.png")
     code, out, _ = _run(capsys, "export", run_dir, "--budget", "macs=0.4", "--format", "torchscript", "--out", tmp_path / "m.ts", "--json")
-    assert code == 0 and (tmp_path / "m.ts").is_file() and json.loads(out)["answer"]["relative"]["macs"] <= 0.4
+    payload = json.loads(out)
+    assert code == 0 and (tmp_path / "m.ts").is_file() and payload["answer"]["relative"]["macs"] <= 0.4
+    assert payload["max_abs_difference"] < 1e-4  # the file, loaded back, computes what the module does
+    assert set(payload["latency_ms"]) == {"module", "exported"} and payload["latency_ms"]["exported"]["1"] > 0
 
 
 def test_compare_writes_a_report(checkpoint, tmp_path, capsys):

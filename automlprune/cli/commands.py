@@ -420,8 +420,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     ext = {"pt": ".pt", "pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx", "packed": ".qpt"}[args.format]
     out = Path(args.out) if args.out else run_dir / f"model-{budget.slug}{ext}"
     fmt = {"pt": "pt", "pt2": "torch.export", "torchscript": "torchscript", "onnx": "onnx", "packed": "packed"}[args.format]
-    path = export_model(evaluator.network(proposal).cpu(), task.data.example_input(), out, fmt, task.architecture())
-    _emit(args, {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer},
-          f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
-          f"{_pct(best.answer['relative']['macs'])} MACs)")
+    network = evaluator.network(proposal).cpu().eval()
+    path = export_model(network, task.data.example_input(), out, fmt, task.architecture())
+    payload = {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer}
+    human = [f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
+             f"{_pct(best.answer['relative']['macs'])} MACs)"]
+    check = _check_exported(network, path, task.data.example_input(), evaluator.settings.latency_batch_sizes)
+    if check:
+        payload.update(check)
+        lat = check["latency_ms"]
+        human.append(f"  the exported file computes what the module does (max |difference| {check['max_abs_difference']:.2g}); latency "
+                     + ", ".join(f"batch {b}: {lat['module'][b]:.3f} ms as a module, {lat['exported'][b]:.3f} ms from the file"
+                                 for b in lat["module"]))
+    _emit(args, payload, "\n".join(human))
     return 0
+
+
+def _check_exported(network: Any, path: Path, example_input: Any, batch_sizes: Any) -> dict[str, Any] | None:
+    """Load the exported file back, compare its output with the module's on a batch of 7 and time
+    both together (:func:`automlprune.latency.measure_latencies`, CPU); None for formats that do
+    not load as a module (.pt, .qpt) or ONNX without onnxruntime."""
+    import torch
+
+    from automlprune.export import load_exported
+    from automlprune.latency import measure_latencies
+
+    exported = load_exported(path)
+    if exported is None:
+        return None
+    x = torch.randn(7, *example_input.shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = float((exported(x) - network(x)).abs().max())
+    module_ms, exported_ms = measure_latencies([network, exported], tuple(example_input.shape[1:]), batch_sizes, "cpu",
+                                               rounds=3, repeats=10)
+    return {"max_abs_difference": difference,
+            "latency_ms": {"module": {str(b): v for b, v in module_ms.items()}, "exported": {str(b): v for b, v in exported_ms.items()}}}

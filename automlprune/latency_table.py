@@ -138,7 +138,8 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
             row = []
             for o in (outs if not info.depthwise else [None]):
                 layer = layer_types.of(module).standalone(module, i, i if info.depthwise else o).to(device).eval()
-                row.append(measure_latency(layer, (i, *shape[1:]), (batch_size,), device, warmup=2, repeats=repeats)[batch_size])
+                ms_per_call = measure_latency(layer, (i, *shape[1:]), (batch_size,), device, warmup=2, repeats=repeats)[batch_size]
+                row.append(info.calls * ms_per_call)  # a shared layer runs once per call (timed at its first call's input)
             ms.append(row)
         if info.depthwise:
             ms = [[v[0]] for v in ms]

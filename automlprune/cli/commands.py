@@ -162,11 +162,24 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                         criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
         return 0
+    if args.candidates is not None and args.candidates < 1:
+        raise ConfigError("--candidates must be at least 1")
+    if args.suite == "models":
+        from automlprune.benchmarks.models import CANDIDATES, FAMILIES, run_models_benchmark
+
+        names = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else None
+        from torchvision import models as tv
+
+        unknown = sorted(set(names or []) - set(tv.list_models(module=tv)))
+        if unknown:
+            raise ConfigError(f"torchvision has no classification model {', '.join(unknown)}; the families measured by default are: "
+                              f"{', '.join(FAMILIES)}")
+        report = run_models_benchmark(out, names, candidates=args.candidates or CANDIDATES, progress=not args.json)
+        _emit(args, report, f"wrote {out / 'report.md'}")
+        return 0
     from automlprune.benchmarks.engine import run_engine_benchmark
 
-    if args.candidates < 1:
-        raise ConfigError("--candidates must be at least 1")
-    report = run_engine_benchmark(out, resolve_device(args.device), candidates=args.candidates, quick=args.quick)
+    report = run_engine_benchmark(out, resolve_device(args.device), candidates=args.candidates or 30, quick=args.quick)
     _emit(args, report, f"wrote {out / 'report.md'}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from automlprune.errors import AutomlpruneError
@@ -97,24 +98,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["models", "datasets", "criteria", "strategies", "envs", "spaces"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
-    p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency) or the importance criteria")
+    p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
+                                         "the importance criteria, or the coverage of torchvision CNN families")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria"], default="engine", help="which benchmark (default %(default)s)")
+    p.add_argument("--suite", choices=["engine", "criteria", "models"], default="engine", help="which benchmark (default %(default)s)")
+    p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
     p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria suite (default %(default)s)")
     p.add_argument("--finetune-steps", type=int, default=50, help="criteria suite: SGD steps of the identical fine-tune")
     p.add_argument("--criteria", help="criteria suite: comma-separated criteria (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="criteria suite: override a task setting, e.g. --set evaluation.bn_batches=40")
     p.add_argument("--out", help="report folder (default: results/runs/benchmark-<suite>)")
-    p.add_argument("--candidates", type=int, default=30, help="random candidates timed per measurement")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """automlprune's own warnings (groups pinned automatically) as one line; others as Python prints them."""
+    from automlprune.space.search_space import AutoPinned
+
+    if issubclass(category, AutoPinned):
+        print(f"automlprune: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from automlprune.cli import commands
 
+    warnings.showwarning = _show_warning
     try:
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except AutomlpruneError as exc:

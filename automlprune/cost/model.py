@@ -136,6 +136,7 @@ class CostModel:
         self.per_channel_scales = per_channel(scheme)
         self.scale_entry_bytes = scale_bytes_per_entry(scheme)
         self.activation_bits = space.config.activation_bits
+        self.fixed_params = float(sum(space.fixed_parameters.values()))
         self._torch_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self._analytic = [(m.name, m) for m in all_metrics() if m.analytic]
         self.latency_table = None
@@ -164,7 +165,10 @@ class CostModel:
             scale_entries=out_k if self.per_channel_scales else 1.0, scale_entry_bytes=self.scale_entry_bytes,
             activation_bits=self.activation_bits)
         per_layer = {name: metric.formula(quantities) for name, metric in self._analytic}
-        return {**{name: values.sum() for name, values in per_layer.items()}, "per_layer": per_layer,
+        totals = {name: values.sum() for name, values in per_layer.items()}
+        totals["params"] = totals["params"] + self.fixed_params  # parameters outside the table's layers: float32, never cut
+        totals["bytes"] = totals["bytes"] + 4 * self.fixed_params
+        return {**totals, "per_layer": per_layer,
                 "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k}
 
     def _arrays_like(self, kept: Any) -> dict[str, Any]:
@@ -224,8 +228,8 @@ class CostModel:
         params = sum(p.numel() for p in model.parameters())
         if params != int(self.base['params']):
             raise UnsupportedLayerError(
-                f"the model holds {params} parameters but its Conv2d/Linear/BatchNorm layers account for {int(self.base['params'])}; "
-                "parameters outside such layers cannot be costed: move them into supported layers"
+                f"the model holds {params} parameters but its layers account for {int(self.base['params'])}; "
+                "a layer of a type automlprune does not know holds the rest: replace it with standard PyTorch layers"
             )
 
 

@@ -26,14 +26,15 @@ class ChannelScaler:
         for name in groups:
             for member in space.feature_layers(space.group_by_name[name]):
                 module = model.get_submodule(member.layer)
-                self.handles.append(module.register_forward_hook(self._hook(name, torch.as_tensor(member.index_map[:, 0]),
+                self.handles.append(module.register_forward_hook(self._hook(name, torch.as_tensor(member.index_map),
                                                                             space.layer_by_name[member.layer].out_channels)))
 
     def _hook(self, group: str, index: torch.Tensor, width: int):
         def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self.factors is None or group not in self.factors:
                 return None
-            factor = output.new_ones(width).index_copy(0, index.to(output.device), self.factors[group].to(output.dtype))
+            per_unit = self.factors[group].to(output.dtype).repeat_interleave(index.shape[1])  # a unit's channels share its factor
+            factor = output.new_ones(width).index_copy(0, index.flatten().to(output.device), per_unit)
             return output * factor.view(1, -1, *([1] * (output.ndim - 2)))
         return fn
 

@@ -12,7 +12,9 @@ Vocabulary: a channel group touches a layer on its ``"out"`` side (the layer pro
 channels: a conv's filters, a batch norm's features) or its ``"in"`` side (the layer reads
 them). Each type maps that side to the tensor axes it cuts: a plain conv cuts weight rows on
 "out" and weight columns on "in"; a batch norm and a depthwise conv have one channel axis,
-cut from either side.
+cut from either side. A grouped conv (groups > 1, not depthwise) keeps its group count: its
+channel groups remove the same local channel from every convolution group
+(:mod:`automlprune.space.graph`), so its input side cuts weight columns by local index.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from automlprune.errors import UnsupportedLayerError
 
 Side = Literal["out", "in"]
 
@@ -37,7 +41,9 @@ class LayerInfo:
     conv, the product of leading dims for linear); ``input_shape`` is the per-sample shape of
     its input, e.g. (C, H, W). For bn, in = out = num_features. ``has_weights``: a
     multiply-accumulate layer (its weights count in MACs and can be quantized); ``False`` for
-    per-channel affine layers such as batch norm.
+    per-channel affine layers such as batch norm. ``calls``: how often the layer runs per
+    forward pass (a module used more than once shares its weights; ``positions`` then counts
+    the output positions of all calls, ``input_shape`` is the first call's).
     """
 
     name: str
@@ -52,10 +58,17 @@ class LayerInfo:
     order: int
     input_shape: tuple[int, ...] = ()
     has_weights: bool = True
+    calls: int = 1
 
     @property
     def depthwise(self) -> bool:
         return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def even_split(self) -> int:
+        """Slices its channels must stay evenly split into (a grouped conv's groups, a group
+        norm's groups; 1 when any subset of channels may go)."""
+        return 1 if self.depthwise else self.groups
 
 
 class LayerType:
@@ -70,6 +83,9 @@ class LayerType:
     has_weights: bool = True
     """A multiply-accumulate layer (a group root; its weights count in MACs and may be quantized)."""
     channel_tensors: tuple[str, ...] = ("weight", "bias")
+    exact_when_masked: bool = True
+    """Whether zeroing a channel computes what removing it does (False for norms whose
+    statistics span channels: the materialized network is then the reference)."""
 
     # ---- recording ----------------------------------------------------------------------------
     def info(self, name: str, module: nn.Module, output: torch.Tensor, order: int,
@@ -164,6 +180,59 @@ class Conv2dType(LayerType):
     def depthwise(module: nn.Conv2d) -> bool:
         return module.groups > 1 and module.groups == module.in_channels == module.out_channels
 
+    def grouped(self, module: nn.Conv2d) -> bool:
+        """A grouped conv that is not depthwise: input channel i feeds only the output rows of
+        group i // (in_channels / groups), through weight column i % (in_channels / groups)."""
+        return module.groups > 1 and not self.depthwise(module)
+
+    def _edits(self, module, side):
+        return super()._edits(module, side) or self.grouped(module)
+
+    def in_weights(self, module):
+        if not self.grouped(module):
+            return super().in_weights(module)
+        w = module.weight.detach()  # (out, in / groups, kh, kw)
+        rows = w.reshape(module.groups, module.out_channels // module.groups, *w.shape[1:])  # (G, O/G, I/G, kh, kw)
+        return rows.transpose(1, 2).reshape(module.in_channels, -1)  # input channel g * I/G + j -> rows[g, :, j]
+
+    def _local(self, module: nn.Conv2d, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_group = module.in_channels // module.groups
+        return index // per_group, index % per_group
+
+    @torch.no_grad()
+    def select_(self, module, side, keep):
+        if side == "out" or not self.grouped(module):
+            return super().select_(module, side, keep)
+        owner, local = self._local(module, keep.cpu())
+        first = local[owner == 0]
+        if any(not torch.equal(local[owner == g], first) for g in range(module.groups)):
+            raise ValueError(f"kept input channels of a grouped conv differ between its groups: {keep.tolist()}")
+        module.weight = nn.Parameter(module.weight.index_select(1, first.to(module.weight.device)).clone(),
+                                     requires_grad=module.weight.requires_grad)
+        module.in_channels = len(keep)
+
+    @torch.no_grad()
+    def permute_(self, module, side, src, dst):
+        if side == "out" or not self.grouped(module):
+            return super().permute_(module, side, src, dst)
+        src_owner, src_local = self._local(module, src.cpu())
+        dst_owner, dst_local = self._local(module, dst.cpu())
+        if not torch.equal(src_owner, dst_owner):
+            raise ValueError("a grouped conv's input channels can only move within their convolution group")
+        rows = module.out_channels // module.groups
+        moved = module.weight.clone()
+        for s_owner, s, d in zip(src_owner.tolist(), src_local.tolist(), dst_local.tolist()):
+            moved[s_owner * rows:(s_owner + 1) * rows, d] = module.weight[s_owner * rows:(s_owner + 1) * rows, s]
+        module.weight.copy_(moved)
+
+    @torch.no_grad()
+    def zero_(self, module, side, index):
+        if side == "out" or not self.grouped(module):
+            return super().zero_(module, side, index)
+        rows = module.out_channels // module.groups
+        for owner, local in zip(*(t.tolist() for t in self._local(module, index.cpu()))):
+            module.weight[owner * rows:(owner + 1) * rows, local] = 0
+
     def info(self, name, module, output, order, input_shape):
         return LayerInfo(name, self.kind, module.in_channels, module.out_channels, module.groups,
                          int(np.prod(module.kernel_size)), int(module.stride[0]), int(output[0, 0].numel()),
@@ -236,6 +305,55 @@ class BatchNormType(LayerType):
         module.num_features = width
 
 
+class LayerNormType(LayerType):
+    """LayerNorm over the channels alone (``normalized_shape`` of one entry, applied to
+    channels-last tensors as ConvNeXt does, or torchvision's LayerNorm2d): one channel axis.
+    Removing a channel changes the mean and variance the others are normalized with, so a
+    masked network (zeroed channels still counted) differs from the materialized one: the
+    materialized network, which the evaluator scores, is the reference."""
+
+    kind = "ln"
+    module_type = nn.LayerNorm
+    has_weights = False
+    exact_when_masked = False
+
+    def info(self, name, module, output, order, input_shape):
+        if len(module.normalized_shape) != 1 or (module.elementwise_affine and module.bias is None):
+            raise UnsupportedLayerError(f"layer '{name}' is a LayerNorm over {tuple(module.normalized_shape)} "
+                                        f"{'without a bias ' if len(module.normalized_shape) == 1 else ''}; automlprune prunes "
+                                        "LayerNorms over the channels alone with weight and bias: pin or replace it")
+        width = module.normalized_shape[0]
+        return LayerInfo(name, self.kind, width, width, 1, 1, 1, 1, module.elementwise_affine, order, input_shape,
+                         has_weights=False)
+
+    def axis(self, module, side):
+        return "out"
+
+    def resize(self, module, axis, width):
+        module.normalized_shape = (width,)
+
+
+class GroupNormType(LayerType):
+    """GroupNorm: one channel axis, statistics per group of channels. Its channel groups lose
+    the same position in every norm group (as a grouped conv's), so ``num_groups`` stays; as
+    for LayerNorm, the masked network is not the materialized one."""
+
+    kind = "gn"
+    module_type = nn.GroupNorm
+    has_weights = False
+    exact_when_masked = False
+
+    def info(self, name, module, output, order, input_shape):
+        return LayerInfo(name, self.kind, module.num_channels, module.num_channels, module.num_groups, 1, 1, 1,
+                         module.affine, order, input_shape, has_weights=False)
+
+    def axis(self, module, side):
+        return "out"
+
+    def resize(self, module, axis, width):
+        module.num_channels = width
+
+
 _TABLE: list[LayerType] = []
 
 
@@ -272,5 +390,5 @@ def types() -> tuple[LayerType, ...]:
     return tuple(_TABLE)
 
 
-for _type in (BatchNormType(), LinearType(), Conv2dType()):
+for _type in (GroupNormType(), LayerNormType(), BatchNormType(), LinearType(), Conv2dType()):
     register(_type)

@@ -187,7 +187,7 @@ class GlobalStrategy(OneShotStrategy):
 
     def propose(self) -> Candidate:
         groups = [self.space.group_by_name[g] for g in self.space.prunable]
-        floors = [self.space.min_width(g.channels) for g in groups]
+        floors = [self.space.min_width(g) for g in groups]
         entries = []  # (score, group index) for every removable channel, lowest score first
         for gi, group in enumerate(groups):
             scores = self.context.channel_scores[group.name]

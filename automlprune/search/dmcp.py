@@ -72,15 +72,15 @@ class MarkovGates(nn.Module):
     def __init__(self, space: SearchSpace, block_size: int = 0, alpha_init: float = 3.0) -> None:
         super().__init__()
         self.space = space
-        unit = space.config.round_to
         self.names, self.sizes = [], []
         alphas = []
         for group in space.groups:
             if group.name not in space.prunable:
                 continue
             size = block_size or math.ceil(group.channels / 8)
-            size = max(unit, math.ceil(size / unit) * unit)
-            first = min(group.channels, max(space.min_width(group.channels), size))
+            step = space.rounding_step(group.unit)
+            size = max(step, math.ceil(size / step) * step)
+            first = min(group.channels, max(space.min_width(group), size))
             sizes = [first] + [size] * ((group.channels - first) // size)
             if group.channels - sum(sizes) > 0:
                 sizes.append(group.channels - sum(sizes))

@@ -250,7 +250,7 @@ class GateDecoratorStrategy(TrainingStrategy):
         for g, ids in members.items():
             mask = gates.masks[g]
             score = torch.stack([gates.scores[i].cpu() for i in ids]).sum(0) * mask.float()
-            minimal = max(1, int(0.1 * len(mask)), self.space.min_width(len(mask)))
+            minimal = max(1, int(0.1 * len(mask)), self.space.min_width(g))
             top = torch.argsort(score, descending=True, stable=True)[:minimal]
             protected[g] = top
             free = torch.ones_like(mask)

@@ -59,12 +59,12 @@ class PruneNetStrategy(OneShotStrategy):
     def propose(self) -> Candidate:
         curves = self.loss_curves()
         channels = {g: self.space.group_by_name[g].channels for g in curves}
-        floor = {g: self.space.min_width(c) for g, c in channels.items()}
-        unit = self.space.config.round_to
+        floor = {g: self.space.min_width(g) for g in channels}
         kept = dict(channels)
 
         def step(g: str, direction: int) -> int | None:
-            """The width of group g one unit narrower (-1) or wider (+1), None outside its range."""
+            """The width of group g one rounding step narrower (-1) or wider (+1), None outside its range."""
+            unit = self.space.rounding_step(self.space.group_by_name[g].unit)
             if direction < 0:
                 k = (kept[g] - 1) // unit * unit if kept[g] % unit else kept[g] - unit
                 return k if k >= floor[g] else None

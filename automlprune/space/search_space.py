@@ -5,6 +5,8 @@ agents and Optuna."""
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -15,7 +17,22 @@ from torch import nn
 from automlprune.errors import CandidateError, ConfigError, UnsupportedLayerError
 from automlprune.space.candidate import Candidate
 from automlprune.space.config import SpaceConfig
-from automlprune.space.graph import ChannelGroup, GroupMember, LayerInfo, discover_groups, record_layers
+from automlprune.space.graph import ChannelGroup, GroupMember, LayerInfo, discover_groups, fixed_parameters, record_layers
+
+
+class AutoPinned(UserWarning):
+    """Groups the space pinned by itself because automlprune cannot shrink them exactly (the
+    rest of the model is searched); ``groups`` maps each to the reason."""
+
+    def __init__(self, groups: Mapping[str, str]) -> None:
+        self.groups = dict(groups)
+        super().__init__(f"{len(self.groups)} channel group(s) are kept whole because they cannot be pruned exactly: "
+                         f"{_reasons(self.groups)}; the rest of the model is searched")
+
+
+def _reasons(groups: Mapping[str, str], limit: int = 3) -> str:
+    items = [f"'{name}' ({why})" for name, why in groups.items()]
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -55,30 +72,33 @@ class SearchSpace:
         self.example_input = example_input[:1].detach().clone()
         self.layers: list[LayerInfo] = record_layers(model, self.example_input)
         self.layer_by_name = {l.name: l for l in self.layers}
+        self.fixed_parameters: dict[str, int] = fixed_parameters(model)
+        """Parameters outside the table's layers: name -> entries (never cut, costed as float32)."""
         self.groups: list[ChannelGroup] = discover_groups(model, self.example_input, self.layers)
         self.group_by_name = {g.name: g for g in self.groups}
-        self._check_grouped_convs()
-        self.pinned = self._pinned_groups()
-        self.prunable = [g.name for g in self.groups if g.name not in self.pinned]
         self.quantizable = [l.name for l in self.layers if l.has_weights]
         self.bit_searchable = self._bit_searchable()
+        self.auto_pinned: dict[str, str] = {}
+        """Groups pinned because automlprune cannot shrink them exactly: name -> why."""
+        self.pin({g.name: g.unprunable for g in self.groups if g.unprunable}, stacklevel=3)
+
+    def pin(self, reasons: Mapping[str, str], stacklevel: int = 2) -> None:
+        """Pin the groups ``reasons`` names (group -> why it cannot shrink), with one
+        :class:`AutoPinned` warning; raise :class:`UnsupportedLayerError` when no group is left."""
+        if reasons:
+            self.auto_pinned.update(reasons)
+            warnings.warn(AutoPinned(reasons), stacklevel=stacklevel)
+        if len(self.auto_pinned) == len(self.groups):
+            raise UnsupportedLayerError(f"no channel of this model can be pruned: every group is pinned ({_reasons(self.auto_pinned)})")
+        self.pinned = self._pinned_groups()
+        self.prunable = [g.name for g in self.groups if g.name not in self.pinned]
         self.dimensions = [Dimension("ratio", g, self.config.ratios) for g in self.prunable] + [
             Dimension("bits", l, tuple(float(b) for b in self.config.bit_choices)) for l in self.bit_searchable
         ]
 
     # ---- structure -------------------------------------------------------------------------
-    def _check_grouped_convs(self) -> None:
-        for group in self.groups:
-            for member in group.members:
-                layer = self.layer_by_name[member.layer]
-                if layer.kind == "conv" and layer.groups > 1 and not layer.depthwise:
-                    raise UnsupportedLayerError(
-                        f"layer '{layer.name}' is a grouped convolution (groups={layer.groups}) whose channels would be pruned; "
-                        "automlprune supports plain and depthwise convs only: pin its group in the search space"
-                    )
-
     def _pinned_groups(self) -> set[str]:
-        pinned = {g.name for g in self.groups if any(fnmatch.fnmatchcase(g.name, p) for p in self.config.pinned)}
+        pinned = set(self.auto_pinned) | {g.name for g in self.groups if any(fnmatch.fnmatchcase(g.name, p) for p in self.config.pinned)}
         for pattern in self.config.pinned:
             if not any(fnmatch.fnmatchcase(g.name, pattern) for g in self.groups):
                 raise ConfigError(f"pinned pattern '{pattern}' in space '{self.config.name}' matches no group; run 'automlprune inspect' to list group names")
@@ -167,36 +187,44 @@ class SearchSpace:
         return {key: torch.from_numpy(np.flatnonzero(mask)) for key, mask in alive.items()}
 
     def kept_channels(self, candidate: Candidate) -> np.ndarray:
-        """Channels each group keeps under ``candidate``: int64 array of shape (len(groups),)."""
+        """Units each group keeps under ``candidate`` (channels, for groups without grouped
+        convolutions): int64 array of shape (len(groups),)."""
         ratios = candidate.ratio_map
-        return np.array([self.channels_for(g.channels, ratios.get(g.name, 1.0)) for g in self.groups], dtype=np.int64)
+        return np.array([self.channels_for(g.channels, ratios.get(g.name, 1.0), g.unit) for g in self.groups], dtype=np.int64)
 
-    def channels_for(self, channels: int, ratio: float) -> int:
-        """Kept channel count for a group of ``channels`` at keep ratio ``ratio``: rounded to the
-        nearest multiple of ``round_to``, at least ``min_channels`` (and one rounding unit), at most ``channels``."""
+    def channels_for(self, channels: int, ratio: float, unit: int = 1) -> int:
+        """Kept units of a group of ``channels`` units of ``unit`` channels each at keep ratio
+        ``ratio``: the kept channels rounded to the nearest multiple of ``round_to`` (and of
+        ``unit``), at least ``min_channels`` (and one rounding step), at most all of them."""
         if ratio >= 1.0:
             return channels
-        step = self.config.round_to
+        step = self.rounding_step(unit)
         kept = int(np.floor(ratio * channels / step + 0.5)) * step
-        floor = max(self.config.min_channels, step)
+        floor = max(-(-self.config.min_channels // unit), step)
         return int(min(channels, max(kept, floor)))
 
     def ratios_from_widths(self, widths: Mapping[str, float], to_grid: bool = False) -> dict[str, float]:
-        """Keep ratios from (possibly fractional, e.g. expected) channel counts per group: each
+        """Keep ratios from (possibly fractional, e.g. expected) unit counts per group: each
         rounded to the space's channel rounding, or down to the space's ratio grid with ``to_grid``."""
         ratios = {}
         for name, w in widths.items():
-            channels = self.group_by_name[name].channels
-            r = float(np.clip(w / channels, 1e-9, 1.0))
+            group = self.group_by_name[name]
+            r = float(np.clip(w / group.channels, 1e-9, 1.0))
             if to_grid:
                 below = [g for g in self.config.ratios if g <= r + 1e-9]
                 r = below[-1] if below else self.config.ratios[0]
-            ratios[name] = self.channels_for(channels, r) / channels
+            ratios[name] = self.channels_for(group.channels, r, group.unit) / group.channels
         return ratios
 
-    def min_width(self, channels: int) -> int:
-        """The fewest channels a group of ``channels`` may keep (``min_channels``, one rounding unit)."""
-        return self.channels_for(channels, 1e-9)
+    def rounding_step(self, unit: int = 1) -> int:
+        """Units of ``unit`` channels per step of the kept width: the smallest count whose
+        channels are a multiple of ``round_to``."""
+        return math.lcm(self.config.round_to, unit) // unit
+
+    def min_width(self, group: str | ChannelGroup) -> int:
+        """The fewest units ``group`` may keep (``min_channels``, one rounding step)."""
+        group = self.group_by_name[group] if isinstance(group, str) else group
+        return self.channels_for(group.channels, 1e-9, group.unit)
 
     def canonical(self, candidate: Candidate) -> Candidate:
         """The same network with each ratio replaced by its exact kept fraction (kept / channels),
@@ -250,7 +278,8 @@ class SearchSpace:
         """A JSON-able summary: groups (name, channels, layers), pinned groups, dimensions."""
         return {
             "space": self.config.to_dict(),
-            "groups": [{"name": g.name, "channels": g.channels, "pinned": g.name in self.pinned,
+            "groups": [{"name": g.name, "channels": g.width, "unit": g.unit, "pinned": g.name in self.pinned,
+                        **({"unprunable": g.unprunable} if g.unprunable else {}),
                         "layers": sorted({m.layer for m in g.members}),
                         "out_layers": g.out_layers} for g in self.groups],
             "quantizable_layers": self.quantizable,

@@ -103,3 +103,29 @@ def test_compare_puts_strategies_side_by_side_on_a_user_model(user_data_and_mode
         rows = list(csv.DictReader(f))
     assert {(r["strategy"], r["budget"]) for r in rows} == {(s, b) for s in ("uniform", "prunenet") for b in ("macs=0.5", "macs=0.3")}
     assert all(float(r["macs_fraction"]) <= float(r["budget"].split("=")[1]) + 1e-9 for r in rows)
+
+
+class GroupedNet(nn.Module):
+    """A ResNeXt-like user model: its middle conv is grouped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+def test_a_training_strategy_refusing_grouped_units_works_once_its_advice_is_followed(user_data_and_model, tmp_path):
+    _, x, y = user_data_and_model
+    model = GroupedNet().eval()
+    kwargs = dict(train=(x[:300], y[:300]), budget="macs=0.7", strategy="greg1", max_epochs=1, progress=False, evals=1)
+    with pytest.raises(ConfigError, match="cannot yet shrink groups that feed or leave grouped convolutions \\(a.0, b.0\\); list them under 'pinned'"):
+        compress(model, x[:1], run_dir=tmp_path / "refused", groups="all", **kwargs)
+    space = tmp_path / "pinned.yaml"
+    space.write_text("pinned: ['a.0', 'b.0']\n")
+    result = compress(model, x[:1], run_dir=tmp_path / "run", space=str(space), groups="all", **kwargs)
+    assert result.relative["macs"] <= 0.7 and result.network.b[0].groups == 4

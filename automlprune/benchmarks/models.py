@@ -1,8 +1,8 @@
 """Coverage benchmark (``automlprune benchmark --suite models``): can automlprune search every
 torchvision CNN family, with exact costs and networks that compute what their masks say?
 
-Per family (random weights, batch norms given random statistics so they are not identities,
-a small input to save time), it records:
+Per family (random weights, batch norms given random statistics and layer scales near 1,
+so no block is an identity, a small input to save time), it records:
 
 * the space: time to build it (Torch-Pruning's dependency graph included) and to self-check it,
   the channel groups found, those searched in units of a grouped convolution's or group norm's
@@ -51,8 +51,15 @@ CANDIDATES = 3
 
 
 def _randomize_norms(model: nn.Module, seed: int) -> None:
+    """Random batch-norm statistics and affines, and parameters outside layers (ConvNeXt's layer
+    scales start at 1e-6) near 1, so no block is an identity and a wrong coupling shows."""
+    from automlprune.space.graph import fixed_parameters
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name in fixed_parameters(model):
+            p = model.get_parameter(name)
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)

@@ -103,7 +103,7 @@ class TrainingStrategy(Strategy):
             raise ConfigError(f"{self.name} removes single channels; use a space with round_to 1")
         in_units = [g for g in self.pruned_groups() if self.space.group_by_name[g].unit > 1]
         if in_units:
-            raise ConfigError(f"{self.name} gates single channels and cannot yet shrink groups that feed grouped convolutions "
+            raise ConfigError(f"{self.name} prunes single channels and cannot yet shrink groups that feed or leave grouped convolutions "
                               f"({', '.join(in_units[:3])}{' ...' if len(in_units) > 3 else ''}); list them under 'pinned' in "
                               "the search space, or use a search strategy")
         self.device = torch.device(context.device)

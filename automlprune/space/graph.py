@@ -76,7 +76,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    except (ArithmeticError, IndexError, KeyError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the model's forward already ran (record_layers): this is Torch-Pruning's tracing
         raise UnsupportedLayerError(
             f"Torch-Pruning, which automlprune uses to find which channels are coupled, cannot trace this model "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no message'}); models that shuffle "

@@ -110,7 +110,7 @@ class _FunctionalConv(nn.Module):
 
 
 def test_a_layer_norm_over_another_dimension_than_the_channels_is_refused_by_name():
-    with pytest.warns(AutoPinned), pytest.raises(UnsupportedLayerError, match="LayerNorm 'norm' normalizes 6 entries of another dimension"):
+    with pytest.warns(AutoPinned), pytest.raises(UnsupportedLayerError, match="LayerNorm 'norm' normalizes 6 entries, not these 4 channels"):
         SearchSpace(_WithLayerNorm(), torch.zeros(1, 1, 8, 8))
 
 

@@ -197,10 +197,42 @@ def test_a_model_with_nothing_prunable_is_refused_in_one_sentence():
             SearchSpace(AllScaled().eval(), torch.zeros(1, 3, 8, 8))
 
 
-def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_sentence():
-    row = measure_family("shufflenet_v2_x0_5", size=32, candidates=0)
-    assert not row["searchable"]
-    assert "Torch-Pruning, which automlprune uses to find which channels are coupled, cannot trace this model" in row["refused"]
+def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_sentence(monkeypatch):
+    import torch_pruning as tp
+
+    def fails(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")  # as Torch-Pruning on a hand-written shuffle
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
+    with pytest.raises(UnsupportedLayerError, match=r"Torch-Pruning, .* cannot trace this model \(ZeroDivisionError: integer division"):
+        SearchSpace(ResNeXtBlock().eval(), torch.zeros(1, 3, 8, 8))
+
+
+def test_a_hand_written_channel_shuffle_is_caught_by_the_self_check_and_pinned():
+    class OwnShuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.c1(x)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            return self.head(self.c2(x).mean((2, 3)))
+
+    model = OwnShuffle().eval()
+    x = torch.randn(2, 3, 8, 8)
+    space = SearchSpace(model, x[:1])
+    with pytest.warns(AutoPinned, match="'c1' \\(its pruned network fails the self-check"):
+        _check_exact(model, x, space, candidates=8)
+    assert space.prunable == ["c2"]
+
+
+def test_shufflenet_is_searched_with_the_groups_through_its_shuffles_pinned():
+    row = measure_family("shufflenet_v2_x0_5", size=32, candidates=2, export=False)
+    assert row["searchable"] and row["searched"] >= 12
+    assert any("channel shuffle" in why for why in row["auto_pinned"].values())
+    assert row["macs_relative_error"] == 0 and row["params_relative_error"] == 0 and row["max_masked_difference"] < 1e-4
 
 
 @pytest.mark.slow

@@ -75,8 +75,10 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def measure_family(name: str, size: int = INPUT_SIZE, candidates: int = CANDIDATES, seed: int = 0) -> dict[str, Any]:
-    """One row of the coverage table for torchvision model ``name`` (see the module docstring)."""
+def measure_family(name: str, size: int = INPUT_SIZE, candidates: int = CANDIDATES, seed: int = 0,
+                   export: bool = True) -> dict[str, Any]:
+    """One row of the coverage table for torchvision model ``name`` (see the module docstring;
+    without ``export``, the export check is left out)."""
     from automlprune.cost import CostModel
     from automlprune.cost.model import count_macs
     from automlprune.materialize import materialize, mask
@@ -121,7 +123,8 @@ def measure_family(name: str, size: int = INPUT_SIZE, candidates: int = CANDIDAT
             differences.append(float((net(x) - mask(model, candidate, space).eval()(x)).abs().max()))
     row.update(candidates_checked=len(checks), macs_relative_error=macs_error, params_relative_error=params_error,
                max_masked_difference=max(differences) if differences else None, equivalence_not_comparable=skipped)
-    row["export"] = _export_check(materialize(model, checks[-1], space).eval(), x)
+    if export:
+        row["export"] = _export_check(materialize(model, checks[-1], space).eval(), x)
     return row
 
 

@@ -78,8 +78,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines = [f"{task.spec.name}: {task.spec.model} on {task.spec.dataset}, {amounts}; {len(space.groups)} channel groups "
              f"({len(space.prunable)} prunable)"]
     for g in info["groups"]:
-        flag = " (pinned)" if g["pinned"] else ""
-        lines.append(f"  {g['name']:<32} {g['channels']:>5} ch  {len(g['layers']):>3} layers{flag}")
+        flag = f" (pinned: {g['unprunable']})" if "unprunable" in g else " (pinned)" if g["pinned"] else ""
+        unit = f" in units of {g['unit']}" if g["unit"] > 1 else ""
+        lines.append(f"  {g['name']:<32} {g['channels']:>5} ch{unit}  {len(g['layers']):>3} layers{flag}")
     _emit(args, info, "\n".join(lines))
     return 0
 

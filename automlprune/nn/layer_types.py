@@ -308,6 +308,8 @@ class BatchNormType(LayerType):
 class LayerNormType(LayerType):
     """LayerNorm over the channels alone (``normalized_shape`` of one entry, applied to
     channels-last tensors as ConvNeXt does, or torchvision's LayerNorm2d): one channel axis.
+    A LayerNorm over more (or other) entries than a group's channels pins that group
+    (:mod:`automlprune.space.graph`).
     Removing a channel changes the mean and variance the others are normalized with, so a
     masked network (zeroed channels still counted) differs from the materialized one: the
     materialized network, which the evaluator scores, is the reference."""
@@ -318,11 +320,10 @@ class LayerNormType(LayerType):
     exact_when_masked = False
 
     def info(self, name, module, output, order, input_shape):
-        if len(module.normalized_shape) != 1 or (module.elementwise_affine and module.bias is None):
-            raise UnsupportedLayerError(f"layer '{name}' is a LayerNorm over {tuple(module.normalized_shape)} "
-                                        f"{'without a bias ' if len(module.normalized_shape) == 1 else ''}; automlprune prunes "
-                                        "LayerNorms over the channels alone with weight and bias: pin or replace it")
-        width = module.normalized_shape[0]
+        if module.elementwise_affine and module.bias is None:
+            raise UnsupportedLayerError(f"layer '{name}' is a LayerNorm with a weight but no bias, which automlprune cannot cost; "
+                                        "build it with bias=True (the default)")
+        width = int(np.prod(module.normalized_shape))  # more than the channels when it normalizes (C, H, W): its groups are pinned
         return LayerInfo(name, self.kind, width, width, 1, 1, 1, 1, module.elementwise_affine, order, input_shape,
                          has_weights=False)
 

@@ -8,17 +8,18 @@
   indices of that layer each of the group's channels owns. A group that feeds or leaves a
   grouped convolution is searched in units of one channel per convolution group (the same
   position in every group, as Torch-Pruning prunes them), so every pruned network still splits
-  evenly into the convolution's groups. A group automlprune cannot shrink exactly (channels that
-  reach a layer unevenly, a grouped convolution fed by a concatenation) is kept with the reason
-  in ``ChannelGroup.unprunable``; the search space pins it and says so.
+  evenly into the convolution's groups (group norms alike). A group automlprune cannot shrink
+  exactly (channels that reach a layer unevenly, a grouped convolution fed by a concatenation,
+  a parameter outside the table's layers, a LayerNorm over another dimension) is kept with the
+  reason in ``ChannelGroup.unprunable``; the search space pins it and says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
-
+import contextlib
 import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -69,18 +70,84 @@ class ChannelGroup:
         return [m.layer for m in self.members if m.dim == "out"]
 
 
+SHUFFLE_OP = "ChannelShuffleBackward"
+"""How a channel shuffle traced by :func:`traceable_channel_shuffles` is named in the autograd graph."""
+
+
+class _ChannelShuffle(torch.autograd.Function):
+    """torchvision's ``channel_shuffle`` as one autograd node: Torch-Pruning's tracer cannot follow
+    its reshape-transpose-reshape, but sees this as one element-wise op whose groups automlprune
+    then pins (a shuffle interleaves channels the tracer would map one-to-one)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, groups: int) -> torch.Tensor:
+        ctx.groups = groups
+        return _shuffle(x, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _shuffle(grad, grad.shape[1] // ctx.groups), None  # the inverse interleave
+
+
+def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ``channel_shuffle``: channel g * (C / groups) + j moves to j * groups + g."""
+    n, c, *rest = x.shape
+    return x.reshape(n, groups, c // groups, *rest).transpose(1, 2).reshape(n, c, *rest)
+
+
+@contextlib.contextmanager
+def traceable_channel_shuffles() -> Iterator[None]:
+    """While tracing: torchvision's ShuffleNet calls :class:`_ChannelShuffle` instead of its own
+    ``channel_shuffle`` (the same values)."""
+    try:
+        import torchvision.models.shufflenetv2 as shufflenet
+    except ImportError:
+        yield
+        return
+    real = shufflenet.channel_shuffle
+    shufflenet.channel_shuffle = lambda x, groups: _ChannelShuffle.apply(x, groups)
+    try:
+        yield
+    finally:
+        shufflenet.channel_shuffle = real
+
+
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of ``model`` traced with ``example_input`` (same device).
     Raises :class:`UnsupportedLayerError` when Torch-Pruning cannot trace the model (it fails,
-    for one, on the reshape-transpose-reshape of a channel shuffle as in ShuffleNetV2)."""
+    for one, on a channel shuffle written as reshape-transpose-reshape outside torchvision)."""
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), traceable_channel_shuffles():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     except Exception as exc:  # noqa: BLE001 - the model's forward already ran (record_layers): this is Torch-Pruning's tracing
         raise UnsupportedLayerError(
             f"Torch-Pruning, which automlprune uses to find which channels are coupled, cannot trace this model "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no message'}); models that shuffle "
-            "channels by reshaping them (ShuffleNet) are among these: automlprune cannot prune this model yet") from None
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no message'}); a channel shuffle "
+            "written as reshape-transpose-reshape is one such case: automlprune cannot prune this model yet") from None
+
+
+def _tp_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], root_types: list[type]) -> Iterator[tuple[nn.Module, Any]]:
+    """Torch-Pruning's ``get_all_groups``, one root at a time: (root module, its group), or
+    (root module, the exception) for a root whose group Torch-Pruning cannot map (its index
+    mappings fail, e.g. through a split after a shuffle). Groups holding an ignored layer's
+    output channels are skipped, as there."""
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if module in ignored or not isinstance(module, tuple(root_types)) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mapping: the group is pinned with the reason
+            visited.add(module)
+            yield module, exc
+            continue
+        outs = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(outs)
+        if not any(m in ignored for m in outs):
+            yield module, group
 
 
 def fixed_parameters(model: nn.Module) -> dict[str, int]:
@@ -140,9 +207,15 @@ def discover_groups(model: nn.Module, example_input: torch.Tensor, layers: list[
     names.update({p: name for name, p in model.named_parameters() if name in fixed})
     groups = []
     by_name = {layer.name: layer for layer in layers}
-    layer_norms = {layer.name: layer.out_channels for layer in layers if layer.kind == "ln"}  # a group must fill one whole
-    for tp_group in graph.get_all_groups(ignored_layers=[model.get_submodule(output_layer)],
-                                         root_module_types=[t.module_type for t in layer_types.types() if t.has_weights]):
+    layer_norms = {layer.name: layer.out_channels for layer in layers if layer.kind == "ln"}  # features each normalizes
+    for root, tp_group in _tp_groups(graph, [model.get_submodule(output_layer)],
+                                     [t.module_type for t in layer_types.types() if t.has_weights]):
+        if isinstance(tp_group, Exception):
+            name = names[root]
+            width = by_name[name].out_channels
+            groups.append(ChannelGroup(name, width, (GroupMember(name, "out", np.arange(width)[:, None]),),
+                                       unprunable=f"Torch-Pruning cannot map its channels ({type(tp_group).__name__})"))
+            continue
         groups.append(_in_units(_to_channel_group(graph, tp_group, names, order, fixed, layer_norms), by_name))
     return sorted(groups, key=lambda g: order[g.name])
 
@@ -151,11 +224,14 @@ def _to_channel_group(graph: tp.DependencyGraph, tp_group: tp.Group, names: dict
                       fixed: dict[str, int], layer_norms: dict[str, int]) -> ChannelGroup:
     per_member: dict[tuple[str, str], dict[int, list[int]]] = {}
     held = []  # parameters outside the table that these channels pass through
+    shuffled = False
     for item in tp_group.items:
         module = item.dep.target.module
         name = names.get(module)
         if name is not None and name not in order and (name in fixed or any(p.startswith(name + ".") for p in fixed)):
             held.append(name)
+        if SHUFFLE_OP in repr(module):
+            shuffled = True
         if name is None or name not in order:
             continue  # element-wise ops, reshapes: no parameters, no cost
         dim = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
@@ -175,8 +251,9 @@ def _to_channel_group(graph: tp.DependencyGraph, tp_group: tp.Group, names: dict
     other_axis = [m.layer for m in members if m.layer in layer_norms and m.index_map.size != layer_norms[m.layer]]
     reason = (f"its channels reach layer '{uneven[0]}' unevenly (a split or slice of channels)" if uneven
               else f"it passes through '{held[0]}', whose parameters automlprune cannot cut" if held
-              else f"LayerNorm '{other_axis[0]}' normalizes {layer_norms[other_axis[0]]} entries of another dimension, not these "
-                   f"{channels} channels" if other_axis else "")
+              else "it passes through a channel shuffle" if shuffled
+              else f"LayerNorm '{other_axis[0]}' normalizes {layer_norms[other_axis[0]]} entries, not these {channels} channels"
+              if other_axis else "")
     return ChannelGroup(root, channels, tuple(members), unprunable=reason)
 
 
@@ -187,11 +264,10 @@ def _split(layer: LayerInfo) -> bool:
 
 def _in_units(group: ChannelGroup, layers: dict[str, LayerInfo]) -> ChannelGroup:
     """``group`` searched in units that keep every grouped convolution (or group norm) it
-    touches evenly split:
-    unit u holds the channels at position u of each of L equal slices of the first grouped
-    member's side (L = the lcm of the members' group counts), so removing a unit removes the
-    same local channel from every convolution group. Unchanged when no grouped convolution is
-    coupled; marked unprunable when the units cannot keep every grouped member even."""
+    touches evenly split: unit u holds the channels at position u of each of L equal slices of
+    the first such member's side (L = the lcm of the members' group counts), so removing a unit
+    removes the same local channel from every convolution group. Unchanged when no such layer is
+    coupled; marked unprunable when the units cannot keep every one of them even."""
     grouped = [m for m in group.members if _split(layers[m.layer])]
     if not grouped or group.unprunable:
         return group

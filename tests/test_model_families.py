@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from automlprune.benchmarks.models import measure_family
+from automlprune.benchmarks.models import FAMILIES, measure_family
 from automlprune.cost import CostModel
 from automlprune.cost.model import count_macs
 from automlprune.errors import UnsupportedLayerError
@@ -236,9 +236,9 @@ def test_shufflenet_is_searched_with_the_groups_through_its_shuffles_pinned():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf", "convnext_tiny", "mobilenet_v3_small", "densenet121", "googlenet"])
-def test_torchvision_family_is_searchable_with_exact_costs_and_equivalent_networks(name):
-    row = measure_family(name, size=32, candidates=1)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_torchvision_family_is_searchable_with_exact_costs_equivalent_networks_and_exports(name):
+    row = measure_family(name, candidates=1)
     assert row["searchable"] and row["searched"] > 0
     assert row["macs_relative_error"] == 0 and row["params_relative_error"] == 0
     assert row["max_masked_difference"] is None or row["max_masked_difference"] < 1e-4

@@ -29,6 +29,7 @@ from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.proposal import Proposal, as_proposal
 from automlprune.search.budget import Budget, BoundBudget
+from automlprune.search.repair import repair_to_budget
 from automlprune.search.store import Artifacts, RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
@@ -73,6 +74,9 @@ class Strategy:
     """Value types of ``option_names`` (the named parameters' come from their annotations)."""
     option_ranges: ClassVar[dict[str, Any]] = {}
     """Rules for option values, ``name -> (predicate, "must be ...")`` (see :func:`check_option_values`)."""
+    repairs: ClassVar[bool] = False
+    """True for black-box strategies whose proposals the loop moves to the budget before they are
+    evaluated (:mod:`automlprune.search.repair`); their option ``repair=false`` switches it off."""
     evaluation: ClassVar[dict[str, Any]] = {}
     """Evaluation settings the strategy's candidates are materialized with, over the task's
     (e.g. its own importance criterion); see :meth:`evaluation_settings`."""
@@ -87,7 +91,9 @@ class Strategy:
         self.max_evals = max_evals
         self.rng = np.random.default_rng(seed)
         self.check_options(options)
-        self.options = options
+        self.repair = self.repairs and bool(options.get("repair", True))
+        """Whether the loop repairs this strategy's proposals to the budget."""
+        self.options = {k: v for k, v in options.items() if k != "repair"}
         self.history: list[EvalResult] = []
         self.spent: dict[str, float] = {}
         """What the strategy spent besides evaluations (e.g. training steps, training seconds); recorded on the study."""
@@ -100,11 +106,11 @@ class Strategy:
 
         named = [p for p in inspect.signature(cls.__init__).parameters
                  if p not in ("self", "context", "budget", "seed", "max_evals", "args", "kwargs", "options")]
-        accepted = sorted(set(named) | set(cls.option_names))
+        accepted = sorted(set(named) | set(cls.option_names) | ({"repair"} if cls.repairs else set()))
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted) or 'none'}")
-        types = {**cls.option_types, **typing.get_type_hints(cls.__init__)}
+        types = {**cls.option_types, **typing.get_type_hints(cls.__init__), **({"repair": bool} if cls.repairs else {})}
         check_option_values(cls.name, {k: v for k, v in options.items() if k in types}, types, cls.option_ranges)
 
     @classmethod
@@ -216,11 +222,11 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             asked = strategy.ask()
             if asked is None:
                 break
-            proposal = as_proposal(asked)
+            proposal, repaired = _repaired(strategy, as_proposal(asked))
             result = evaluator.evaluate(proposal)
             key = result.key  # one key per network (and weights), however it was written
             if key not in stored_keys or strategy.pending_trial is not None:
-                result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed()},
+                result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
                                  repeat=key in stored_keys)
                 stored_keys.add(key)
             repeats = repeats + 1 if key in seen else 0
@@ -241,6 +247,17 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     if strategy.spent:
         study.set_user_attr("spent", dict(strategy.spent))
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
+
+
+def _repaired(strategy: Strategy, proposal: Proposal) -> tuple[Proposal, dict[str, Any]]:
+    """``proposal`` moved to the strategy's budget when the strategy asks for it (original weights
+    only), and what the store records about it: ``repaired`` and the ``proposed`` candidate."""
+    if not strategy.repair or proposal.trained:
+        return proposal, {}
+    moved = repair_to_budget(proposal.candidate, strategy.space, strategy.cost_model, strategy.budget)
+    if moved.key == strategy.space.canonical(proposal.candidate).key:
+        return proposal, {"repaired": False}
+    return replace(proposal, candidate=moved), {"repaired": True, "proposed": proposal.candidate.to_dict()}
 
 
 def _record(store: RunStore, study: optuna.Study, strategy: Strategy, proposal: Proposal, result: EvalResult,

@@ -75,9 +75,11 @@ class GridWalk:
 
 class RandomStrategy(Strategy):
     """Random feasible candidates: each dimension drawn uniformly from its grid, then random
-    dimensions lowered one step until the budget is met (so samples lie near the budget)."""
+    dimensions lowered one step until the budget is met (and, with the default ``repair``, the
+    result scaled up along its shape to the budget by the search loop)."""
 
     name = "random"
+    repairs = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,7 +1,11 @@
 """Optuna samplers as strategies: multi-objective (accuracy up, budget metric down) with the
-budget as Optuna's constraint. Proposals over the budget are refused on their (analytic) cost
-without spending an evaluation: they are told to the study with accuracy 0, the constraint
-violated and ``evaluated = False``, so the sampler learns to avoid them; reports ignore them."""
+budget as Optuna's constraint. By default every proposal is moved to the budget along its shape
+before it is evaluated (:mod:`automlprune.search.repair`), so the sampler searches allocations
+and each evaluated network uses its budget; the trial keeps the sampled parameters and is told
+the repaired network's accuracy and cost. With ``repair=false``, proposals over the budget are
+refused on their (analytic) cost without spending an evaluation: they are told to the study with
+accuracy 0, the constraint violated and ``evaluated = False``, so the sampler learns to avoid
+them; reports ignore them."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class OptunaStrategy(Strategy):
     """Base of the Optuna-backed strategies; ``sampler_kind`` picks the sampler."""
 
     replays_on_resume = False
+    repairs = True
     sampler_kind: ClassVar[str] = "tpe"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -60,7 +65,7 @@ class OptunaStrategy(Strategy):
             mark_worker(trial)
             candidate = from_params(self.space, trial.params)
             costs = self.cost_model(candidate)
-            if self.budget.met_by(costs):
+            if self.repair or self.budget.met_by(costs):
                 self.pending_trial = trial
                 return candidate
             trial.set_user_attr("evaluated", False)

@@ -1,0 +1,77 @@
+"""Budget-aware repair: black-box proposals are moved to the budget along their shape before they
+are evaluated, and the store says which were repaired."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automlprune.cost import CostModel
+from automlprune.errors import ConfigError
+from automlprune.models import build_model
+from automlprune.search import STRATEGIES
+from automlprune.search.budget import parse_budget
+from automlprune.search.repair import repair_to_budget
+from automlprune.space import SearchSpace
+
+from conftest import run_search
+
+
+@pytest.fixture(scope="module")
+def resnet20_space():
+    model = build_model("resnet20", 10, 1).eval()
+    space = SearchSpace(model, torch.zeros(1, 1, 28, 28))
+    return space, CostModel(space, model)
+
+
+@pytest.mark.parametrize("label", ["macs=0.7", "macs=0.3", "params=0.5"])
+def test_repair_brings_every_proposal_within_one_grid_step_below_the_budget_keeping_its_shape(resnet20_space, label):
+    space, cost = resnet20_space
+    budget = parse_budget(label).bind(cost.base)
+    step = space.config.ratios[1] - space.config.ratios[0]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        proposed = space.decode(rng.uniform(-1, 1, space.ndim))
+        repaired = repair_to_budget(proposed, space, cost, budget)
+        before, after = budget.cost_fraction(cost(proposed)), budget.cost_fraction(cost(repaired))
+        assert budget.met_by(cost(repaired))
+        if before <= budget.fraction:
+            assert after >= before - 1e-12  # an under-budget proposal only grows
+        assert after >= 0.9 * budget.fraction  # and ends near the budget
+        r0, r1 = proposed.ratio_map, repaired.ratio_map
+        for a in space.prunable:  # one common scale: the allocation's order is kept (up to one fill step)
+            for b in space.prunable:
+                if r0.get(a, 1.0) < r0.get(b, 1.0):
+                    assert r1.get(a, 1.0) <= r1.get(b, 1.0) + step + 1e-9
+
+
+def test_a_proposal_over_the_budget_is_shrunk_into_it(resnet20_space):
+    space, cost = resnet20_space
+    budget = parse_budget("macs=0.4").bind(cost.base)
+    repaired = repair_to_budget(space.uniform(0.875), space, cost, budget)
+    assert budget.met_by(cost(repaired)) and budget.cost_fraction(cost(repaired)) > 0.36
+
+
+@pytest.mark.parametrize("strategy", ["random", "optuna-tpe"])
+def test_the_loop_evaluates_repaired_proposals_and_records_what_was_proposed(strategy, tmp_path, trained_digits_model,
+                                                                             digits_space, digits):
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy,
+                                                  budget="macs=0.7", max_evals=6, seed=0)
+    budget = outcome.budget
+    evaluated = [t for t in study.trials if t.user_attrs.get("evaluated")]
+    assert evaluated and all(budget.met_by(r.costs) and budget.cost_fraction(r.costs) > 0.6 for r in outcome.history)
+    assert all("repaired" in t.user_attrs for t in evaluated)
+    moved = [t for t in evaluated if t.user_attrs["repaired"]]
+    assert moved and all(t.user_attrs["proposed"] != t.user_attrs["candidate"] for t in moved)
+
+
+def test_repair_can_be_switched_off_and_is_refused_by_strategies_without_it(tmp_path, trained_digits_model, digits_space, digits):
+    outcome, _, study, _ = run_search(tmp_path, trained_digits_model, digits_space, digits, "random", budget="macs=0.7",
+                                      max_evals=4, options={"repair": False})
+    assert not any("repaired" in t.user_attrs for t in study.trials)
+    assert min(outcome.budget.cost_fraction(r.costs) for r in outcome.history) < 0.6  # raw samples fall far below
+    with pytest.raises(ConfigError, match="strategy 'greedy' does not take the options \\['repair'\\]"):
+        STRATEGIES.get("greedy").check_options({"repair": False})
+    with pytest.raises(ConfigError, match="option repair='no' must be true or false"):
+        STRATEGIES.get("random").check_options({"repair": "no"})

@@ -75,3 +75,27 @@ def test_repair_can_be_switched_off_and_is_refused_by_strategies_without_it(tmp_
         STRATEGIES.get("greedy").check_options({"repair": False})
     with pytest.raises(ConfigError, match="option repair='no' must be true or false"):
         STRATEGIES.get("random").check_options({"repair": "no"})
+
+
+def test_random_search_starts_from_the_one_shot_allocators_answers(tmp_path, trained_digits_model, digits_space, digits):
+    from automlprune.search.warm_start import warm_start_candidates
+
+    outcome, _, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, "random",
+                                              budget="macs=0.5", max_evals=5)
+    trials = sorted((t for t in study.trials if t.user_attrs.get("evaluated")), key=lambda t: t.number)
+    proposed = [t.user_attrs.get("proposed") or t.user_attrs["candidate"] for t in trials]
+    strategy = STRATEGIES.get("random")(_context(evaluator, study, trained_digits_model, digits), parse_budget("macs=0.5"))
+    warm = [c.to_dict() for c in warm_start_candidates(strategy, ["uniform", "global", "prunenet"])]
+    assert warm and proposed[:len(warm)] == warm  # evaluated first, counted in the evaluation budget
+    assert outcome.evaluations == 5
+
+
+def test_a_warm_start_naming_something_else_than_an_allocator_is_refused():
+    with pytest.raises(ConfigError, match="warm_start names greedy, which are not one-shot allocators; use some of uniform, global"):
+        STRATEGIES.get("optuna-tpe").check_options({"warm_start": "prunenet,greedy"})
+
+
+def _context(evaluator, study, model, data):
+    from automlprune.search.base import SearchContext
+
+    return SearchContext(evaluator.space, evaluator.cost_model, study, evaluator.scores, model, data=data)

@@ -30,6 +30,7 @@ from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.proposal import Proposal, as_proposal
 from automlprune.search.budget import Budget, BoundBudget
 from automlprune.search.repair import repair_to_budget
+from automlprune.search.warm_start import DEFAULT as WARM_START_DEFAULT, parse_warm_start
 from automlprune.search.store import Artifacts, RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
@@ -76,7 +77,9 @@ class Strategy:
     """Rules for option values, ``name -> (predicate, "must be ...")`` (see :func:`check_option_values`)."""
     repairs: ClassVar[bool] = False
     """True for black-box strategies whose proposals the loop moves to the budget before they are
-    evaluated (:mod:`automlprune.search.repair`); their option ``repair=false`` switches it off."""
+    evaluated (:mod:`automlprune.search.repair`; option ``repair=false`` switches it off) and
+    which start from the one-shot allocators' answers (:mod:`automlprune.search.warm_start`;
+    option ``warm_start=none`` switches it off)."""
     evaluation: ClassVar[dict[str, Any]] = {}
     """Evaluation settings the strategy's candidates are materialized with, over the task's
     (e.g. its own importance criterion); see :meth:`evaluation_settings`."""
@@ -93,7 +96,9 @@ class Strategy:
         self.check_options(options)
         self.repair = self.repairs and bool(options.get("repair", True))
         """Whether the loop repairs this strategy's proposals to the budget."""
-        self.options = {k: v for k, v in options.items() if k != "repair"}
+        self.warm_start = parse_warm_start(options.get("warm_start", WARM_START_DEFAULT)) if self.repairs else []
+        """One-shot strategies whose answers this search evaluates first (:mod:`automlprune.search.warm_start`)."""
+        self.options = {k: v for k, v in options.items() if k not in ("repair", "warm_start")}
         self.history: list[EvalResult] = []
         self.spent: dict[str, float] = {}
         """What the strategy spent besides evaluations (e.g. training steps, training seconds); recorded on the study."""
@@ -106,12 +111,14 @@ class Strategy:
 
         named = [p for p in inspect.signature(cls.__init__).parameters
                  if p not in ("self", "context", "budget", "seed", "max_evals", "args", "kwargs", "options")]
-        accepted = sorted(set(named) | set(cls.option_names) | ({"repair"} if cls.repairs else set()))
+        accepted = sorted(set(named) | set(cls.option_names) | ({"repair", "warm_start"} if cls.repairs else set()))
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(f"strategy '{cls.name}' does not take the options {unknown}; its options are: {', '.join(accepted) or 'none'}")
-        types = {**cls.option_types, **typing.get_type_hints(cls.__init__), **({"repair": bool} if cls.repairs else {})}
+        types = {**cls.option_types, **typing.get_type_hints(cls.__init__), **({"repair": bool, "warm_start": str} if cls.repairs else {})}
         check_option_values(cls.name, {k: v for k, v in options.items() if k in types}, types, cls.option_ranges)
+        if cls.repairs and "warm_start" in options:
+            parse_warm_start(options["warm_start"])
 
     @classmethod
     def evaluation_settings(cls, task_settings: EvalSettings) -> EvalSettings:

@@ -10,6 +10,7 @@ from automlprune.cost import uniform_ratio_for_budget
 from automlprune.evaluator import EvalResult
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
+from automlprune.search.warm_start import warm_start_candidates
 from automlprune.errors import ConfigError
 from automlprune.space import Candidate
 
@@ -76,7 +77,8 @@ class GridWalk:
 class RandomStrategy(Strategy):
     """Random feasible candidates: each dimension drawn uniformly from its grid, then random
     dimensions lowered one step until the budget is met (and, with the default ``repair``, the
-    result scaled up along its shape to the budget by the search loop)."""
+    result scaled up along its shape to the budget by the search loop); the one-shot allocators'
+    answers first (``warm_start``)."""
 
     name = "random"
     repairs = True
@@ -85,8 +87,14 @@ class RandomStrategy(Strategy):
         super().__init__(*args, **kwargs)
         self.walk = GridWalk(self)
         self._asked: set[str] = set()
+        self._warm = warm_start_candidates(self, self.warm_start)
 
     def ask(self) -> Candidate | None:
+        while self._warm:
+            candidate = self._warm.pop(0)
+            if candidate.key not in self._asked:
+                self._asked.add(candidate.key)
+                return candidate
         for _ in range(200):
             index = self.walk.repair(self.rng.integers(0, self.walk.sizes), self.rng)
             if index is None:

@@ -16,7 +16,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from automlprune.search.base import Strategy
-from automlprune.search.store import NATIVE_CONSTRAINTS, distributions, from_params, mark_worker, set_constraint
+from automlprune.search.store import NATIVE_CONSTRAINTS, distributions, from_params, mark_worker, set_constraint, to_params
+from automlprune.search.warm_start import warm_start_candidates
 from automlprune.space import Candidate
 
 MAX_REFUSED_IN_A_ROW = 500
@@ -58,6 +59,9 @@ class OptunaStrategy(Strategy):
         self.study = self.context.study
         self.study.sampler = _sampler(self.sampler_kind, self.seed, self.max_evals)
         self.dists = distributions(self.space)
+        if self.warm_start and not self.study.trials:  # a fresh study: the allocators' answers come first
+            for candidate in warm_start_candidates(self, self.warm_start):
+                self.study.enqueue_trial(to_params(self.space, candidate), skip_if_exists=True)
 
     def ask(self) -> Candidate | None:
         for _ in range(MAX_REFUSED_IN_A_ROW):

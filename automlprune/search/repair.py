@@ -8,7 +8,9 @@ factor ``s`` (so the proposal's relative allocation is kept), each snapped down 
 ratio grid, with ``s`` the largest factor that meets the budget (bisection: the cost grows with
 ``s``); then groups whose scaled ratio lost the most to the snapping are raised one grid step
 while the budget still holds, so the result is within one grid step of the budget. A proposal
-over the budget is shrunk the same way. Bit widths are left as proposed.
+over the budget is shrunk the same way; one that meets the budget at least as closely as its
+repair would (an allocator's exact answer between grid points) is kept. Bit widths are left as
+proposed.
 
 The search loop (:func:`automlprune.search.base.run_strategy`) applies it to the strategies
 that ask for it (``Strategy.repairs``; switch off with ``--option repair=false``) and records the
@@ -61,7 +63,11 @@ def repair_to_budget(candidate: Candidate, space: SearchSpace, cost_model: CostM
             trial[i] = grid[position]
             if fits(trial):
                 ratios = trial
-    return _make(groups, ratios, bits)
+    repaired = _make(groups, ratios, bits)
+    metric = budget.metric
+    if budget.met_by(cost_model(candidate)) and cost_model(candidate)[metric] >= cost_model(repaired)[metric]:
+        return candidate  # already as close to the budget (an allocator's exact answer off the grid): kept as proposed
+    return repaired
 
 
 def _make(groups: list[str], ratios: np.ndarray, bits: dict[str, int]) -> Candidate:

@@ -1,0 +1,49 @@
+"""Warm starts: a black-box search begins from the one-shot allocators' answers for its budget.
+
+PruneNet's cost-aware allocation reaches with one evaluation what 40 evaluations of TPE or
+random search did not (results/benchmarks/fmnist-resnet20/report.md); a search that starts there
+can only do better. :func:`warm_start_candidates` asks each named one-shot strategy (``uniform``,
+``global``, ``prunenet``, the Torch-Pruning anchors) for its candidate under the same budget,
+space and context; the repairing strategies (random, the Optuna samplers) evaluate them first,
+counted in their evaluation budget (Optuna enqueues them as its first trials, so the sampler
+learns from them). Option ``warm_start``: a comma-separated list of those strategies
+(default :data:`DEFAULT`), or ``none``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from automlprune.errors import ConfigError
+from automlprune.proposal import as_proposal
+from automlprune.space import Candidate
+
+DEFAULT = "uniform,global,prunenet"
+ONE_SHOT = ("uniform", "global", "prunenet", "tp-local", "tp-global")
+"""Strategies a search may start from: one proposal each, from the cost model and the weights."""
+
+
+def parse_warm_start(value: str) -> list[str]:
+    """The strategies named by a ``warm_start`` option value (``none`` or empty: no warm start)."""
+    names = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in ONE_SHOT]
+    if unknown:
+        raise ConfigError(f"warm_start names {', '.join(unknown)}, which are not one-shot allocators; use some of "
+                          f"{', '.join(ONE_SHOT)}, or none")
+    return names
+
+
+def warm_start_candidates(strategy: Any, names: list[str]) -> list[Candidate]:
+    """The candidates the one-shot strategies ``names`` propose for ``strategy``'s budget, in
+    order, without repeats (their evaluation settings do not apply: the search evaluates them)."""
+    from automlprune.search import STRATEGIES
+
+    out: list[Candidate] = []
+    for name in names:
+        allocator = STRATEGIES.get(name)(strategy.context, strategy.budget, seed=strategy.seed, max_evals=1)
+        asked = allocator.ask()
+        if asked is not None:
+            candidate = strategy.space.canonical(as_proposal(asked).candidate)
+            if candidate.key not in {c.key for c in out}:
+                out.append(candidate)
+    return out

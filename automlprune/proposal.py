@@ -109,11 +109,14 @@ ORIGINAL = OriginalWeights()
 class Proposal:
     """A candidate and the source of its weights. ``bn_recalibration``: whether the evaluator
     re-estimates batch-norm statistics before scoring (None: its setting); a method whose
-    folded reparametrization sits after a batch norm sets it False."""
+    folded reparametrization sits after a batch norm sets it False. ``as_proposed``: evaluate
+    the candidate exactly as given, never repaired to the budget (a warm start's allocator
+    answer, exact for the budget and possibly off the grid)."""
 
     candidate: Candidate
     weights: WeightsSource = ORIGINAL
     bn_recalibration: bool | None = None
+    as_proposed: bool = False
 
     @property
     def trained(self) -> bool:

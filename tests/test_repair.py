@@ -57,7 +57,7 @@ def test_a_proposal_over_the_budget_is_shrunk_into_it(resnet20_space):
 def test_the_loop_evaluates_repaired_proposals_and_records_what_was_proposed(strategy, tmp_path, trained_digits_model,
                                                                              digits_space, digits):
     outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, strategy,
-                                                  budget="macs=0.7", max_evals=6, seed=0)
+                                                  budget="macs=0.7", max_evals=6, seed=0, options={"warm_start": "none"})
     budget = outcome.budget
     evaluated = [t for t in study.trials if t.user_attrs.get("evaluated")]
     assert evaluated and all(budget.met_by(r.costs) and budget.cost_fraction(r.costs) > 0.6 for r in outcome.history)
@@ -86,7 +86,8 @@ def test_random_search_starts_from_the_one_shot_allocators_answers(tmp_path, tra
     proposed = [t.user_attrs.get("proposed") or t.user_attrs["candidate"] for t in trials]
     strategy = STRATEGIES.get("random")(_context(evaluator, study, trained_digits_model, digits), parse_budget("macs=0.5"))
     warm = [c.to_dict() for c in warm_start_candidates(strategy, ["uniform", "global", "prunenet"])]
-    assert warm and proposed[:len(warm)] == warm  # evaluated first, counted in the evaluation budget
+    assert warm and proposed[:len(warm)] == warm  # evaluated first, as answered, counted in the evaluation budget
+    assert not any("repaired" in t.user_attrs for t in trials[:len(warm)])
     assert outcome.evaluations == 5
 
 
@@ -99,3 +100,13 @@ def _context(evaluator, study, model, data):
     from automlprune.search.base import SearchContext
 
     return SearchContext(evaluator.space, evaluator.cost_model, study, evaluator.scores, model, data=data)
+
+
+def test_optuna_evaluates_the_allocators_exact_answers_first(tmp_path, trained_digits_model, digits_space, digits):
+    from automlprune.search.warm_start import warm_start_candidates
+
+    outcome, _, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, "optuna-tpe",
+                                              budget="macs=0.5", max_evals=5)
+    strategy = STRATEGIES.get("random")(_context(evaluator, study, trained_digits_model, digits), parse_budget("macs=0.5"))
+    warm = [c.key for c in warm_start_candidates(strategy, ["uniform", "global", "prunenet"])]
+    assert [r.candidate.key for r in outcome.history[:len(warm)]] == warm

@@ -12,7 +12,7 @@ for _name, _entry, _desc in [
     ("optuna-tpe", "automlprune.search.optuna_strategies:TPEStrategy", "Optuna multivariate TPE, accuracy vs cost with the budget as constraint"),
     ("optuna-nsga2", "automlprune.search.optuna_strategies:NSGA2Strategy", "Optuna NSGA-II, accuracy vs cost with the budget as constraint"),
     ("optuna-nsga3", "automlprune.search.optuna_strategies:NSGA3Strategy", "Optuna NSGA-III, accuracy vs cost with the budget as constraint"),
-    ("optuna-random", "automlprune.search.optuna_strategies:RandomSamplerStrategy", "Optuna's random sampler (refuses over-budget proposals)"),
+    ("optuna-random", "automlprune.search.optuna_strategies:RandomSamplerStrategy", "Optuna's random sampler (proposals repaired to the budget)"),
     ("optuna-qmc", "automlprune.search.optuna_strategies:QMCStrategy", "Optuna's quasi-Monte-Carlo sampler"),
     ("optuna-gp", "automlprune.search.optuna_strategies:GPStrategy", "Optuna's Gaussian-process sampler with the budget as constraint"),
     ("prunenet", "automlprune.search.prunenet:PruneNetStrategy", "global reconstruction-loss importance, cost-aware allocation exact for the budget (PruneNet)"),

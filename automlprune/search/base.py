@@ -259,7 +259,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
 def _repaired(strategy: Strategy, proposal: Proposal) -> tuple[Proposal, dict[str, Any]]:
     """``proposal`` moved to the strategy's budget when the strategy asks for it (original weights
     only), and what the store records about it: ``repaired`` and the ``proposed`` candidate."""
-    if not strategy.repair or proposal.trained:
+    if not strategy.repair or proposal.trained or proposal.as_proposed:
         return proposal, {}
     moved = repair_to_budget(proposal.candidate, strategy.space, strategy.cost_model, strategy.budget)
     if moved.key == strategy.space.canonical(proposal.candidate).key:

@@ -10,6 +10,7 @@ from automlprune.cost import uniform_ratio_for_budget
 from automlprune.evaluator import EvalResult
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
+from automlprune.proposal import Proposal
 from automlprune.search.warm_start import warm_start_candidates
 from automlprune.errors import ConfigError
 from automlprune.space import Candidate
@@ -89,12 +90,12 @@ class RandomStrategy(Strategy):
         self._asked: set[str] = set()
         self._warm = warm_start_candidates(self, self.warm_start)
 
-    def ask(self) -> Candidate | None:
+    def ask(self) -> Candidate | Proposal | None:
         while self._warm:
             candidate = self._warm.pop(0)
             if candidate.key not in self._asked:
                 self._asked.add(candidate.key)
-                return candidate
+                return Proposal(candidate, as_proposed=True)
         for _ in range(200):
             index = self.walk.repair(self.rng.integers(0, self.walk.sizes), self.rng)
             if index is None:

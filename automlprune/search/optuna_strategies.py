@@ -18,9 +18,12 @@ from optuna.trial import FrozenTrial
 from automlprune.search.base import Strategy
 from automlprune.search.store import NATIVE_CONSTRAINTS, distributions, from_params, mark_worker, set_constraint, to_params
 from automlprune.search.warm_start import warm_start_candidates
+from automlprune.proposal import Proposal
 from automlprune.space import Candidate
 
 MAX_REFUSED_IN_A_ROW = 500
+WARM_START = "warm_start"
+"""User attribute of an enqueued warm-start trial: the allocator's exact candidate, evaluated as it is."""
 
 
 def _constraints(trial: FrozenTrial) -> list[float]:
@@ -60,18 +63,20 @@ class OptunaStrategy(Strategy):
         self.study.sampler = _sampler(self.sampler_kind, self.seed, self.max_evals)
         self.dists = distributions(self.space)
         if self.warm_start and not self.study.trials:  # a fresh study: the allocators' answers come first
-            for candidate in warm_start_candidates(self, self.warm_start):
-                self.study.enqueue_trial(to_params(self.space, candidate), skip_if_exists=True)
+            for candidate in warm_start_candidates(self, self.warm_start):  # the exact answer rides along (it may lie off the grid)
+                self.study.enqueue_trial(to_params(self.space, candidate), user_attrs={WARM_START: candidate.to_dict()},
+                                         skip_if_exists=True)
 
-    def ask(self) -> Candidate | None:
+    def ask(self) -> Candidate | Proposal | None:
         for _ in range(MAX_REFUSED_IN_A_ROW):
             trial = self.study.ask(self.dists)
             mark_worker(trial)
-            candidate = from_params(self.space, trial.params)
+            warm = trial.user_attrs.get(WARM_START)
+            candidate = Candidate.from_dict(warm) if warm else from_params(self.space, trial.params)
             costs = self.cost_model(candidate)
             if self.repair or self.budget.met_by(costs):
                 self.pending_trial = trial
-                return candidate
+                return Proposal(candidate, as_proposed=True) if warm else candidate
             trial.set_user_attr("evaluated", False)
             trial.set_user_attr("candidate", candidate.to_dict())
             set_constraint(trial, self.budget.violation(costs))

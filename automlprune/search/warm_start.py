@@ -6,7 +6,7 @@ can only do better. :func:`warm_start_candidates` asks each named one-shot strat
 ``global``, ``prunenet``, the Torch-Pruning anchors) for its candidate under the same budget,
 space and context; the repairing strategies (random, the Optuna samplers) evaluate them first,
 counted in their evaluation budget (Optuna enqueues them as its first trials, so the sampler
-learns from them). Option ``warm_start``: a comma-separated list of those strategies
+learns from them), and evaluated exactly as the allocators answered (never repaired). Option ``warm_start``: a comma-separated list of those strategies
 (default :data:`DEFAULT`), or ``none``.
 """
 

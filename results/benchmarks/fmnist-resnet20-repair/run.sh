@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 22, first measurement: the black-box searches (optuna-tpe, random) plain, with the
 # budget-aware repair, and with repair and warm starts (the defaults), 40 evaluations at
-# 70/50/30% MACs, one seed, no fine-tune; prunenet's one-shot answer beside them. Same
+# 50/30% MACs (the budgets of the issue's goals), one seed, no fine-tune; prunenet's one-shot answer beside them. Same
 # baseline as the training-time benchmark. Resumable: run it again after a stop.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -9,7 +9,7 @@ DIR=results/benchmarks/fmnist-resnet20-repair
 BASE=results/benchmarks/fmnist-resnet20-training/baseline.pt
 run() {  # run-dir strategies options...
   local dir=$1 strategies=$2; shift 2
-  automlprune compare fmnist-resnet20 --strategies "$strategies" --budgets macs=0.7,0.5,0.3 --seeds 1 --evals 40 \
+  automlprune compare fmnist-resnet20 --strategies "$strategies" --budgets macs=0.5,0.3 --seeds 1 --evals 40 \
     --finetune-epochs 0 --run-dir "$DIR/$dir" --set checkpoint=$BASE "$@"
 }
 run plain optuna-tpe,random --option repair=false --option warm_start=none

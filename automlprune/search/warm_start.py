@@ -12,6 +12,7 @@ learns from them), and evaluated exactly as the allocators answered (never repai
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from automlprune.errors import ConfigError
@@ -39,8 +40,9 @@ def warm_start_candidates(strategy: Any, names: list[str]) -> list[Candidate]:
     from automlprune.search import STRATEGIES
 
     out: list[Candidate] = []
+    context = replace(strategy.context, study=None, artifacts=None)  # the allocators leave nothing in the search's run
     for name in names:
-        allocator = STRATEGIES.get(name)(strategy.context, strategy.budget, seed=strategy.seed, max_evals=1)
+        allocator = STRATEGIES.get(name)(context, strategy.budget, seed=strategy.seed, max_evals=1)
         asked = allocator.ask()
         if asked is not None:
             candidate = strategy.space.canonical(as_proposal(asked).candidate)

@@ -23,16 +23,7 @@ from automlprune.self_check import check_space
 from automlprune.space import SearchSpace, SpaceConfig
 from automlprune.space.search_space import AutoPinned
 
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+from conftest import randomize_batchnorm
 
 
 def _check_exact(model: nn.Module, x: torch.Tensor, space: SearchSpace, candidates: int = 4, equivalence: bool = True) -> None:
@@ -72,7 +63,7 @@ class ResNeXtBlock(nn.Module):
 
 
 def test_grouped_convolutions_are_searched_in_units_of_their_groups():
-    model = _randomize_bn(ResNeXtBlock(groups=4))
+    model = randomize_batchnorm(ResNeXtBlock(groups=4))
     x = torch.randn(3, 3, 8, 8)
     space = SearchSpace(model, x[:1])
     assert {g.name: g.unit for g in space.groups} == {"stem": 1, "a": 4, "b": 4}
@@ -173,7 +164,7 @@ def test_a_module_used_twice_is_coupled_across_its_calls():
             x = torch.relu(self.out(torch.relu(self.mid(x))))
             return self.head(torch.relu(self.block(x)).mean((2, 3)))
 
-    model = _randomize_bn(Shared())
+    model = randomize_batchnorm(Shared())
     x = torch.randn(2, 3, 8, 8)
     space = SearchSpace(model, x[:1])
     assert space.layer_by_name["block"].calls == 2

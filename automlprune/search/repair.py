@@ -64,8 +64,8 @@ def repair_to_budget(candidate: Candidate, space: SearchSpace, cost_model: CostM
             if fits(trial):
                 ratios = trial
     repaired = _make(groups, ratios, bits)
-    metric = budget.metric
-    if budget.met_by(cost_model(candidate)) and cost_model(candidate)[metric] >= cost_model(repaired)[metric]:
+    proposed_costs = cost_model(candidate)
+    if budget.met_by(proposed_costs) and proposed_costs[budget.metric] >= cost_model(repaired)[budget.metric]:
         return candidate  # already as close to the budget (an allocator's exact answer off the grid): kept as proposed
     return repaired
 

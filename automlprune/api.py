@@ -121,7 +121,7 @@ def compress(model: nn.Module, example_input: torch.Tensor, train: Any, val: Any
             network, test_accuracy = tuned.model, tuned.test_accuracy
         else:
             network = evaluator.network(proposal)
-        history = outcome.history or [outcome.answer]
+        history = [r for r in outcome.history if r.full] or [outcome.answer]
         front = pareto_front([r.relative[parsed.metric] for r in history], [r.accuracy for r in history])
         return CompressResult(network.eval(), outcome.answer, [history[i] for i in front], store.run_dir, strategy, parsed.label,
                               outcome.evaluations, outcome.seconds, store.unpruned_accuracy() or float("nan"), test_accuracy)

@@ -10,6 +10,7 @@ batches for every candidate).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -46,7 +47,10 @@ class EvalResult:
     seconds: wall time of the accuracy evaluation (latency measurement excluded); measured_latency_ms: {batch size: median ms} when asked for
     (``costs["latency"]`` is the latency table's prediction, when one is attached);
     weights: where the weights came from (:meth:`OriginalWeights.describe` / :meth:`TrainedWeights.describe`;
-    the run store adds the artifact path of trained weights); key: the evaluator's cache key.
+    the run store adds the artifact path of trained weights); key: the evaluator's cache key;
+    fidelity: the fraction of the validation samples and BN batches it was scored on (1 = a full
+    evaluation; only full evaluations can be a search's answer); screening: the accuracy of the
+    cheap first look that promoted a full evaluation (see :mod:`automlprune.search.screening`).
     """
 
     candidate: Candidate
@@ -58,6 +62,8 @@ class EvalResult:
     measured_latency_ms: dict[int, float] | None = None
     weights: dict[str, Any] = field(default_factory=lambda: {"source": "original"})
     key: str = ""
+    fidelity: float = 1.0
+    screening: float | None = None
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -67,12 +73,17 @@ class EvalResult:
     def trained(self) -> bool:
         return self.weights.get("source") == "trained"
 
+    @property
+    def full(self) -> bool:
+        """Whether this is a full-fidelity evaluation (one that may be an answer)."""
+        return self.fidelity >= 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate.to_dict(), "accuracy": self.accuracy, "top5": self.top5,
                 **self.costs.to_dict(), "flops": self.costs.flops,
                 "relative": self.relative, "seconds": self.seconds,
                 "latency_measured_ms": {str(k): v for k, v in self.measured_latency_ms.items()} if self.measured_latency_ms else None,
-                "weights": dict(self.weights), "key": self.key}
+                "weights": dict(self.weights), "key": self.key, "fidelity": self.fidelity, "screening": self.screening}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
@@ -81,7 +92,8 @@ class EvalResult:
         candidate = Candidate.from_dict(data["candidate"])
         return cls(candidate, data["accuracy"], data.get("top5"), Costs.from_dict(data), dict(data["relative"]),
                    data["seconds"], {int(k): v for k, v in latency.items()} if latency else None,
-                   dict(data.get("weights") or {"source": "original"}), data.get("key") or candidate.key)
+                   dict(data.get("weights") or {"source": "original"}), data.get("key") or candidate.key,
+                   float(data.get("fidelity", 1.0)), data.get("screening"))
 
 
 @dataclass(frozen=True)
@@ -133,13 +145,20 @@ class Evaluator:
     def prime(self, results: list[EvalResult]) -> None:
         """Put already-measured results (e.g. from a run store) in the cache."""
         for result in results:
-            self._cache.setdefault(result.key, result)
+            self._cache.setdefault(_cache_key(result.key, result.fidelity), result)
 
     def __len__(self) -> int:
-        """Number of distinct proposals evaluated so far."""
+        """Number of distinct evaluations so far (a screening and the full evaluation of one proposal are two)."""
         return len(self._cache)
 
-    def network(self, proposal: Candidate | Proposal, resolved: Resolved | None = None) -> nn.Module:
+    def batches(self, fidelity: float = 1.0) -> tuple[list, list]:
+        """(validation batches, BN-recalibration batches) of an evaluation at ``fidelity``: the
+        first ceil(fidelity x n) of each (at least one), the same for every candidate."""
+        def part(batches: list) -> list:
+            return batches if fidelity >= 1.0 else batches[:max(1, math.ceil(fidelity * len(batches)))]
+        return part(self.val_batches), part(self.bn_batches)
+
+    def network(self, proposal: Candidate | Proposal, resolved: Resolved | None = None, fidelity: float = 1.0) -> nn.Module:
         """The materialized network of ``proposal`` (from the original weights with the
         evaluator's channel order and reconstruction, or from trained weights keeping their
         channels), BN statistics re-estimated when configured, in eval mode; with activation bits
@@ -154,33 +173,36 @@ class Evaluator:
             net = materialize(self.model, resolved, self.space, self.order, self.reconstruction)
         recalibrate = self.settings.bn_recalibration if proposal.bn_recalibration is None else proposal.bn_recalibration
         if recalibrate:
-            recalibrate_batchnorm(net, self.bn_batches)
+            recalibrate_batchnorm(net, self.batches(fidelity)[1])
         if self.space.config.activation_bits < 32:
             ActivationFakeQuant(net, self.space.quantizable, self.space.config.activation_bits).calibrate(self.bn_batches)
         return net.eval()
 
-    def evaluate(self, proposal: Candidate | Proposal, latency: bool = False) -> EvalResult:
+    def evaluate(self, proposal: Candidate | Proposal, latency: bool = False, fidelity: float = 1.0) -> EvalResult:
         """Accuracy and costs of ``proposal`` (a plain candidate means the original weights;
         cached by network: the result holds the canonical candidate, see
-        :meth:`SearchSpace.canonical`; latency measured when asked for)."""
+        :meth:`SearchSpace.canonical`; latency measured when asked for). ``fidelity`` < 1 scores
+        it on that fraction of the validation and BN batches (:meth:`batches`); a full result
+        already known serves a cheaper request."""
         proposal = as_proposal(proposal)
         resolved = self.space.resolve(proposal.candidate)
         key = proposal.key(resolved.key)
-        cached = self._cache.get(key)
+        fidelity = min(1.0, fidelity)
+        cached = self._cache.get(key) or self._cache.get(_cache_key(key, fidelity))
         if cached is not None and (cached.measured_latency_ms is not None or not latency):
             return cached
         start = time.perf_counter()
-        net = self.network(proposal, resolved)
+        net = self.network(proposal, resolved, fidelity)
         if cached is None:
             costs = self.cost_model(resolved)
-            acc = accuracy(net, self.val_batches, self.topk)
+            acc = accuracy(net, self.batches(fidelity)[0], self.topk)
             result = EvalResult(resolved.candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
-                                time.perf_counter() - start, weights=proposal.describe(), key=key)
+                                time.perf_counter() - start, weights=proposal.describe(), key=key, fidelity=fidelity)
         else:  # accuracy already known: only the latency is missing
             result = cached
         if latency:
             result = replace(result, measured_latency_ms=self._measure(net))
-        self._cache[key] = result
+        self._cache[_cache_key(key, result.fidelity)] = result
         return result
 
     def _measure(self, net: nn.Module) -> dict[int, float]:
@@ -231,6 +253,11 @@ class Evaluator:
         return FinetuneResult(resolved.candidate, split_accuracy(net, self.data.val, self.data, self.device),
                               split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
                               time.perf_counter() - start, net, history.steps, history.images)
+
+
+def _cache_key(key: str, fidelity: float) -> str:
+    """The evaluator's cache key of a result: the network's key, marked with a fidelity below 1."""
+    return key if fidelity >= 1.0 else f"{key}@{fidelity:g}"
 
 
 @torch.no_grad()

@@ -59,6 +59,10 @@ class EvalSettings:
     criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
     reconstruction: "none", or "least_squares" to fold removed channels into the kept ones at
     the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's).
+    screening: multi-fidelity search (see :mod:`automlprune.search.screening`): each proposal is
+    first scored on this fraction of the validation samples and BN batches, and evaluated in full
+    only when its screening accuracy ranks in the top ``screening_keep`` of the search's
+    screenings so far (None = every proposal in full). Only full evaluations can be answers.
     """
 
     batch_size: int = 256
@@ -70,9 +74,13 @@ class EvalSettings:
     criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
     latency_batch_sizes: tuple[int, ...] = (1, 64)
     reconstruction: str = "none"
+    screening: float | None = None
+    screening_keep: float = 1 / 3
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"batch_size": AT_LEAST_ONE, "val_samples": AT_LEAST_ONE, "bn_batches": NOT_NEGATIVE,
+        check_ranges(self, {"screening": (lambda v: 0 < v < 1, "must be a fraction in (0, 1), or null for no screening"),
+                            "screening_keep": (lambda v: 0 < v <= 1, "must be a fraction in (0, 1]"),
+                            "batch_size": AT_LEAST_ONE, "val_samples": AT_LEAST_ONE, "bn_batches": NOT_NEGATIVE,
                             "bn_batch_size": AT_LEAST_ONE,
                             "criterion_combine": (lambda v: v in ("sum", "max", "mean"), "must be sum, max or mean"),
                             "latency_batch_sizes": (lambda v: len(v) > 0 and all(isinstance(b, int) and b >= 1 for b in v),

@@ -42,15 +42,19 @@ class SearchRecord:
     def seconds(self) -> float:
         return max(self.elapsed_s, default=0.0)
 
-    def cost_fractions(self) -> list[float]:
-        return [p.relative[self.metric] for p in self.points]
+    def cost_fractions(self, full_only: bool = False) -> list[float]:
+        """Each evaluation's budget metric as a fraction of the unpruned network's (``full_only``:
+        of the full-fidelity evaluations only, leaving out screenings)."""
+        return [p.relative[self.metric] for p in self.points if p.full or not full_only]
 
-    def accuracies(self) -> list[float]:
-        return [p.accuracy for p in self.points]
+    def accuracies(self, full_only: bool = False) -> list[float]:
+        """Each evaluation's validation accuracy (``full_only``: see :meth:`cost_fractions`)."""
+        return [p.accuracy for p in self.points if p.full or not full_only]
 
     def feasible(self) -> list[bool]:
-        """Whether each evaluation met the budget."""
-        return [self.budget.met_by(p.costs) for p in self.points]
+        """Whether each evaluation met the budget in a full evaluation (a screening never
+        competes for the answer: :mod:`automlprune.search.screening`)."""
+        return [p.full and self.budget.met_by(p.costs) for p in self.points]
 
 
 def _bound_budget(attrs: dict[str, Any], records: list) -> BoundBudget:

@@ -34,8 +34,8 @@ def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
 
 
 def plot_pareto(records: list[SearchRecord], path: Path, title: str = "", unpruned: float | None = None) -> Path:
-    """Validation accuracy against cost (fraction of the unpruned network) of every evaluation,
-    one colour per strategy, its Pareto front as a line, each search's answer ringed, each budget
+    """Validation accuracy against cost (fraction of the unpruned network) of every evaluation
+    (screenings of a multi-fidelity search as faint crosses), one colour per strategy, its Pareto front as a line, each search's answer ringed, each budget
     as a labelled dashed vertical line, and the unpruned network (``unpruned``: its validation
     accuracy) as a black star at cost 1."""
     metric = records[0].metric
@@ -45,14 +45,17 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "", unprun
     right = 0.0
     for strategy, color in colors.items():
         mine = [r for r in records if r.strategy == strategy]
-        costs = np.concatenate([r.cost_fractions() for r in mine]) if mine else np.array([])
-        accs = np.concatenate([r.accuracies() for r in mine]) if mine else np.array([])
+        costs = np.concatenate([r.cost_fractions(True) for r in mine]) if mine else np.array([])
+        accs = np.concatenate([r.accuracies(True) for r in mine]) if mine else np.array([])
         if len(costs) == 0:
             continue
         ax.scatter(costs, accs, s=12, alpha=0.35, color=color)
+        screened = [(p.relative[metric], p.accuracy) for r in mine for p in r.points if not p.full]
+        if screened:  # cheap first looks (multi-fidelity): shown, never on the front
+            ax.scatter(*zip(*screened), s=10, marker="x", alpha=0.25, color=color)
         right = max(right, float(costs.max()))
         front = pareto_front(costs, accs)
-        ax.step(costs[front], accs[front], where="post", color=color, linewidth=1.8, label=f"{strategy} ({len(costs)} evals)")
+        ax.step(costs[front], accs[front], where="post", color=color, linewidth=1.8, label=f"{strategy} ({sum(r.evaluations for r in mine)} evals)")
         answers = [r.answer for r in mine if r.answer]
         ax.scatter([a["relative"][metric] for a in answers], [a["accuracy"] for a in answers], s=90, facecolors="none",
                    edgecolors=[color], linewidths=1.8, zorder=3)

@@ -30,6 +30,7 @@ from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.proposal import Proposal, as_proposal
 from automlprune.search.budget import Budget, BoundBudget
 from automlprune.search.repair import repair_to_budget
+from automlprune.search.screening import Screening
 from automlprune.search.warm_start import DEFAULT as WARM_START_DEFAULT, parse_warm_start
 from automlprune.search.store import Artifacts, RunStore
 from automlprune.settings import EvalSettings
@@ -176,10 +177,10 @@ def _is(value: Any, kind: type) -> bool:
 
 
 def best_feasible(results: Sequence[EvalResult], budget: BoundBudget) -> EvalResult | None:
-    """The answer for a budget: the most accurate result meeting it (cheaper first among equals,
-    then the earliest). The search's stored answer is this over the study's results, whichever
+    """The answer for a budget: the most accurate full-fidelity result meeting it (cheaper first
+    among equals, then the earliest; screenings never answer, :mod:`automlprune.search.screening`). The search's stored answer is this over the study's results, whichever
     worker evaluated them."""
-    feasible = [r for r in results if budget.met_by(r.costs)]
+    feasible = [r for r in results if r.full and budget.met_by(r.costs)]
     if not feasible:
         return None
     return max(feasible, key=lambda r: (r.accuracy, -r.costs[budget.metric]))
@@ -217,6 +218,9 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     stored_keys = {r.result.key for r in stored}
     offset = max((r.elapsed_s for r in stored), default=0.0)
     seen: set[str] = set()
+    settings = evaluator.settings
+    screening = (Screening.resumed(settings.screening, settings.screening_keep, [r.result for r in stored])
+                 if settings.screening else None)
     if not strategy.replays_on_resume:
         seen |= stored_keys
         for r in stored:
@@ -230,7 +234,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             if asked is None:
                 break
             proposal, repaired = _repaired(strategy, as_proposal(asked))
-            result = evaluator.evaluate(proposal)
+            result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
             key = result.key  # one key per network (and weights), however it was written
             if key not in stored_keys or strategy.pending_trial is not None:
                 result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
@@ -254,6 +258,18 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     if strategy.spent:
         study.set_user_attr("spent", dict(strategy.spent))
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
+
+
+def _evaluate(evaluator: Evaluator, proposal: Proposal, screening: Screening | None, budget: BoundBudget,
+              stored_keys: set[str]) -> EvalResult:
+    """``proposal``'s result: in full, or, when the search screens, its screening unless that
+    promotes it (:mod:`automlprune.search.screening`); a stored result is served as it was."""
+    if screening is None or proposal.trained or proposal.as_proposed:
+        return evaluator.evaluate(proposal)
+    first = evaluator.evaluate(proposal, fidelity=screening.fidelity)
+    if first.full or first.key in stored_keys or not budget.met_by(first.costs) or not screening.promotes(first.accuracy):
+        return first
+    return replace(evaluator.evaluate(proposal), screening=first.accuracy)
 
 
 def _repaired(strategy: Strategy, proposal: Proposal) -> tuple[Proposal, dict[str, Any]]:

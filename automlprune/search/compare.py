@@ -104,8 +104,9 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
                "val_accuracy": val[0], "val_accuracy_sd": val[1], "test_accuracy": test[0], "test_accuracy_sd": test[1],
                "finetune_epochs": answered[0].finetune["epochs"] if answered and answered[0].finetune else None,
                "train_budget": answered[0].finetune.get("train_budget") if answered and answered[0].finetune else None,
-               "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(), r.accuracies()) for r in mine]) if mine else 0,
+               "hypervolume": statistics.fmean([hypervolume(r.cost_fractions(True), r.accuracies(True)) for r in mine]) if mine else 0,
                "evaluations": statistics.fmean([r.evaluations for r in mine]) if mine else 0,
+               "full_evaluations": statistics.fmean([sum(p.full for p in r.points) for r in mine]) if mine else 0,
                "search_seconds": statistics.fmean([r.seconds for r in mine]) if mine else 0,
                "scoring_seconds": max((r.scoring_seconds or 0.0 for r in mine), default=0.0),
                "training_seconds": statistics.fmean([(r.spent or {}).get("training_seconds", 0.0) for r in mine]) if mine else 0,
@@ -119,6 +120,15 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
             row[f"latency_ms_b{b}"] = statistics.fmean(lats) if lats else float("nan")
         rows.append(row)
     return rows
+
+
+def _evaluations_text(row: dict[str, Any]) -> str:
+    full = row["full_evaluations"]
+    return f"{row['evaluations']:.0f}" if full == row["evaluations"] else f"{row['evaluations']:.0f} ({full:.0f} full)"
+
+
+def _per_minute(row: dict[str, Any]) -> str:
+    return f"{60 * row['evaluations'] / row['search_seconds']:.1f}" if row["search_seconds"] > 0 else "–"
 
 
 def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Path, command: str,
@@ -165,7 +175,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
     metrics = [METRICS.get(m) for m in analytic_metrics()]
     header = (["strategy", "budget", "val acc", "test acc"] + [m.unit for m in metrics]
-              + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "search time (s)", "training (s)",
+              + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "evals/min", "search time (s)", "training (s)",
                  "images trained (k)", "scoring (s)"])
     lines = [f"# Strategy comparison: {session.task.spec.name}", "",
              f"Command: `{command}`", "",
@@ -177,7 +187,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         cells = ([r["strategy"], r["budget"], spread(r["val_accuracy"], r["val_accuracy_sd"]), spread(r["test_accuracy"], r["test_accuracy_sd"])]
                  + [f"{pct(r[f'{m.name}_fraction'])}%" for m in metrics]
                  + [latency(r[f"latency_ms_b{b}"], r[f"latency_ratio_b{b}"]) for b in batches]
-                 + [f"{r['hypervolume']:.4f}", f"{r['evaluations']:.0f}", f"{r['search_seconds']:.1f}",
+                 + [f"{r['hypervolume']:.4f}", _evaluations_text(r), _per_minute(r), f"{r['search_seconds']:.1f}",
                     f"{r['training_seconds']:.1f}", f"{(r['training_images'] + r['finetune_images']) / 1e3:.0f}",
                     f"{r['scoring_seconds']:.1f}"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -186,6 +196,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
               + (f"; latency is the median CPU time of the materialized network, in brackets its ratio to the unpruned "
                  f"network's {unpruned_text}, measured in the same run "
                  "(the MACs fraction is the ideal)" if set(batches) <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
+              "Evals: evaluations spent (in brackets the full ones, when screenings ran: multi-fidelity search); "
+              "evals/min: evaluations per minute of search time. "
               "Hypervolume: area dominated by the search's evaluated points in the (cost fraction, validation accuracy) "
               "plane, reference (1, 0); mean over seeds. Training: wall time a strategy spent training networks (DMCP's "
               "supernet, the training-time methods), part of its search time; images trained: the images the strategy "

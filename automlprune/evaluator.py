@@ -141,6 +141,16 @@ class Evaluator:
         self.scoring_seconds = time.perf_counter() - start
         """Wall time of the importance scores (and reconstruction statistics): once per evaluator."""
         self._cache: dict[str, EvalResult] = {}
+        self._scores = {s.criterion: self.scores}
+
+    def scores_under(self, criterion: str) -> dict[str, torch.Tensor]:
+        """Channel scores of every group under ``criterion`` (computed once, on the BN batches,
+        with this evaluator's combine rule and seed): what a one-shot allocator with its own
+        criterion allocates by when a search starts from its answer."""
+        if criterion not in self._scores:
+            s = self.settings
+            self._scores[criterion] = channel_scores(self.model, self.space, criterion, self.bn_batches, s.criterion_combine, self.seed)
+        return self._scores[criterion]
 
     def prime(self, results: list[EvalResult]) -> None:
         """Put already-measured results (e.g. from a run store) in the cache."""

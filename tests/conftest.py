@@ -115,7 +115,8 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     store = RunStore(tmp_path / run_name)
     b = parse_budget(budget)
     study = store.study(RunStore.study_name(strategy, b.label, seed), {"strategy": strategy, "budget": b.label, "seed": seed})
-    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, data=data)
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, data=data,
+                            scores_under=evaluator.scores_under)
     instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals, **(options or {}))
     outcome = run_strategy(instance, evaluator, store, study, max_evals=max_evals)
     return outcome, store, study, evaluator

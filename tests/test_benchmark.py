@@ -31,3 +31,24 @@ def test_criteria_benchmark_writes_a_table(tmp_path, capsys, digits_checkpoint):
     assert [r["criterion"] for r in report["rows"]] == ["l1", "random", "taylor"]
     assert all(r["macs_fraction"] <= 0.5 and 0 <= r["test_accuracy_finetuned"] <= 1 for r in report["rows"])
     assert "| taylor |" in (tmp_path / "out" / "criteria.md").read_text()
+
+
+def test_signals_benchmark_ranks_signals_against_fine_tuned_accuracy_and_resumes(tmp_path, capsys, digits_checkpoint):
+    out = tmp_path / "out"
+    args = ["benchmark", "--suite", "signals", "--env", "digits-cnn", "--signals", "l1,prunenet+ls", "--candidates", "2",
+            "--finetune-steps", "2", "--set", f"checkpoint={digits_checkpoint}", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    report = json.loads((out / "signals.json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 2 * (3 + 2) * 2  # 2 budgets x (3 allocators + 2 random) x 2 settings
+    assert {r["allocation"] for r in rows} == {"uniform", "global", "prunenet", "random-0", "random-1"}
+    assert all(r["macs_fraction"] <= r["target"] + 1e-9 and 0 <= r["finetuned_val"] <= 1 for r in rows)
+    pick = {(r["target"], r["allocation"]): r["candidate"] for r in rows if r["setting"] == "l1"}
+    assert pick == {(r["target"], r["allocation"]): r["candidate"] for r in rows if r["setting"] == "prunenet+ls"}  # same networks
+    text = (out / "signals.md").read_text()
+    assert "| 50% | prunenet+ls | 5 |" in text and "Spearman" in text
+    capsys.readouterr()
+    assert main(args) == 0  # everything measured: served from signals.json
+    assert "signals 50%" not in capsys.readouterr().out
+    assert main(["benchmark", "--suite", "signals", "--finetune-steps", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -153,18 +153,31 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / "runs" / f"benchmark-{args.suite}")  # never over the committed reports
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise ConfigError("--finetune-steps cannot be negative")
     if args.suite == "criteria":
         from automlprune.benchmarks.criteria import run_criteria_benchmark
 
-        if args.finetune_steps < 0:
-            raise ConfigError("--finetune-steps cannot be negative")
         names = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria else None
-        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), finetune_steps=args.finetune_steps,
+        steps = 50 if args.finetune_steps is None else args.finetune_steps
+        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), finetune_steps=steps,
                                         criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
         return 0
     if args.candidates is not None and args.candidates < 1:
         raise ConfigError("--candidates must be at least 1")
+    if args.suite == "signals":
+        from automlprune.benchmarks.signals import run_signals_benchmark
+
+        names = [c.strip() for c in args.signals.split(",") if c.strip()] if args.signals else None
+        steps = 300 if args.finetune_steps is None else args.finetune_steps
+        if steps < 1:
+            raise ConfigError("the signals suite fine-tunes every network: give --finetune-steps of at least 1")
+        report = run_signals_benchmark(args.env, out, resolve_device(args.device), random=args.candidates or 8,
+                                       finetune_steps=steps, settings=names,
+                                       overrides=args.overrides, progress=not args.json)
+        _emit(args, report, f"wrote {out / 'signals.md'}")
+        return 0
     if args.suite == "models":
         from automlprune.benchmarks.models import CANDIDATES, FAMILIES, run_models_benchmark
 

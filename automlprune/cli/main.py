@@ -101,16 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
                                          "the importance criteria, or the coverage of torchvision CNN families")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria", "models"], default="engine", help="which benchmark (default %(default)s)")
+    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals"], default="engine", help="which benchmark (default %(default)s)")
     p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
-    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria suite (default %(default)s)")
-    p.add_argument("--finetune-steps", type=int, default=50, help="criteria suite: SGD steps of the identical fine-tune")
+    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria and signals suites (default %(default)s)")
+    p.add_argument("--signals", help="signals suite: comma-separated evaluation settings (default: all)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="criteria and signals suites: SGD steps of the identical fine-tune (default 50 and 300)")
     p.add_argument("--criteria", help="criteria suite: comma-separated criteria (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="criteria suite: override a task setting, e.g. --set evaluation.bn_batches=40")
+                   help="criteria and signals suites: override a task setting, e.g. --set evaluation.bn_batches=40")
     p.add_argument("--out", help="report folder (default: results/runs/benchmark-<suite>)")
     p.add_argument("--candidates", type=int, default=None,
-                   help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3)")
+                   help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3; "
+                        "signals suite: random allocations per budget beside the allocators', default 8)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     return parser
 

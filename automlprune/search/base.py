@@ -46,8 +46,10 @@ class SearchContext:
     search (for Optuna-backed strategies), the channel scores of the evaluator's importance
     criterion (the ones materialization keeps channels by), the trained model (to read weights),
     the run's artifacts (where a strategy saves what it learned, such as RL agents and
-    allocation profiles: :class:`~automlprune.search.store.Artifacts`), and the task's data and
-    device for strategies that train (DMCP). Accuracy comes only through ask/tell."""
+    allocation profiles: :class:`~automlprune.search.store.Artifacts`), the task's data and
+    device for strategies that train (DMCP), and ``scores_under`` (criterion -> channel scores,
+    :meth:`Evaluator.scores_under`) for the one-shot allocators a search starts from. Accuracy
+    comes only through ask/tell."""
 
     space: SearchSpace
     cost_model: CostModel
@@ -57,6 +59,7 @@ class SearchContext:
     artifacts: Artifacts | None = None
     data: Any = None
     device: Any = "cpu"
+    scores_under: Callable[[str], dict] | None = None
 
 
 class Strategy:

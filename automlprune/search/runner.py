@@ -101,7 +101,7 @@ class SearchSession:
         evaluator = self.evaluator_for(strategy)
         study.set_user_attr("scoring_seconds", evaluator.scoring_seconds)  # shared by every search of this evaluator
         context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.artifacts,
-                                self.task.data, self.device)
+                                self.task.data, self.device, evaluator.scores_under)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}
         instance = cls(context, budget, seed=seed, max_evals=max_evals, **options)
         reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)

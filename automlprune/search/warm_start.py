@@ -34,18 +34,30 @@ def parse_warm_start(value: str) -> list[str]:
     return names
 
 
-def warm_start_candidates(strategy: Any, names: list[str]) -> list[Candidate]:
-    """The candidates the one-shot strategies ``names`` propose for ``strategy``'s budget, in
-    order, without repeats (their evaluation settings do not apply: the search evaluates them)."""
+def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> list[tuple[str, Candidate]]:
+    """(name, canonical candidate) of each one-shot strategy in ``names`` for ``budget``. Each
+    allocates by its own criterion's channel scores (prunenet by its reconstruction loss, through
+    ``context.scores_under``; the context's scores when it has none), so the allocation is the
+    one that strategy answers; whoever evaluates it does so with their own settings."""
     from automlprune.search import STRATEGIES
 
-    out: list[Candidate] = []
-    context = replace(strategy.context, study=None, artifacts=None)  # the allocators leave nothing in the search's run
+    out = []
+    context = replace(context, study=None, artifacts=None)  # the allocators leave nothing in the caller's run
     for name in names:
-        allocator = STRATEGIES.get(name)(context, strategy.budget, seed=strategy.seed, max_evals=1)
-        asked = allocator.ask()
+        cls = STRATEGIES.get(name)
+        criterion = cls.evaluation.get("criterion")
+        scores = context.scores_under(criterion) if criterion and context.scores_under else context.channel_scores
+        asked = cls(replace(context, channel_scores=scores), budget, seed=seed, max_evals=1).ask()
         if asked is not None:
-            candidate = strategy.space.canonical(as_proposal(asked).candidate)
-            if candidate.key not in {c.key for c in out}:
-                out.append(candidate)
+            out.append((name, context.space.canonical(as_proposal(asked).candidate)))
+    return out
+
+
+def warm_start_candidates(strategy: Any, names: list[str]) -> list[Candidate]:
+    """The candidates the one-shot strategies ``names`` answer for ``strategy``'s budget
+    (:func:`one_shot_answers`), in order, without repeats."""
+    out: list[Candidate] = []
+    for _, candidate in one_shot_answers(strategy.context, strategy.budget, strategy.seed, names):
+        if candidate.key not in {c.key for c in out}:
+            out.append(candidate)
     return out

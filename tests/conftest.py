@@ -122,9 +122,10 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     return outcome, store, study, evaluator
 
 
-def search_with(run_dir, cls, model, space, data, budget, **options):
+def search_with(run_dir, cls, model, space, data, budget, max_evals=None, **options):
     """One search of the strategy class ``cls`` (options as given) with a fresh evaluator and
-    store in ``run_dir``: (strategy, outcome, evaluator, store)."""
+    store in ``run_dir``, ``max_evals`` evaluations (3 unless given; given, the strategy is told
+    too): (strategy, outcome, evaluator, store)."""
     from automlprune.evaluator import Evaluator
     from automlprune.search.base import SearchContext, run_strategy
     from automlprune.search.budget import parse_budget
@@ -134,9 +135,10 @@ def search_with(run_dir, cls, model, space, data, budget, **options):
     evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
     store = RunStore(run_dir)
     study = store.study(f"{cls.name}|{budget}|seed0", {"strategy": cls.name, "budget": budget, "seed": 0})
-    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data)
-    strategy = cls(context, parse_budget(budget), **options)
-    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=3), evaluator, store
+    context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data,
+                            scores_under=evaluator.scores_under)
+    strategy = cls(context, parse_budget(budget), **({"max_evals": max_evals} if max_evals else {}), **options)
+    return strategy, run_strategy(strategy, evaluator, store, study, max_evals=max_evals or 3), evaluator, store
 
 
 def crash_once(monkeypatch, cls, method: str, at_step: int) -> None:

@@ -156,3 +156,39 @@ def test_bad_agent_options_exit_2(extra, message, checkpoint, tmp_path, capsys):
     code = main(["search", "digits-cnn", "--run-dir", str(tmp_path / "r"), "--evals", "3", "--set", f"checkpoint={checkpoint}", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("action_type", ["continuous", "discrete"])
+def test_a_demonstrated_episode_reproduces_its_candidate(action_type, digits_evaluator, digits_space):
+    env = LayerWidthEnv(digits_evaluator, "macs=0.5", action_type=action_type)
+    grid = digits_space.config.ratios
+    wanted = automlprune.Candidate.make({g: grid[(i * 3) % len(grid)] for i, g in enumerate(env.groups)})
+    env.demonstrate([wanted])
+    _, _, info = _episode(env, lambda e: e.demonstration_action())
+    bound = parse_budget("macs=0.5").bind(digits_evaluator.cost_model.base)
+    got = automlprune.Candidate.from_dict(info["candidate"]).ratio_map
+    if bound.met_by(digits_evaluator.cost_model(wanted)):  # a feasible demonstration is replayed exactly
+        assert got == pytest.approx({g: wanted.ratio_map.get(g, 1.0) for g in env.groups}, abs=1e-6)
+    env.reset()
+    assert env.demonstration is None and env.demonstration_action() is None  # one episode per queued candidate
+
+
+@pytest.mark.parametrize("strategy", ["ddpg", "ppo"])
+def test_rl_searches_start_from_the_allocators_answers(strategy, tmp_path, trained_digits_model, digits_space, digits):
+    from conftest import search_with
+    from automlprune.search import STRATEGIES
+    from automlprune.search.warm_start import warm_start_candidates
+
+    agent, outcome, _, store = search_with(tmp_path, STRATEGIES.get(strategy), trained_digits_model, digits_space, digits,
+                                           "macs=0.5", max_evals=5, warm_start="uniform,prunenet", warmup=1)
+    starts = warm_start_candidates(agent, ["uniform", "prunenet"])
+    study = store.study(store.study_names()[-1])
+    trials = [t for t in study.trials if t.user_attrs.get("evaluated")]
+    assert len(trials) == 5 and len(starts) == 2
+    assert [t.user_attrs["candidate"] for t in trials[:2]] == [c.to_dict() for c in starts]  # first, counted in the budget
+    assert all("repaired" not in t.user_attrs for t in trials[:2])  # evaluated as the allocators answered
+    assert all("repaired" in t.user_attrs for t in trials[2:])  # the agent's own episodes are moved to the budget
+    if strategy == "ddpg":  # replayed: the agent's replay buffer holds the first answer's actions as its first episode
+        env, buffer = agent.env, agent.agent.replay_buffer
+        ratios = [env.min_ratio + (float(a) + 1) / 2 * (1 - env.min_ratio) for a in buffer.actions[:len(env.groups), 0, 0]]
+        assert ratios == pytest.approx([starts[0].ratio_map.get(g, 1.0) for g in env.groups], abs=1e-5)

@@ -9,6 +9,17 @@ interrupted run resumes by replaying against the stored results.
 
 Episode budget = the run's evaluation budget (episodes whose candidate was already
 evaluated are served from the cache and do not count).
+
+Warm starts (:mod:`automlprune.search.warm_start`, option ``warm_start``, on by default): the
+off-policy agents (DDPG, TD3, SAC) replay the one-shot allocators' answers as their first
+warm-up episodes: the environment gives, step by step, the action that reproduces the answer
+(:meth:`LayerWidthEnv.demonstration_action`) and the agent takes it in place of a random one,
+so the answers' episodes and rewards enter its replay buffer like its own. PPO learns on its own
+policy's actions only, so for PPO the answers are evaluated first, outside the agent (counted in
+the budget, part of the answer, not learned from). Every other episode's candidate is moved to
+the budget by the search loop before it is evaluated (:mod:`automlprune.search.repair`, option
+``repair``): the environment's clipping keeps it within the budget, the repair makes it use it;
+the agent's reward is the repaired network's accuracy.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ import numpy as np
 from automlprune.errors import ConfigError
 from automlprune.evaluator import EvalResult
 from automlprune.rl.env import LayerWidthEnv
+from automlprune.proposal import Proposal
 from automlprune.search.base import Strategy
+from automlprune.search.warm_start import warm_start_candidates
 from automlprune.space import Candidate
 
 
@@ -61,6 +74,40 @@ def _separate_actor_rate(algorithm_class: type, actor_learning_rate: float) -> t
     return SeparateActorRate
 
 
+def _replaying(algorithm_class: type, env: LayerWidthEnv) -> type:
+    """An SB3 off-policy class that takes the environment's demonstration action while it
+    replays a candidate (:meth:`LayerWidthEnv.demonstration_action`), its own otherwise; the
+    replayed action is what its replay buffer stores."""
+
+    class Replaying(algorithm_class):  # type: ignore[misc, valid-type]
+        def _sample_action(self, learning_starts: int, action_noise: Any = None, n_envs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+            demonstrated = env.demonstration_action()
+            if demonstrated is None:
+                return super()._sample_action(learning_starts, action_noise, n_envs)
+            action = np.repeat(demonstrated.reshape(1, -1), n_envs, axis=0)
+            return action, action
+
+    Replaying.__name__ = algorithm_class.__name__
+    return Replaying
+
+
+def _reward_every_step(algorithm_class: type, steps: int) -> type:
+    """An SB3 off-policy class that, when an episode ends, gives each of its ``steps`` stored
+    transitions the episode's final reward (AMC's assignment: ``agent.observe(final_reward, ...)``
+    for every step of the episode in the official amc_search.py), instead of 0 before the last step."""
+
+    class EveryStep(algorithm_class):  # type: ignore[misc, valid-type]
+        def _store_transition(self, replay_buffer: Any, buffer_action: np.ndarray, new_obs: Any, reward: np.ndarray,
+                              dones: np.ndarray, infos: list) -> None:
+            super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
+            if dones[0]:
+                for back in range(1, steps + 1):
+                    replay_buffer.rewards[(replay_buffer.pos - back) % replay_buffer.buffer_size, 0] = reward[0]
+
+    EveryStep.__name__ = algorithm_class.__name__
+    return EveryStep
+
+
 class _Stop(Exception):
     """Raised inside the agent's thread to end its training when the search ends."""
 
@@ -74,7 +121,9 @@ class RLStrategy(Strategy):
     actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size; gamma
     (1.0, as AMC); tau; net_arch (hidden sizes, default [300, 400] as AMC); noise_sigma,
     noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others
-    off); episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip (one a previous search
+    off); reward_assignment: last (the reward on the episode's last step only, the default) or
+    every_step (AMC: every transition of the episode gets the final reward; off-policy agents);
+    episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip (one a previous search
     saved) whose network and optimizer weights the agent starts from; only its tensors are read
     (``torch.load(weights_only=True)``), never its pickled data, so the agent's settings are these options.
     The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
@@ -84,8 +133,9 @@ class RLStrategy(Strategy):
     default_action_type: ClassVar[str] = "continuous"
     default_mode: ClassVar[str] = "channels"
     option_names = ("mode", "action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
-                    "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent")
-    option_types = {**dict.fromkeys(("mode", "action_type", "reward", "init_agent"), str),
+                    "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent",
+                    "reward_assignment")
+    option_types = {**dict.fromkeys(("mode", "action_type", "reward", "init_agent", "reward_assignment"), str),
                     **dict.fromkeys(("warmup", "batch_size", "episodes_per_update", "n_epochs"), int),
                     **dict.fromkeys(("learning_rate", "actor_learning_rate", "gamma", "tau", "noise_sigma", "noise_decay"), float),
                     "reward_baseline": float | None}
@@ -93,7 +143,10 @@ class RLStrategy(Strategy):
                      "warmup": (lambda v: v >= 0, "cannot be negative"),
                      **dict.fromkeys(("learning_rate", "actor_learning_rate", "noise_decay"), (lambda v: v > 0, "must be positive")),
                      **dict.fromkeys(("gamma", "tau"), (lambda v: 0 <= v <= 1, "must be in [0, 1]")),
-                     "noise_sigma": (lambda v: v >= 0, "cannot be negative")}
+                     "noise_sigma": (lambda v: v >= 0, "cannot be negative"),
+                     "reward_assignment": (lambda v: v in ("last", "every_step"), "must be last or every_step")}
+
+    repairs = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,6 +156,12 @@ class RLStrategy(Strategy):
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
                                  mode=o.get("mode", self.default_mode), space=self.space, cost_model=self.cost_model)
         self.steps_per_episode = len(self.env.decisions)
+        starts = warm_start_candidates(self, self.warm_start) if self.env.groups else []  # bits mode keeps channels whole
+        self._first: list[Candidate] = starts if self.algorithm == "ppo" else []
+        """Warm starts the loop evaluates before the agent runs (PPO: not replayed)."""
+        self._served_first = False
+        if self.algorithm != "ppo":
+            self.env.demonstrate(starts)
         self.agent = self._build_agent()
         self._to_loop: queue.Queue = queue.Queue()
         self._to_agent: queue.Queue = queue.Queue()
@@ -122,6 +181,10 @@ class RLStrategy(Strategy):
         actor_rate = o.get("actor_learning_rate", 1e-4 if self.algorithm in ("ddpg", "td3") else None)  # AMC: 1e-4
         if actor_rate is not None and self.algorithm != "ppo":
             algorithm_class = _separate_actor_rate(algorithm_class, float(actor_rate))
+        if self.algorithm != "ppo":
+            algorithm_class = _replaying(algorithm_class, self.env)
+            if o.get("reward_assignment", "last") == "every_step":
+                algorithm_class = _reward_every_step(algorithm_class, self.steps_per_episode)
         agent = self._new_agent(algorithm_class, common, arch, warmup)
         if "init_agent" in o:
             _load_weights(agent, Path(o["init_agent"]))
@@ -166,18 +229,24 @@ class RLStrategy(Strategy):
         return result
 
     # ---- ask / tell --------------------------------------------------------------------------------
-    def ask(self) -> Candidate | None:
+    def ask(self) -> Candidate | Proposal | None:
+        self._served_first = bool(self._first)
+        if self._first:
+            return Proposal(self._first.pop(0), as_proposed=True)
         if self._thread is None:
             self._thread = threading.Thread(target=self._train, name=f"automlprune-{self.name}", daemon=True)
             self._thread.start()
         candidate = self._to_loop.get()
         if candidate is None and self._error is not None:
             raise self._error
+        if candidate is not None and self.env.demonstration is not None:  # a replayed answer: evaluated as it is
+            return Proposal(candidate, as_proposed=True)
         return candidate
 
-    def tell(self, candidate: Candidate, result: EvalResult) -> None:
+    def tell(self, candidate: Candidate | Proposal, result: EvalResult) -> None:
         super().tell(candidate, result)
-        self._to_agent.put(result)
+        if not self._served_first:  # the agent asked for it
+            self._to_agent.put(result)
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -111,6 +111,33 @@ class LayerWidthEnv(gym.Env):
         self._bits: dict[str, int] = {}
         self._t = 0
         self._prev = 1.0
+        self._demonstrations: list[Candidate] = []
+        self.demonstration: Candidate | None = None
+        """The candidate the current episode replays (:meth:`demonstrate`), or None."""
+
+    def demonstrate(self, candidates: list[Candidate]) -> None:
+        """Queue candidates for the next episodes to replay: in each, :meth:`demonstration_action`
+        gives the action that takes the candidate's keep ratio (or bits) at every step, so an agent
+        that takes it (the RL strategies' warm-up) stores the candidate's episode as its own."""
+        self._demonstrations.extend(candidates)
+
+    def demonstration_action(self) -> np.ndarray | None:
+        """The action reproducing the replayed candidate's decision at the current step (continuous:
+        in [-1, 1]; discrete: the grid index at or below its ratio), or None when no episode is replayed."""
+        if self.demonstration is None or self._t >= len(self.decisions):
+            return None
+        kind, name = self.decisions[self._t]
+        if kind == "ratio":
+            ratio = self.demonstration.ratio_map.get(name, 1.0)
+            if self.action_type == "continuous":
+                return np.array([2.0 * (ratio - self.min_ratio) / (1.0 - self.min_ratio) - 1.0], dtype=np.float32).clip(-1, 1)
+            index, n = max([i for i, r in enumerate(self.grid) if r <= ratio + 1e-9], default=0), len(self.grid)
+        else:
+            index, n = self.bit_choices.index(self.demonstration.bit_map.get(name, self.bit_choices[-1])), len(self.bit_choices)
+        if self.action_type == "continuous":
+            return np.array([2.0 * index / max(1, n - 1) - 1.0], dtype=np.float32)
+        size = int(self.action_space.n)
+        return np.array(int(round(index * (size - 1) / max(1, n - 1))) if size != n else index)
 
     def _check_reachable(self) -> None:
         """In ``bits`` mode channels stay whole: refuse budgets that even the fewest bits cannot meet."""
@@ -197,6 +224,7 @@ class LayerWidthEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._ratios, self._bits, self._t, self._prev = {}, {}, 0, 1.0
+        self.demonstration = self._demonstrations.pop(0) if self._demonstrations else None
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:

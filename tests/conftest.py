@@ -31,15 +31,9 @@ ZOO_IDS = [case.id if hasattr(case, "id") else case[0] for case in ZOO_CASES]
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BN non-trivial statistics and affine parameters, so masking tests are real."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model.eval()
+    from automlprune.nn.randomize import randomize_norms
+
+    return randomize_norms(model, seed, spread=1.0)
 
 
 @pytest.fixture(scope="session")

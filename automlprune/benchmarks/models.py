@@ -50,25 +50,6 @@ CANDIDATES = 3
 """Random candidates checked per family, besides the narrowest."""
 
 
-def _randomize_norms(model: nn.Module, seed: int) -> None:
-    """Random batch-norm statistics and affines, and parameters outside layers (ConvNeXt's layer
-    scales start at 1e-6) near 1, so no block is an identity and a wrong coupling shows."""
-    from automlprune.space.graph import fixed_parameters
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in fixed_parameters(model):
-            p = model.get_parameter(name)
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-
-
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
@@ -85,12 +66,13 @@ def measure_family(name: str, size: int = INPUT_SIZE, candidates: int = CANDIDAT
     from automlprune.models import build_model
     from automlprune.nn import layer_types
     from automlprune.self_check import check_space
+    from automlprune.nn.randomize import randomize_norms
     from automlprune.space import SearchSpace
     from automlprune.space.search_space import AutoPinned
 
     torch.manual_seed(seed)
     model = build_model(f"torchvision:{name}", 10, 3).eval()
-    _randomize_norms(model, seed)
+    randomize_norms(model, seed)
     x = torch.randn(7, 3, size, size, generator=torch.Generator().manual_seed(seed))
     row: dict[str, Any] = {"model": name, "family": FAMILIES.get(name, name), "input": [3, size, size],
                            "params": sum(p.numel() for p in model.parameters())}

@@ -77,10 +77,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     amounts = ", ".join(f"{_si(cost.base[m.name])} {m.unit}" for m in all_metrics() if m.name in cost.base)
     lines = [f"{task.spec.name}: {task.spec.model} on {task.spec.dataset}, {amounts}; {len(space.groups)} channel groups "
              f"({len(space.prunable)} prunable)"]
+    width = max((len(g["name"]) for g in info["groups"]), default=0)
     for g in info["groups"]:
         flag = f" (pinned: {g['unprunable']})" if "unprunable" in g else " (pinned)" if g["pinned"] else ""
         unit = f" in units of {g['unit']}" if g["unit"] > 1 else ""
-        lines.append(f"  {g['name']:<32} {g['channels']:>5} ch{unit}  {len(g['layers']):>3} layers{flag}")
+        lines.append(f"  {g['name']:<{width}} {g['channels']:>5} ch{unit}  {len(g['layers']):>3} layers{flag}")
     _emit(args, info, "\n".join(lines))
     return 0
 

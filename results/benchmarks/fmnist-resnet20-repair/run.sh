@@ -15,3 +15,7 @@ run() {  # run-dir strategies options...
 run plain optuna-tpe,random --option repair=false --option warm_start=none
 run repair optuna-tpe,random --option warm_start=none
 run repair-warm prunenet,optuna-tpe,random
+# Better signals: the same searches (repair + warm starts) evaluating every candidate with the
+# least-squares reconstruction, with the l1 criterion and with prunenet's.
+run signal-l1-ls optuna-tpe,random --set evaluation.reconstruction=least_squares
+run signal-prunenet-ls optuna-tpe,random --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet

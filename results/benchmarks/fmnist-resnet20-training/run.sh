@@ -8,6 +8,6 @@ cd "$(dirname "$0")/../../.."
 DIR=results/benchmarks/fmnist-resnet20-training
 [ -f $DIR/baseline.pt ] || automlprune train fmnist-resnet20 --set checkpoint=$DIR/baseline.pt
 automlprune compare fmnist-resnet20 \
-  --strategies uniform,tp-global,prunenet,resrep,greg1,greg2,gate-decorator,dmcp \
+  --strategies uniform,tp-global,prunenet,resrep,greg1,greg2,gate-decorator \
   --budgets macs=0.5,0.2 --seeds 2 --train-budget 4 \
   --run-dir $DIR --set checkpoint=$DIR/baseline.pt "$@"

@@ -192,3 +192,19 @@ def test_rl_searches_start_from_the_allocators_answers(strategy, tmp_path, train
         env, buffer = agent.env, agent.agent.replay_buffer
         ratios = [env.min_ratio + (float(a) + 1) / 2 * (1 - env.min_ratio) for a in buffer.actions[:len(env.groups), 0, 0]]
         assert ratios == pytest.approx([starts[0].ratio_map.get(g, 1.0) for g in env.groups], abs=1e-5)
+
+
+@pytest.mark.parametrize("assignment", ["last", "every_step"])
+def test_reward_assignment(assignment, tmp_path, trained_digits_model, digits_space, digits):
+    from conftest import search_with
+    from automlprune.search import STRATEGIES
+
+    agent, *_ = search_with(tmp_path, STRATEGIES.get("ddpg"), trained_digits_model, digits_space, digits, "macs=0.5",
+                            max_evals=2, warm_start="none", warmup=1, reward_assignment=assignment, reward_baseline=None)
+    steps = len(agent.env.decisions)
+    rewards = agent.agent.replay_buffer.rewards[:steps, 0]
+    assert rewards[-1] != 0
+    if assignment == "every_step":  # AMC: every transition of the episode carries its final reward
+        assert np.all(rewards == rewards[-1])
+    else:
+        assert np.all(rewards[:-1] == 0)

@@ -19,3 +19,5 @@ run repair-warm prunenet,optuna-tpe,random
 # least-squares reconstruction, with the l1 criterion and with prunenet's.
 run signal-l1-ls optuna-tpe,random --set evaluation.reconstruction=least_squares
 run signal-prunenet-ls optuna-tpe,random --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet
+# The same on a 1/32 ratio grid: the samplers can refine an allocator's (off-grid) answer.
+run signal-prunenet-ls-fine optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet

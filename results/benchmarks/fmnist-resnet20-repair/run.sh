@@ -21,3 +21,14 @@ run signal-l1-ls optuna-tpe,random --set evaluation.reconstruction=least_squares
 run signal-prunenet-ls optuna-tpe,random --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet
 # The same on a 1/32 ratio grid: the samplers can refine an allocator's (off-grid) answer.
 run signal-prunenet-ls-fine optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet
+# RL at 50% MACs over 3 seeds (issue 22's DDPG spread): AMC as before (no warm start, no repair),
+# with warm starts and repair (the defaults), and with AMC's per-step reward assignment too.
+rl() {  # run-dir options...
+  local dir=$1; shift
+  automlprune compare fmnist-resnet20 --strategies ddpg,ppo --budgets macs=0.5 --seeds 3 --evals 40 --finetune-epochs 0 \
+    --run-dir "$DIR/$dir" --set checkpoint=$BASE --space fine --set evaluation.reconstruction=least_squares \
+    --set evaluation.criterion=prunenet "$@"
+}
+rl rl-plain --option warm_start=none --option repair=false
+rl rl-default
+rl rl-every-step --option reward_assignment=every_step

@@ -151,6 +151,8 @@ class RLStrategy(Strategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o = self.options
+        if self.algorithm == "ppo" and o.get("reward_assignment", "last") != "last":
+            raise ConfigError("reward_assignment=every_step rewrites an off-policy replay buffer; use it with ddpg, td3 or sac")
         self.env = LayerWidthEnv(None, self.budget, action_type=o.get("action_type", self.default_action_type),
                                  reward=o.get("reward", "accuracy"), reward_source=self._request,
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),

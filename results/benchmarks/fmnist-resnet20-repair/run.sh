@@ -23,12 +23,12 @@ run signal-prunenet-ls optuna-tpe,random --set evaluation.reconstruction=least_s
 run signal-prunenet-ls-fine optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet
 # RL at 50% MACs over 3 seeds (issue 22's DDPG spread): AMC as before (no warm start, no repair),
 # with warm starts and repair (the defaults), and with AMC's per-step reward assignment too.
-rl() {  # run-dir options...
-  local dir=$1; shift
-  automlprune compare fmnist-resnet20 --strategies ddpg,ppo --budgets macs=0.5 --seeds 3 --evals 40 --finetune-epochs 0 \
+rl() {  # run-dir strategies options...
+  local dir=$1 strategies=$2; shift 2
+  automlprune compare fmnist-resnet20 --strategies "$strategies" --budgets macs=0.5 --seeds 3 --evals 40 --finetune-epochs 0 \
     --run-dir "$DIR/$dir" --set checkpoint=$BASE --space fine --set evaluation.reconstruction=least_squares \
     --set evaluation.criterion=prunenet "$@"
 }
-rl rl-plain --option warm_start=none --option repair=false
-rl rl-default
-rl rl-every-step --option reward_assignment=every_step
+rl rl-plain ddpg,ppo --option warm_start=none --option repair=false
+rl rl-default ddpg,ppo
+rl rl-every-step ddpg --option reward_assignment=every_step

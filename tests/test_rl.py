@@ -151,6 +151,8 @@ def _crafted_agent(agent, tmp_path):
     (["--strategy", "ddpg", "--option", "reward=speed"], "unknown reward 'speed'"),
     (["--strategy", "ddpg", "--option", "action_type=discrete"], "needs continuous actions"),
     (["--strategy", "ddpg", "--option", "gamma_max=1"], "does not take the options"),
+    (["--strategy", "ppo", "--option", "reward_assignment=every_step"], "use it with ddpg, td3 or sac"),
+    (["--strategy", "ddpg", "--option", "reward_assignment=first"], "must be last or every_step"),
 ])
 def test_bad_agent_options_exit_2(extra, message, checkpoint, tmp_path, capsys):
     code = main(["search", "digits-cnn", "--run-dir", str(tmp_path / "r"), "--evals", "3", "--set", f"checkpoint={checkpoint}", *extra])
@@ -162,13 +164,12 @@ def test_bad_agent_options_exit_2(extra, message, checkpoint, tmp_path, capsys):
 def test_a_demonstrated_episode_reproduces_its_candidate(action_type, digits_evaluator, digits_space):
     env = LayerWidthEnv(digits_evaluator, "macs=0.5", action_type=action_type)
     grid = digits_space.config.ratios
-    wanted = automlprune.Candidate.make({g: grid[(i * 3) % len(grid)] for i, g in enumerate(env.groups)})
+    wanted = automlprune.Candidate.make({g: grid[(i * 3) % 4] for i, g in enumerate(env.groups)})  # varied, at most 1/2
+    assert parse_budget("macs=0.5").bind(digits_evaluator.cost_model.base).met_by(digits_evaluator.cost_model(wanted))
     env.demonstrate([wanted])
     _, _, info = _episode(env, lambda e: e.demonstration_action())
-    bound = parse_budget("macs=0.5").bind(digits_evaluator.cost_model.base)
-    got = automlprune.Candidate.from_dict(info["candidate"]).ratio_map
-    if bound.met_by(digits_evaluator.cost_model(wanted)):  # a feasible demonstration is replayed exactly
-        assert got == pytest.approx({g: wanted.ratio_map.get(g, 1.0) for g in env.groups}, abs=1e-6)
+    got = automlprune.Candidate.from_dict(info["candidate"]).ratio_map  # a feasible demonstration is replayed exactly
+    assert got == pytest.approx({g: wanted.ratio_map.get(g, 1.0) for g in env.groups}, abs=1e-6)
     env.reset()
     assert env.demonstration is None and env.demonstration_action() is None  # one episode per queued candidate
 

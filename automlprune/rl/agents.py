@@ -151,8 +151,6 @@ class RLStrategy(Strategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o = self.options
-        if self.algorithm == "ppo" and o.get("reward_assignment", "last") != "last":
-            raise ConfigError("reward_assignment=every_step rewrites an off-policy replay buffer; use it with ddpg, td3 or sac")
         self.env = LayerWidthEnv(None, self.budget, action_type=o.get("action_type", self.default_action_type),
                                  reward=o.get("reward", "accuracy"), reward_source=self._request,
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
@@ -170,6 +168,13 @@ class RLStrategy(Strategy):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.spent = {"episodes": 0, "agent_steps": 0}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        if cls.algorithm == "ppo" and options.get("reward_assignment", "last") != "last":
+            raise ConfigError(f"strategy '{cls.name}' option reward_assignment=every_step rewrites an off-policy replay "
+                              "buffer; use it with ddpg, td3 or sac")
 
     # ---- the agent -------------------------------------------------------------------------------
     def _build_agent(self) -> Any:

@@ -26,7 +26,7 @@ def resnet20_space():
 
 
 @pytest.mark.parametrize("label", ["macs=0.7", "macs=0.3", "params=0.5"])
-def test_repair_brings_every_proposal_within_one_grid_step_below_the_budget_keeping_its_shape(resnet20_space, label):
+def test_repair_brings_every_proposal_just_below_the_budget_keeping_its_shape(resnet20_space, label):
     space, cost = resnet20_space
     budget = parse_budget(label).bind(cost.base)
     step = space.config.ratios[1] - space.config.ratios[0]
@@ -99,7 +99,8 @@ def test_a_warm_start_naming_something_else_than_an_allocator_is_refused():
 def _context(evaluator, study, model, data):
     from automlprune.search.base import SearchContext
 
-    return SearchContext(evaluator.space, evaluator.cost_model, study, evaluator.scores, model, data=data)
+    return SearchContext(evaluator.space, evaluator.cost_model, study, evaluator.scores, model, data=data,
+                         scores_under=evaluator.scores_under)
 
 
 def test_optuna_evaluates_the_allocators_exact_answers_first(tmp_path, trained_digits_model, digits_space, digits):

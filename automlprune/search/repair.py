@@ -4,10 +4,13 @@ A sampler that knows nothing of costs (random search, Optuna's samplers) propose
 under the budget as often as over it; evaluating them gives away accuracy the budget allowed
 (under a 70% MACs budget, TPE's answer used 53%). :func:`repair_to_budget` moves a proposal to
 the budget along its own shape before it is evaluated: every keep ratio is scaled by one common
-factor ``s`` (so the proposal's relative allocation is kept), each snapped down to the space's
-ratio grid, with ``s`` the largest factor that meets the budget (bisection: the cost grows with
-``s``); then groups whose scaled ratio lost the most to the snapping are raised one grid step
-while the budget still holds, so the result is within one grid step of the budget. A proposal
+factor ``s`` (so the proposal's relative allocation is kept), each rounded to the widths the
+space can build (whole channels in its rounding step: ``round_to``, a grouped convolution's
+unit; :meth:`SearchSpace.channels_for`), with ``s`` the largest factor that meets the budget
+(bisection: the cost grows with ``s``); then groups whose scaled width lost the most to the
+rounding are widened by one rounding step while the budget still holds, so the result is within
+one rounding step of the budget (finer than the ratio grid, which is the samplers' resolution,
+not the network's). A proposal
 over the budget is shrunk the same way; one that meets the budget at least as closely as its
 repair would (an allocator's exact answer between grid points) is kept. Bit widths are left as
 proposed.
@@ -30,18 +33,19 @@ BISECTION_STEPS = 40
 
 def repair_to_budget(candidate: Candidate, space: SearchSpace, cost_model: CostModel, budget: BoundBudget) -> Candidate:
     """``candidate`` scaled to the budget along its shape (see the module docstring); unchanged
-    when no prunable group may move, or when no grid step up fits and it meets the budget."""
+    when no prunable group may move, or when it already meets the budget at least as closely."""
     groups = list(space.prunable)
     if not groups:
         return candidate
-    grid = np.asarray(space.config.ratios, dtype=np.float64)
+    channels = np.array([space.group_by_name[g].channels for g in groups], dtype=np.float64)
+    units = [space.group_by_name[g].unit for g in groups]
+    steps = np.array([space.rounding_step(u) for u in units], dtype=np.float64)
     proposed = np.array([candidate.ratio_map.get(g, 1.0) for g in groups], dtype=np.float64)
     bits = candidate.bit_map
 
     def snapped(scale: float) -> np.ndarray:
         wanted = np.minimum(1.0, proposed * scale)
-        index = np.searchsorted(grid, wanted + 1e-9, side="right") - 1  # the grid step at or below
-        return grid[np.clip(index, 0, len(grid) - 1)]
+        return np.array([space.channels_for(int(c), float(w), u) for c, w, u in zip(channels, wanted, units)]) / channels
 
     def fits(ratios: np.ndarray) -> bool:
         return budget.met_by(cost_model(_make(groups, ratios, bits)))
@@ -56,17 +60,16 @@ def repair_to_budget(candidate: Candidate, space: SearchSpace, cost_model: CostM
     if not fits(ratios):
         return _make(groups, ratios, bits)  # even the narrowest scaled network is over: evaluated as infeasible
     lost = np.minimum(1.0, proposed * lo) - ratios
-    for i in np.argsort(-lost, kind="stable"):  # fill what the snapping left, largest loss first
-        position = int(np.searchsorted(grid, ratios[i] + 1e-9, side="right"))
-        if position < len(grid):
+    for i in np.argsort(-lost, kind="stable"):  # fill what the rounding left, largest loss first
+        if ratios[i] < 1.0:
             trial = ratios.copy()
-            trial[i] = grid[position]
+            trial[i] = min(1.0, (round(ratios[i] * channels[i]) + steps[i]) / channels[i])
             if fits(trial):
                 ratios = trial
     repaired = _make(groups, ratios, bits)
     proposed_costs = cost_model(candidate)
     if budget.met_by(proposed_costs) and proposed_costs[budget.metric] >= cost_model(repaired)[budget.metric]:
-        return candidate  # already as close to the budget (an allocator's exact answer off the grid): kept as proposed
+        return candidate  # already as close to the budget: kept as proposed
     return repaired
 
 

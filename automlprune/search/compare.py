@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 
 from automlprune.cost import METRICS, analytic_metrics
+from automlprune.export import fold_batch_norms
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
@@ -73,14 +74,21 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                                              "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images,
                                              "strategy_images": strategy_images})
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
-    if all(study.user_attrs.get("latency_ms") for _, study, _ in answered):
+    if all(study.user_attrs.get("latency_ms") and study.user_attrs.get("latency_of") == TIMED for _, study, _ in answered):
         return
     # All at once, or the ratios would mix timings from different moments of a drifting machine.
     if progress:
         print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
-    nets = [evaluator.network(proposal) for evaluator, _, proposal in answered]
+    nets = [fold_batch_norms(evaluator.network(proposal)) for evaluator, _, proposal in answered]
     for (_, study, _), lat in zip(answered, session.evaluator.latencies(nets)):
         study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
+        study.set_user_attr("latency_of", TIMED)
+
+
+TIMED = "exported"
+"""What the latency columns time: the network as exported (materialized, batch norms folded into
+the convolutions before them: :func:`automlprune.export.fold_batch_norms`). Runs timed before
+this was recorded are timed again."""
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -193,7 +201,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         lines.append("| " + " | ".join(cells) + " |")
     unpruned_text = " and ".join(f"{unpruned_ms[b]:.3f} ms (batch {b})" for b in batches if b in unpruned_ms)
     lines += ["", "Costs are fractions of the unpruned network"
-              + (f"; latency is the median CPU time of the materialized network, in brackets its ratio to the unpruned "
+              + (f"; latency is the median CPU time of the exported network (materialized, batch norms folded into the "
+                 f"convolutions), in brackets its ratio to the unpruned "
                  f"network's {unpruned_text}, measured in the same run "
                  "(the MACs fraction is the ideal)" if set(batches) <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
               "Evals: evaluations spent (in brackets the full ones, when screenings ran: multi-fidelity search); "

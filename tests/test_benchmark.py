@@ -35,7 +35,7 @@ def test_criteria_benchmark_writes_a_table(tmp_path, capsys, digits_checkpoint):
 
 def test_signals_benchmark_ranks_signals_against_fine_tuned_accuracy_and_resumes(tmp_path, capsys, digits_checkpoint):
     out = tmp_path / "out"
-    args = ["benchmark", "--suite", "signals", "--env", "digits-cnn", "--signals", "l1,prunenet+ls", "--candidates", "2",
+    args = ["benchmark", "--suite", "signals", "--env", "digits-cnn", "--signals", "l1,prunenet+ls", "--candidates", "2", "--macs", "0.5,0.3",
             "--finetune-steps", "2", "--set", f"checkpoint={digits_checkpoint}", "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     report = json.loads((out / "signals.json").read_text())
@@ -52,3 +52,5 @@ def test_signals_benchmark_ranks_signals_against_fine_tuned_accuracy_and_resumes
     assert "signals 50%" not in capsys.readouterr().out
     assert main(["benchmark", "--suite", "signals", "--finetune-steps", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+    assert main(["benchmark", "--suite", "signals", "--macs", "0.5,1.5"]) == 2
+    assert "fractions of the unpruned MACs" in capsys.readouterr().err

@@ -152,16 +152,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """``--macs 0.5,0.3`` as fractions in (0, 1), or one sentence saying what is wrong."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < 1 for v in values):
+        raise ConfigError(f"--macs {text!r} must list fractions of the unpruned MACs between 0 and 1, e.g. 0.5,0.3")
+    return values
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / "runs" / f"benchmark-{args.suite}")  # never over the committed reports
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise ConfigError("--finetune-steps cannot be negative")
+    targets = _fractions(args.macs) if args.macs else None
     if args.suite == "criteria":
         from automlprune.benchmarks.criteria import run_criteria_benchmark
 
         names = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria else None
         steps = 50 if args.finetune_steps is None else args.finetune_steps
-        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), finetune_steps=steps,
+        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), targets or (0.7, 0.5, 0.3), finetune_steps=steps,
                                         criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
         return 0
@@ -174,7 +186,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         steps = 300 if args.finetune_steps is None else args.finetune_steps
         if steps < 1:
             raise ConfigError("the signals suite fine-tunes every network: give --finetune-steps of at least 1")
-        report = run_signals_benchmark(args.env, out, resolve_device(args.device), random=args.candidates or 8,
+        report = run_signals_benchmark(args.env, out, resolve_device(args.device), targets or (0.5, 0.3), random=args.candidates or 8,
                                        finetune_steps=steps, settings=names,
                                        overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'signals.md'}")

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3; "
                         "signals suite: random allocations per budget beside the allocators', default 8)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
+    p.add_argument("--macs", help="criteria and signals suites: comma-separated MACs fractions to prune to "
+                                  "(default 0.7,0.5,0.3 and 0.5,0.3)")
     return parser
 
 

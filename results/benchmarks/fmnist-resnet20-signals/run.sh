@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 DIR=results/benchmarks/fmnist-resnet20-signals
-automlprune benchmark --suite signals --env fmnist-resnet20 --signals l1,l1+ls,prunenet+ls --candidates 5 \
+automlprune benchmark --suite signals --env fmnist-resnet20 --signals l1,l1+ls,prunenet+ls --candidates 5 --macs 0.5 \
   --finetune-steps 200 --out $DIR --set checkpoint=results/benchmarks/fmnist-resnet20-training/baseline.pt "$@"

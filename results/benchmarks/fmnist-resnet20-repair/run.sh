@@ -32,3 +32,7 @@ rl() {  # run-dir strategies options...
 rl rl-plain ddpg,ppo --option warm_start=none --option repair=false
 rl rl-default ddpg,ppo
 rl rl-every-step ddpg --option reward_assignment=every_step
+# Multi-fidelity: signal-prunenet-ls-fine's searches again, each proposal screened on a quarter of
+# the validation and BN batches first, the top third of screenings evaluated in full.
+run screening optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet \
+  --set evaluation.screening=0.25

@@ -25,7 +25,10 @@ def _settings(cls: type, data: Any, where: str) -> Any:
     for f in fields(cls):
         if f.name not in data:
             continue
-        kwargs[f.name] = _coerce(data[f.name], getattr(cls(), f.name), f"{where}.{f.name}")
+        default = getattr(cls(), f.name)
+        if default is None and "float" in str(f.type) and data[f.name] is not None:  # an optional number: coerced as one
+            default = 0.0
+        kwargs[f.name] = _coerce(data[f.name], default, f"{where}.{f.name}")
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a value outside its range (the settings' own check)

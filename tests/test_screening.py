@@ -82,3 +82,14 @@ def test_a_screening_search_stores_fidelities_promotes_the_best_and_resumes(stra
     stored = [r.result for r in store.records(study)]
     assert [r.key for r in stored[:12]] == [r.key for r in results] and len(stored) == 16  # the first 12 were served, not evaluated again
     assert again.answer.accuracy >= outcome.answer.accuracy
+
+
+def test_screening_is_set_from_the_command_line_and_checked():
+    from automlprune.errors import ConfigError
+    from automlprune.tasks import TaskSpec
+
+    spec = TaskSpec.load("digits-cnn", ["evaluation.screening=0.25", "evaluation.screening_keep=0.5"])
+    assert (spec.evaluation.screening, spec.evaluation.screening_keep) == (0.25, 0.5)
+    assert TaskSpec.load("digits-cnn", ["evaluation.screening=null"]).evaluation.screening is None
+    with pytest.raises(ConfigError, match="evaluation.screening must be a fraction in \\(0, 1\\)"):
+        TaskSpec.load("digits-cnn", ["evaluation.screening=1.5"])

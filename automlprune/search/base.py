@@ -181,8 +181,8 @@ def _is(value: Any, kind: type) -> bool:
 
 def best_feasible(results: Sequence[EvalResult], budget: BoundBudget) -> EvalResult | None:
     """The answer for a budget: the most accurate full-fidelity result meeting it (cheaper first
-    among equals, then the earliest; screenings never answer, :mod:`automlprune.search.screening`). The search's stored answer is this over the study's results, whichever
-    worker evaluated them."""
+    among equals, then the earliest; screenings never answer: :mod:`automlprune.search.screening`).
+    The search's stored answer is this over the study's results, whichever worker evaluated them."""
     feasible = [r for r in results if r.full and budget.met_by(r.costs)]
     if not feasible:
         return None

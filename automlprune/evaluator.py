@@ -132,7 +132,8 @@ class Evaluator:
         self.bn_batches = cached_batches(data.train, data, s.bn_batch_size, self.device,
                                          max_samples=s.bn_batches * s.bn_batch_size, seed=seed, shuffle=True)
         start = time.perf_counter()
-        self.scores = channel_scores(self.model, space, s.criterion, self.bn_batches, s.criterion_combine, seed)  # data: BN batches
+        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+        self.scores = self.scores_under(s.criterion)  # data: BN batches
         self.order = order_from_scores(self.scores)
         if s.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"evaluation.reconstruction '{s.reconstruction}' is unknown; use one of: {', '.join(RECONSTRUCTIONS)}")
@@ -141,7 +142,6 @@ class Evaluator:
         self.scoring_seconds = time.perf_counter() - start
         """Wall time of the importance scores (and reconstruction statistics): once per evaluator."""
         self._cache: dict[str, EvalResult] = {}
-        self._scores = {s.criterion: self.scores}
 
     def scores_under(self, criterion: str) -> dict[str, torch.Tensor]:
         """Channel scores of every group under ``criterion`` (computed once, on the BN batches,

@@ -145,15 +145,13 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {r['target']:.0%} | {r['setting']} | {r['n']} | {r['spearman']:+.2f} | {100 * r['signal_mean']:.2f} | "
                      f"{100 * r['finetuned_mean']:.2f} | {r['pick']} | {100 * r['pick_finetuned_val']:.2f} / "
                      f"{100 * r['pick_finetuned_test']:.2f} | {100 * r['best_finetuned_val']:.2f} |")
-    lines += ["", "Per allocation (pruned / fine-tuned val):", "",
-              "| MACs | allocation | " + " | ".join(dict.fromkeys(r["setting"] for r in report["rows"])) + " |",
-              "|---|---|" + "---|" * len(dict.fromkeys(r["setting"] for r in report["rows"]))]
     settings = list(dict.fromkeys(r["setting"] for r in report["rows"]))
+    by_key = {(r["target"], r["allocation"], r["setting"]): r for r in report["rows"]}
+    lines += ["", "Per allocation (pruned / fine-tuned val):", "",
+              "| MACs | allocation | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
     for target in sorted({r["target"] for r in report["rows"]}, reverse=True):
         for label in dict.fromkeys(r["allocation"] for r in report["rows"] if r["target"] == target):
-            cells = []
-            for s in settings:
-                row = next((r for r in report["rows"] if (r["target"], r["allocation"], r["setting"]) == (target, label, s)), None)
-                cells.append(f"{100 * row['signal']:.2f} / {100 * row['finetuned_val']:.2f}" if row else "–")
+            rows_of = [by_key.get((target, label, s)) for s in settings]
+            cells = [f"{100 * row['signal']:.2f} / {100 * row['finetuned_val']:.2f}" if row else "–" for row in rows_of]
             lines.append(f"| {target:.0%} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -167,13 +167,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / "runs" / f"benchmark-{args.suite}")  # never over the committed reports
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise ConfigError("--finetune-steps cannot be negative")
-    targets = _fractions(args.macs) if args.macs else None
+    targets = {"targets": _fractions(args.macs)} if args.macs else {}  # the suite's own default otherwise
     if args.suite == "criteria":
         from automlprune.benchmarks.criteria import run_criteria_benchmark
 
         names = [c.strip() for c in args.criteria.split(",") if c.strip()] if args.criteria else None
         steps = 50 if args.finetune_steps is None else args.finetune_steps
-        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), targets or (0.7, 0.5, 0.3), finetune_steps=steps,
+        report = run_criteria_benchmark(args.env, out, resolve_device(args.device), **targets, finetune_steps=steps,
                                         criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
         return 0
@@ -186,7 +186,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         steps = 300 if args.finetune_steps is None else args.finetune_steps
         if steps < 1:
             raise ConfigError("the signals suite fine-tunes every network: give --finetune-steps of at least 1")
-        report = run_signals_benchmark(args.env, out, resolve_device(args.device), targets or (0.5, 0.3), random=args.candidates or 8,
+        report = run_signals_benchmark(args.env, out, resolve_device(args.device), **targets, random=args.candidates or 8,
                                        finetune_steps=steps, settings=names,
                                        overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'signals.md'}")

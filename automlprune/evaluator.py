@@ -31,6 +31,8 @@ from automlprune.reconstruction import Reconstruction
 from automlprune.settings import EvalSettings, FinetuneSettings
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import Resolved, SearchSpace
+from automlprune.sparsity.criteria import WEIGHT_CRITERIA, weight_scores
+from automlprune.sparsity.masks import KeepSparse
 from automlprune.train import Trainer
 from automlprune.train.callbacks import Distillation, QuantizationAware
 
@@ -142,6 +144,21 @@ class Evaluator:
         self.scoring_seconds = time.perf_counter() - start
         """Wall time of the importance scores (and reconstruction statistics): once per evaluator."""
         self._cache: dict[str, EvalResult] = {}
+        self._weight_scores: dict[str, torch.Tensor] | None = None
+        WEIGHT_CRITERIA.get(s.weight_criterion)  # an unknown name is refused now, not at the first sparse candidate
+
+    def weight_criterion_for(self, proposal: Proposal) -> str | dict[str, torch.Tensor]:
+        """What chooses the weights a sparse layer of ``proposal`` keeps: the weight criterion's
+        name when it is computed on the network itself, else its scores of the starting network
+        (computed once, on the BN batches; for trained weights, on those weights)."""
+        name = self.settings.weight_criterion
+        if WEIGHT_CRITERIA.get(name).of_network:
+            return name
+        if proposal.trained:
+            return weight_scores(proposal.weights.model, self.space, name, self.space.quantizable, self.bn_batches)
+        if self._weight_scores is None:
+            self._weight_scores = weight_scores(self.model, self.space, name, self.space.quantizable, self.bn_batches)
+        return self._weight_scores
 
     def scores_under(self, criterion: str) -> dict[str, torch.Tensor]:
         """Channel scores of every group under ``criterion`` (computed once, on the BN batches,
@@ -176,11 +193,13 @@ class Evaluator:
         :mod:`automlprune.quantization`)."""
         proposal = as_proposal(proposal)
         resolved = resolved or self.space.resolve(proposal.candidate)
+        weight_criterion = self.weight_criterion_for(proposal) if resolved.sparsity else "magnitude"
         if proposal.trained:
             weights = proposal.weights
-            net = materialize(weights.model.to(self.device), resolved, self.space, weights.order(self.space, resolved))
+            net = materialize(weights.model.to(self.device), resolved, self.space, weights.order(self.space, resolved),
+                              weight_criterion=weight_criterion)
         else:
-            net = materialize(self.model, resolved, self.space, self.order, self.reconstruction)
+            net = materialize(self.model, resolved, self.space, self.order, self.reconstruction, weight_criterion)
         recalibrate = self.settings.bn_recalibration if proposal.bn_recalibration is None else proposal.bn_recalibration
         if recalibrate:
             recalibrate_batchnorm(net, self.batches(fidelity)[1])
@@ -250,13 +269,14 @@ class Evaluator:
         """Fine-tune the materialized network of ``proposal`` (from its trained weights when it
         has them; distilling from the unpruned network when configured) and report its validation
         and test accuracy. Quantized layers are fine-tuned quantization-aware (straight-through
-        estimator): the returned network's weights are still on their bit grids."""
+        estimator), and sparse layers with their masks fixed (:class:`KeepSparse`): the returned
+        network's weights are still on their bit grids and its removed weights still zero."""
         s = settings or FinetuneSettings()
         proposal = as_proposal(proposal)
         resolved = self.space.resolve(proposal.candidate)
         start = time.perf_counter()
         net = self.network(proposal, resolved)
-        callbacks = [QuantizationAware(resolved.bits, self.space.config.bit_scheme)]
+        callbacks = [KeepSparse(), QuantizationAware(resolved.bits, self.space.config.bit_scheme)]
         if s.distill:
             callbacks.append(Distillation(self.model, s.distill_alpha, s.distill_temperature))
         history = Trainer(net, self.data, self.device, s.recipe(), callbacks, description="finetune", progress=progress).fit()

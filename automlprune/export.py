@@ -1,8 +1,12 @@
 """Saving a materialized network: in formats that load without automlprune, or packed.
 
-The packed format (``.qpt``) stores each quantized layer's weights as bit-packed integer codes
-(``bits`` bits per weight) with their scales and zero points, so the file is about the size the
-cost model reports as ``bytes``; :func:`load_packed` restores the network. Layout: 8 magic bytes,
+The packed format (``.qpt``) stores each quantized or sparse layer's weight in the storage
+format the cost model chose for it (:mod:`automlprune.cost.formats`: dense, bitmask, CSR, N:M,
+block), its values as bit-packed integer codes (``bits`` bits per weight; the float32 bit
+pattern for an unquantized sparse layer), with the quantization scales and zero points, so the
+file is the size the cost model reports as ``bytes`` (plus batch-norm statistics and metadata);
+:func:`load_packed` restores the network, masks included. The other formats (.pt, .pt2, .ts,
+.onnx) hold dense tensors: a sparse network's zeros are stored and computed like any weight. Layout: 8 magic bytes,
 the length of the metadata (uint64), the metadata (zlib-compressed JSON: the architecture's
 registry name, each module's class and changed sizes, where each tensor lies in the payload,
 the quantization record), then the payload bytes. Nothing in the file is unpickled or executed:
@@ -24,8 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from automlprune.cost.formats import FORMATS as STORAGE_FORMATS, Layout, float_bits, from_float_bits, layout_of, smallest
 from automlprune.errors import ConfigError
-from automlprune.quantization import RECORD_ATTRIBUTE, Quantized, pack_codes, quantize, symmetric, unpack_codes
+from automlprune.quantization import RECORD_ATTRIBUTE, Quantized, quantize, symmetric, unpack_codes
+from automlprune.sparsity.masks import SPARSITY_ATTRIBUTE, sparsity_record
+from automlprune.sparsity.patterns import Geometry, from_matrix, matrix_view, parse_pattern
 
 FORMATS = {".pt": "pt", ".pt2": "torch.export", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx",
            ".qpt": "packed"}
@@ -127,19 +134,23 @@ def load_exported(path: str | Path) -> nn.Module | None:
 
 
 def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:
-    """Save a quantized materialized network with its weights bit-packed.
+    """Save a quantized or sparse materialized network with its weights packed.
 
-    The file holds one byte payload: per quantized layer its packed codes (ceil(weights x bits /
-    8) bytes), float32 scales and, for asymmetric schemes, int32 zero points; every other
-    parameter and buffer as raw bytes. On disk that is the cost model's ``bytes`` plus the
-    batch-norm running statistics (buffers, 2 float32 per channel) plus the compressed JSON
-    metadata (a few KB). ``architecture`` (``{"model", "num_classes", "in_channels", "kwargs"}``,
+    The file holds one byte payload: per quantized or sparse layer the arrays of its storage
+    format (:func:`automlprune.cost.formats.smallest`: the values at ``bits`` bits each, and a
+    sparse layer's mask as a bitmask, CSR indices, N:M positions or block indices), float32
+    scales and, for asymmetric schemes, int32 zero points; every other parameter and buffer as
+    raw bytes. On disk that is the cost model's ``bytes`` (each array padded to whole bytes)
+    plus the batch-norm running statistics (buffers, 2 float32 per channel) plus the compressed
+    JSON metadata (a few KB). ``architecture`` (``{"model", "num_classes", "in_channels", "kwargs"}``,
     :meth:`automlprune.tasks.Task.architecture`) names the registry model the network was cut
     from, so :func:`load_packed` rebuilds it alone; without it, loading needs the original model.
     """
-    record = getattr(model, RECORD_ATTRIBUTE, None)
-    if not record or not record.get("layers"):
-        raise ConfigError("the network has no quantized layers to pack; give its candidate bits below 32, or export as .pt2")
+    record = getattr(model, RECORD_ATTRIBUTE, None) or {"layers": {}}
+    sparse = sparsity_record(model)
+    if not record.get("layers") and not sparse:
+        raise ConfigError("the network has no quantized or sparse layers to pack; give its candidate bits below 32 or "
+                          "densities below 1, or export as .pt2")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
@@ -163,23 +174,67 @@ def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any]
                     continue
                 entry: dict[str, Any] = {"module": module_name, "name": name, "kind": kind, "shape": list(tensor.shape),
                                          "dtype": str(tensor.dtype).replace("torch.", "")}
-                info = record["layers"].get(module_name) if kind == "parameter" and name == "weight" else None
-                if info is not None:
-                    q = quantize(tensor.detach(), info["bits"], record["scheme"])
-                    entry.update(bits=q.bits, codes=put(pack_codes((q.codes + q.offset).numpy(), q.bits).tobytes()),
-                                 scale=put(q.scale.float().numpy().tobytes()),
-                                 zero_point=None if symmetric(q.scheme) else put(q.zero_point.to(torch.int32).numpy().tobytes()))
+                weight = kind == "parameter" and name == "weight"
+                if weight and (module_name in record["layers"] or module_name in sparse):
+                    entry.update(_pack_weight(tensor.detach(), record["layers"].get(module_name), record.get("scheme"),
+                                              sparse.get(module_name), put))
                 else:
                     entry["raw"] = put(tensor.detach().contiguous().numpy().tobytes())
                 entries.append(entry)
     kept = {k: v for k, v in record.items() if k != "layers"}
-    meta = {"format": 2, "architecture": architecture, "modules": modules, "entries": entries,
-            "record": {**kept, "layers": {n: {"bits": i["bits"]} for n, i in record["layers"].items()}}}
+    meta = {"format": 3, "architecture": architecture, "modules": modules, "entries": entries,
+            "record": {**kept, "layers": {n: {"bits": i["bits"]} for n, i in record["layers"].items()}},
+            "sparsity": {n: {"pattern": i["pattern"], "density": i["density"]} for n, i in sparse.items()}}
     blob = zlib.compress(json.dumps(meta).encode(), 9)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(blob)) + blob)
         f.writelines(chunks)
     return path
+
+
+def _pack_weight(weight: torch.Tensor, quantized: dict[str, Any] | None, scheme: str | None, sparse: dict[str, Any] | None,
+                 put: Any) -> dict[str, Any]:
+    """A weight's entry: its values (quantization codes, or float32 bit patterns) and mask packed
+    in the smallest format the cost model counts for its layout, plus its scales."""
+    entry: dict[str, Any] = {}
+    if quantized is not None:
+        q = quantize(weight, quantized["bits"], scheme)
+        values, bits = (q.codes + q.offset).numpy(), q.bits
+        entry.update(scale=put(q.scale.float().numpy().tobytes()),
+                     zero_point=None if symmetric(q.scheme) else put(q.zero_point.to(torch.int32).numpy().tobytes()))
+    else:
+        values, bits = float_bits(weight), 32
+    geometry = Geometry.of(weight)
+    if sparse is not None:
+        layout = layout_of(parse_pattern(sparse["pattern"]), geometry, sparse["density"], bits)
+        mask = matrix_view(sparse["mask"].bool()).numpy()
+        if int(mask.sum()) != layout.kept:
+            raise ConfigError(f"a sparse layer keeps {int(mask.sum())} weights but its pattern {sparse['pattern']} at density "
+                              f"{sparse['density']:g} keeps {layout.kept}; export a network automlprune materialized")
+    else:
+        layout, mask = Layout(geometry.rows, geometry.columns, geometry.weights, bits), np.ones((geometry.rows, geometry.columns), bool)
+    name, _ = smallest(layout, sparse=sparse is not None)
+    arrays = STORAGE_FORMATS.get(name).pack(mask, matrix_view(torch.from_numpy(np.asarray(values).astype(np.int64))).numpy(), layout)
+    return {**entry, "bits": bits, "format": name, "layout": {**layout.__dict__, "block": list(layout.block) if layout.block else None},
+            "arrays": {k: put(np.asarray(v, dtype=np.uint8).tobytes()) for k, v in arrays.items()}}
+
+
+def _unpack_weight(entry: dict[str, Any], scheme: str | None, get: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Inverse of :func:`_pack_weight`: (weight, mask, quantization record entry or {})."""
+    layout_data = dict(entry["layout"])
+    layout = Layout(**{**layout_data, "block": tuple(layout_data["block"]) if layout_data.get("block") else None})
+    arrays = {k: get(span, np.uint8) for k, span in entry["arrays"].items()}
+    mask, values = STORAGE_FORMATS.get(entry["format"]).unpack(arrays, layout)
+    shape = entry["shape"]
+    mask = from_matrix(torch.from_numpy(np.ascontiguousarray(mask)), shape)
+    values = from_matrix(torch.from_numpy(np.ascontiguousarray(values)), shape)
+    if "scale" not in entry:
+        return from_float_bits(values.numpy()) * mask, mask, {}
+    scale = torch.from_numpy(get(entry["scale"], np.float32).copy())
+    zero = (torch.from_numpy(get(entry["zero_point"], np.int32).astype(np.int64)) if entry["zero_point"] is not None
+            else torch.zeros_like(scale, dtype=torch.int64))
+    q = Quantized(values, scale, zero, entry["bits"], scheme)
+    return replace(q, codes=values - q.offset).dequantize() * mask, mask, {"scale": scale, "zero_point": zero}
 
 
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -206,15 +261,22 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     net = _skeleton(path, meta, model)
     payload = np.frombuffer(data, dtype=np.uint8, offset=start + length)
     record = {**meta["record"], "layers": {n: dict(i) for n, i in meta["record"]["layers"].items()}}
-    scheme = record["scheme"]
+    scheme = record.get("scheme")
 
     def get(span: list[int], dtype: np.dtype) -> np.ndarray:
         return np.frombuffer(payload[span[0]: span[0] + span[1]].tobytes(), dtype=dtype)
 
+    sparse = {}
     for e in meta["entries"]:
         module = net.get_submodule(e["module"])
         count = int(np.prod(e["shape"], dtype=np.int64))
-        if "codes" in e:
+        if "format" in e:
+            tensor, mask, quantized = _unpack_weight(e, scheme, get)
+            if quantized:
+                record["layers"][e["module"]].update(quantized)
+            if e["module"] in meta.get("sparsity", {}):
+                sparse[e["module"]] = {**meta["sparsity"][e["module"]], "mask": mask.bool()}
+        elif "codes" in e:  # files of format 2: dense quantized layers
             scale = torch.from_numpy(get(e["scale"], np.float32).copy())
             zero = (torch.from_numpy(get(e["zero_point"], np.int32).astype(np.int64)) if e["zero_point"] is not None
                     else torch.zeros_like(scale, dtype=torch.int64))
@@ -228,7 +290,10 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             module._parameters[e["name"]] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         else:
             module._buffers[e["name"]] = tensor
-    setattr(net, RECORD_ATTRIBUTE, record)
+    if record.get("layers") or record.get("activation_bits", 32) < 32:
+        setattr(net, RECORD_ATTRIBUTE, record)
+    if sparse:
+        setattr(net, SPARSITY_ATTRIBUTE, sparse)
     return net.eval()
 
 

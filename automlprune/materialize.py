@@ -3,9 +3,10 @@
 :func:`materialize` returns a physically narrower copy: every layer side a removed channel
 touches is cut through the table of layer types (:mod:`automlprune.nn.layer_types`), at the
 indices the search space's channel groups recorded once from Torch-Pruning's dependency graph
-(no tracing per candidate); then the weights are snapped to the candidate's bits with the
-space's quantization scheme and the bits and scales recorded on the module (see
-:mod:`automlprune.quantization`). :func:`mask` returns a same-shape copy whose dropped channels
+(no tracing per candidate); then the sparse layers lose the weights their patterns remove
+(:mod:`automlprune.sparsity.masks`, masks recorded on the module), and the weights are
+snapped to the candidate's bits with the space's quantization scheme and the bits and scales
+recorded on the module (see :mod:`automlprune.quantization`). :func:`mask` returns a same-shape copy whose dropped channels
 are forced to zero. The two compute the same function (the tests check it), which is what
 makes masked training and physical removal interchangeable.
 """
@@ -18,12 +19,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from automlprune.errors import ConfigError
 from automlprune.importance import channel_order
 from automlprune.nn import layer_types
 from automlprune.quantization import quantize_weights_
 from automlprune.reconstruction import Reconstruction
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import Resolved, SearchSpace
+from automlprune.sparsity.criteria import WEIGHT_CRITERIA, WeightScores
+from automlprune.sparsity.masks import sparsify_
 
 ChannelOrder = Mapping[str, torch.Tensor]
 
@@ -43,7 +47,8 @@ def _prepared_copy(model: nn.Module, kept: Mapping[str, torch.Tensor], reconstru
 
 
 def materialize(model: nn.Module, candidate: Candidate | Resolved, space: SearchSpace,
-                criterion: str | ChannelOrder = "l1", reconstruction: Reconstruction | None = None) -> nn.Module:
+                criterion: str | ChannelOrder = "l1", reconstruction: Reconstruction | None = None,
+                weight_criterion: str | WeightScores = "magnitude") -> nn.Module:
     """A pruned, quantized copy of ``model``; ``model`` itself is untouched.
 
     ``criterion`` names a weight-only importance criterion, or is a precomputed
@@ -58,11 +63,36 @@ def materialize(model: nn.Module, candidate: Candidate | Resolved, space: Search
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     kept = kept_channels_by_group(space, resolved, order)
     pruned = _prepared_copy(model, kept, reconstruction)
-    for (layer, side), keep in space.surviving_indices(kept).items():
+    surviving = space.surviving_indices(kept)
+    for (layer, side), keep in surviving.items():
         module = pruned.get_submodule(layer)
         layer_types.of(module).select_(module, side, keep)
+    if resolved.sparsity:
+        sparsify_(pruned, resolved.sparsity, _weight_scores(model, pruned, resolved, surviving, weight_criterion))
     _quantize(pruned, resolved, space)
     return pruned
+
+
+def _weight_scores(model: nn.Module, pruned: nn.Module, resolved: Resolved, surviving: Mapping[tuple[str, str], torch.Tensor],
+                   criterion: str | WeightScores) -> dict[str, torch.Tensor]:
+    """Scores per weight of the sparse layers of ``pruned``: computed on it for a criterion of
+    the network, else ``model``'s scores cut to the kept channels through the table of layer types."""
+    layers = list(resolved.sparsity)
+    if isinstance(criterion, str):
+        entry = WEIGHT_CRITERIA.get(criterion)
+        if not entry.of_network:
+            raise ConfigError(f"weight criterion '{criterion}' is scored on the starting network; "
+                              "pass its scores (automlprune.sparsity.criteria.weight_scores) instead of its name")
+        return entry.score(pruned, None, layers, None)
+    out = {}
+    for layer in layers:
+        holder = copy.deepcopy(model.get_submodule(layer))
+        holder.weight = nn.Parameter(criterion[layer].detach().clone().to(holder.weight.device), requires_grad=False)
+        for side in ("out", "in"):
+            if (layer, side) in surviving:
+                layer_types.of(holder).select_(holder, side, surviving[(layer, side)])
+        out[layer] = holder.weight.detach()
+    return out
 
 
 def mask(model: nn.Module, candidate: Candidate | Resolved, space: SearchSpace,
@@ -72,6 +102,8 @@ def mask(model: nn.Module, candidate: Candidate | Resolved, space: SearchSpace,
     every plain conv/linear reading it has the weights of that input zeroed, so quantization
     scales match the materialized layer)."""
     resolved = space.resolve(candidate)
+    if resolved.sparsity:
+        raise ConfigError("a candidate with weight densities is built with materialize(), not as a full-shape masked network")
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     kept = kept_channels_by_group(space, resolved, order)
     masked = _prepared_copy(model, kept, reconstruction)

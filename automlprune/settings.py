@@ -63,6 +63,8 @@ class EvalSettings:
     first scored on this fraction of the validation samples and BN batches, and evaluated in full
     only when its screening accuracy ranks in the top ``screening_keep`` of the search's
     screenings so far (None = every proposal in full). Only full evaluations can be answers.
+    weight_criterion: which weights a sparse layer keeps (:mod:`automlprune.sparsity.criteria`:
+    magnitude, lap or hessian).
     """
 
     batch_size: int = 256
@@ -76,6 +78,7 @@ class EvalSettings:
     reconstruction: str = "none"
     screening: float | None = None
     screening_keep: float = 1 / 3
+    weight_criterion: str = "magnitude"
 
     def __post_init__(self) -> None:
         check_ranges(self, {"screening": (lambda v: 0 < v < 1, "must be a fraction in (0, 1), or null for no screening"),

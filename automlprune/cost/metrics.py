@@ -7,9 +7,12 @@ loss all enumerate this registry, so a new metric appears everywhere at once. Fo
 on NumPy arrays and on torch tensors alike (differentiable in the kept widths).
 
 Units: MACs are multiply-accumulates of Conv2d and Linear layers for one input sample
-(FLOPs = 2 x MACs, the convention of ``torch.utils.flop_counter``); params are parameter
-counts; bytes are the storage of the parameters: Conv/Linear weights at the candidate's bits
-(params x bits / 8) plus, for every layer below 32 bits, its quantization scales (one per
+(FLOPs = 2 x MACs, the convention of ``torch.utils.flop_counter``): what the backend executes,
+so a sparse layer counts all its weights (no PyTorch kernel skips zeros in a convolution);
+``macs_nnz`` is the theoretical count of the nonzero weights, labelled so and never a budget;
+params are parameter counts (dense: a pruned weight is still a parameter of the network);
+bytes are the storage of the parameters: Conv/Linear weights at the candidate's bits in their
+smallest honest format (:mod:`automlprune.cost.formats`; params x bits / 8 for a dense layer) plus, for every layer below 32 bits, its quantization scales (one per
 output channel, or one per tensor, as float32, with an int32 zero point each for asymmetric
 schemes: :mod:`automlprune.quantization`), biases and batch-norm parameters as float32;
 BitOps = MACs x weight bits x activation bits; latency is the predicted latency of the
@@ -34,7 +37,10 @@ class LayerQuantities:
     and output channels; positions: output positions per sample; biases: bias entries kept; norm_params: batch-norm affine entries kept; bits:
     weight bits; quantized: 1 where the layer's weights are below 32 bits; scale_entries: its
     quantization scales (per channel or 1); scale_entry_bytes: bytes per scale entry (scalar);
-    activation_bits: bits of every layer's input (scalar)."""
+    activation_bits: bits of every layer's input (scalar); kept_weights: weights left nonzero by
+    the layer's sparsity pattern (= weights for a dense layer); stored_weight_bits: bits of the
+    weight in its smallest honest storage format (:mod:`automlprune.cost.formats`; weights x
+    bits for a dense layer)."""
 
     weights: Any
     inputs: Any
@@ -47,6 +53,8 @@ class LayerQuantities:
     scale_entries: Any
     scale_entry_bytes: float
     activation_bits: float
+    kept_weights: Any = None
+    stored_weight_bits: Any = None
 
 
 @dataclass(frozen=True)
@@ -116,10 +124,14 @@ register(Metric("macs", "MACs", _macs, differentiable=True, scale=("M", 1e6),
                 description="multiply-accumulates of Conv2d/Linear layers per sample (FLOPs = 2 x MACs)"))
 register(Metric("params", "parameters", lambda q: q.weights + q.biases + q.norm_params, differentiable=True,
                 scale=("k", 1e3), description="parameter count"))
-register(Metric("bytes", "bytes", lambda q: q.weights * q.bits / 8 + (q.biases + q.norm_params) * 4
+register(Metric("bytes", "bytes", lambda q: q.stored_weight_bits / 8 + (q.biases + q.norm_params) * 4
                 + q.quantized * q.scale_entries * q.scale_entry_bytes, differentiable=True, scale=("k", 1e3),
-                description="parameter storage: weights at their bits, quantization scales, float32 biases and BN affine"))
+                description="parameter storage: weights at their bits in their smallest honest format (dense, bitmask, CSR, "
+                            "N:M, block), quantization scales, float32 biases and BN affine"))
 register(Metric("bitops", "BitOps", lambda q: _macs(q) * q.bits * q.activation_bits, differentiable=True,
                 scale=("G", 1e9), description="MACs x weight bits x activation bits"))
+register(Metric("macs_nnz", "MACs (theoretical)", lambda q: q.kept_weights * q.positions, differentiable=True,
+                budgetable=False, scale=("M", 1e6),
+                description="theoretical MACs of the nonzero weights; PyTorch runs sparse layers dense, so they execute 'macs'"))
 register(Metric("latency", "ms (predicted)", None, differentiable=False,
                 description="predicted latency from a measured per-layer table (attached for latency budgets)"))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from automlprune.cost.formats import layout_of, smallest
 from automlprune.cost.metrics import LayerQuantities, all_metrics, analytic_metrics, check_metric
 from automlprune.errors import ConfigError, UnsupportedLayerError
 from automlprune.quantization import per_channel, scale_bytes_per_entry
@@ -145,11 +146,14 @@ class CostModel:
             self.verify(model)
 
     # ---- formulas --------------------------------------------------------------------------
-    def from_kept(self, kept: Any, weight_bits: Any = None) -> dict[str, Any]:
-        """Costs from kept channels per group (array of shape (groups,)) and weight bits per
-        layer (shape (layers,), default 32). Works on NumPy arrays and on torch tensors
-        (differentiable, for relaxed widths); returns every analytic metric's total by name,
-        ``"per_layer"`` ({metric: per-layer values}) and the per-layer ``"kept_in"`` / ``"kept_out"``."""
+    def from_kept(self, kept: Any, weight_bits: Any = None, sparsity: Mapping[str, tuple[Any, float]] | None = None) -> dict[str, Any]:
+        """Costs from kept channels per group (array of shape (groups,)), weight bits per layer
+        (shape (layers,), default 32) and sparse layers (layer -> (pattern, density), NumPy
+        only). Works on NumPy arrays and on torch tensors (differentiable, for relaxed widths);
+        returns every analytic metric's total by name, ``"per_layer"`` ({metric: per-layer
+        values}), the per-layer ``"kept_in"`` / ``"kept_out"``, ``"weights"``, ``"kept_weights"``
+        and ``"stored_weight_bits"``, and ``"formats"`` (the storage format of each sparse layer's
+        weight, by name)."""
         a = self._arrays_like(kept)
         removed = a["group_channels"] - kept
         out_k = a["out_full"] - a["removed_out"] @ removed
@@ -159,17 +163,38 @@ class CostModel:
         weights = conv_like * out_k * in_per_group * a["kernel"]
         bits = a["full_bits"] if weight_bits is None else weight_bits
         quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
+        kept_weights, stored_bits, formats = weights, weights * bits, {}
+        if sparsity:
+            kept_weights, stored_bits, formats = self._sparse_storage(sparsity, out_k, in_k, weights, bits)
         quantities = LayerQuantities(
             weights=weights, inputs=in_k, outputs=out_k, positions=a["positions"], biases=conv_like * a["has_bias"] * out_k,
             norm_params=a["is_bn"] * a["has_bias"] * 2 * out_k, bits=bits, quantized=quantized,
             scale_entries=out_k if self.per_channel_scales else 1.0, scale_entry_bytes=self.scale_entry_bytes,
-            activation_bits=self.activation_bits)
+            activation_bits=self.activation_bits, kept_weights=kept_weights, stored_weight_bits=stored_bits)
         per_layer = {name: metric.formula(quantities) for name, metric in self._analytic}
         totals = {name: values.sum() for name, values in per_layer.items()}
         totals["params"] = totals["params"] + self.fixed_params  # parameters outside the table's layers: float32, never cut
         totals["bytes"] = totals["bytes"] + 4 * self.fixed_params
-        return {**totals, "per_layer": per_layer,
+        return {**totals, "per_layer": per_layer, "formats": formats, "weights": weights, "kept_weights": kept_weights,
+                "stored_weight_bits": stored_bits,
                 "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k}
+
+    def _sparse_storage(self, sparsity: Mapping[str, tuple[Any, float]], out_k: np.ndarray, in_k: np.ndarray,
+                        weights: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+        """Per layer: weights kept by its pattern, bits of its smallest honest format, and the
+        format's name for each sparse layer (a pattern that cannot apply at the kept widths raises
+        :class:`CandidateError`)."""
+        kept, stored, formats = np.array(weights, dtype=np.float64), np.array(weights * bits, dtype=np.float64), {}
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        for layer, (pattern, density) in sparsity.items():
+            i = index[layer]
+            is_dw = bool(self.is_dw[i])
+            geometry = self.space.geometry(layer, inputs=int(round(out_k[i] if is_dw else in_k[i])), rows=int(round(out_k[i])))
+            pattern.check(layer, geometry)
+            layout = layout_of(pattern, geometry, density, int(bits[i]))
+            formats[layer], stored[i] = smallest(layout)
+            kept[i] = layout.kept
+        return kept, stored, formats
 
     def _arrays_like(self, kept: Any) -> dict[str, Any]:
         names = ("out_full", "in_full", "groups_", "kernel", "positions", "has_bias", "is_bn", "is_dw",
@@ -194,7 +219,7 @@ class CostModel:
     def __call__(self, candidate: Candidate | Resolved) -> Costs:
         """Costs of the network ``candidate`` describes (validated against the space)."""
         resolved = self.space.resolve(candidate)
-        out = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits))
+        out = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits), resolved.sparsity)
         values = {name: float(out[name]) for name in analytic_metrics()}
         if self.latency_table is not None:
             values["latency"] = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
@@ -213,8 +238,26 @@ class CostModel:
     def per_layer(self, candidate: Candidate | Resolved) -> dict[str, dict[str, float]]:
         """Every analytic metric of each layer under ``candidate``: {layer: {metric: amount}}."""
         resolved = self.space.resolve(candidate)
-        per_layer = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits))["per_layer"]
+        per_layer = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits), resolved.sparsity)["per_layer"]
         return {n: {m: float(values[i]) for m, values in per_layer.items()} for i, n in enumerate(self.layer_names)}
+
+    def storage(self, candidate: Candidate | Resolved) -> dict[str, dict[str, Any]]:
+        """How each Conv2d/Linear weight of ``candidate`` is stored: {layer: {"format", "bits"
+        (value bits), "density" (kept weights / weights), "pattern" (None when dense), "bytes"
+        (the weight alone, in that format)}}."""
+        resolved = self.space.resolve(candidate)
+        bits = self._bits_vector(resolved.bits)
+        out = self.from_kept(resolved.kept.astype(np.float64), bits, resolved.sparsity)
+        rows = {}
+        for i, name in enumerate(self.layer_names):
+            if self.is_bn[i]:
+                continue
+            pattern, density = resolved.sparsity.get(name, (None, 1.0))
+            rows[name] = {"format": out["formats"].get(name, "dense"), "bits": int(bits[i]),
+                          "pattern": pattern.name if pattern is not None else None,
+                          "density": float(out["kept_weights"][i] / max(out["weights"][i], 1)),
+                          "bytes": float(out["stored_weight_bits"][i] / 8)}
+        return rows
 
     # ---- checks ----------------------------------------------------------------------------
     def verify(self, model: nn.Module) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from automlprune.config_files import check_keys, read_yaml
-from automlprune.errors import ConfigError
+from automlprune.errors import CandidateError, ConfigError
 from automlprune.quantization import SCHEMES
+from automlprune.sparsity.patterns import parse_pattern
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class SpaceConfig:
     pin_first_last_bits: bits for the first and last layer when bit widths are searched (HAQ pins 8); None = searched too.
     bit_scheme: how weights are quantized (:data:`automlprune.quantization.SCHEMES`; per-channel symmetric by default).
     activation_bits: bits of every Conv2d/Linear layer's input activations (32 = float32, the default).
+    densities: the weight-density grid (fraction of a layer's weights kept), ascending, ending at
+    1.0 (dense; added when missing); (1.0,) = no weight sparsity is searched.
+    patterns: the sparsity patterns a layer may take (:mod:`automlprune.sparsity.patterns`), each
+    offered to the layers it applies to.
+    pin_first_last_density: the first and last Conv2d/Linear layers stay dense (as their bits are
+    often pinned: they are small and sensitive).
     """
 
     ratios: tuple[float, ...] = tuple(np.round(np.arange(1, 9) / 8, 6))
@@ -37,6 +44,9 @@ class SpaceConfig:
     pin_first_last_bits: int | None = None
     bit_scheme: str = "per_channel_symmetric"
     activation_bits: int = 32
+    densities: tuple[float, ...] = (1.0,)
+    patterns: tuple[str, ...] = ("unstructured",)
+    pin_first_last_density: bool = True
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -50,12 +60,26 @@ class SpaceConfig:
             raise ConfigError(f"space '{self.name}': bits.pin_first_last must be from 2 to 32, got {self.pin_first_last_bits}")
         if not 2 <= self.activation_bits <= 32:
             raise ConfigError(f"space '{self.name}': bits.activations must be from 2 to 32, got {self.activation_bits}")
+        if not self.densities or any(not 0 < d <= 1 for d in self.densities) or list(self.densities) != sorted(set(self.densities)) \
+                or self.densities[-1] != 1.0:
+            raise ConfigError(f"space '{self.name}': sparsity.densities must be distinct ascending fractions in (0, 1], got {list(self.densities)}")
+        try:
+            parsed = [parse_pattern(p) for p in self.patterns]
+        except CandidateError as exc:
+            raise ConfigError(f"space '{self.name}': {exc}") from None
+        if not parsed:
+            raise ConfigError(f"space '{self.name}': sparsity.patterns must list at least one pattern, such as unstructured")
+        for pattern in parsed:
+            steps = [s for s in (pattern.run, *(pattern.block or ())) if s and s > 1]
+            if len(self.ratios) > 1 and self.sparse and any(self.round_to % s for s in steps):
+                raise ConfigError(f"space '{self.name}': pattern {pattern.name} needs pruned widths in multiples of "
+                                  f"{max(steps)}, but round_to is {self.round_to}; set round_to to a multiple of it")
         if self.bit_scheme not in SCHEMES:
             raise ConfigError(f"space '{self.name}': bits.scheme '{self.bit_scheme}' is unknown; use one of: {', '.join(SCHEMES)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str = "space") -> "SpaceConfig":
-        allowed = {"ratios", "min_channels", "round_to", "pinned", "pin_first", "bits", "description"}
+        allowed = {"ratios", "min_channels", "round_to", "pinned", "pin_first", "bits", "sparsity", "description"}
         check_keys(data, allowed, f"search space '{name}'")
         kwargs: dict[str, Any] = {"name": name}
         if "ratios" in data:
@@ -80,7 +104,26 @@ class SpaceConfig:
                 kwargs["bit_scheme"] = str(bits["scheme"])
             if "activations" in bits:
                 kwargs["activation_bits"] = _int(bits["activations"], "bits.activations", name)
+        if "sparsity" in data:
+            sparsity = data["sparsity"] or {}
+            check_keys(sparsity, {"densities", "patterns", "pin_first_last"}, f"search space '{name}' sparsity")
+            if "densities" in sparsity:
+                kwargs["densities"] = tuple(sorted(set(_ratio_grid(sparsity["densities"], name, "sparsity.densities")) | {1.0}))
+            if "patterns" in sparsity:
+                if not isinstance(sparsity["patterns"], list):
+                    raise ConfigError(f"search space '{name}': sparsity.patterns must be a list such as [unstructured, \"2:4\"]")
+                try:
+                    kwargs["patterns"] = tuple(dict.fromkeys(parse_pattern(p).name for p in sparsity["patterns"]))
+                except CandidateError as exc:
+                    raise ConfigError(f"search space '{name}': {exc}") from None
+            if "pin_first_last" in sparsity:
+                kwargs["pin_first_last_density"] = bool(sparsity["pin_first_last"])
         return cls(**kwargs)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether weight densities are searched."""
+        return len(self.densities) > 1
 
     @classmethod
     def load(cls, path: str | Path) -> "SpaceConfig":
@@ -98,21 +141,21 @@ def _int(value: Any, key: str, name: str) -> int:
     return value
 
 
-def _ratio_grid(spec: Any, name: str) -> tuple[float, ...]:
+def _ratio_grid(spec: Any, name: str, key: str = "ratios") -> tuple[float, ...]:
     if isinstance(spec, list):
         values = spec
     elif isinstance(spec, dict):
-        check_keys(spec, {"min", "max", "step"}, f"search space '{name}' ratios")
+        check_keys(spec, {"min", "max", "step"}, f"search space '{name}' {key}")
         try:
             lo, hi, step = float(spec.get("min", 0.125)), float(spec.get("max", 1.0)), float(spec.get("step", 0.125))
         except (TypeError, ValueError):
-            raise ConfigError(f"search space '{name}': ratios min/max/step must be numbers") from None
+            raise ConfigError(f"search space '{name}': {key} min/max/step must be numbers") from None
         if step <= 0 or lo <= 0 or hi > 1 or lo > hi:
-            raise ConfigError(f"search space '{name}': ratios need 0 < min <= max <= 1 and step > 0")
+            raise ConfigError(f"search space '{name}': {key} need 0 < min <= max <= 1 and step > 0")
         values = list(np.arange(lo, hi + step / 2, step))
     else:
-        raise ConfigError(f"search space '{name}': ratios must be a list or {{min, max, step}}")
+        raise ConfigError(f"search space '{name}': {key} must be a list or {{min, max, step}}")
     try:
         return tuple(sorted({round(float(v), 6) for v in values}))
     except (TypeError, ValueError):
-        raise ConfigError(f"search space '{name}': ratios must be numbers") from None
+        raise ConfigError(f"search space '{name}': {key} must be numbers") from None

@@ -18,6 +18,7 @@ from automlprune.errors import CandidateError, ConfigError, UnsupportedLayerErro
 from automlprune.space.candidate import Candidate
 from automlprune.space.config import SpaceConfig
 from automlprune.space.graph import ChannelGroup, GroupMember, LayerInfo, discover_groups, fixed_parameters, record_layers
+from automlprune.sparsity.patterns import Geometry, Pattern, parse_pattern
 
 
 class AutoPinned(UserWarning):
@@ -39,12 +40,14 @@ def _reasons(groups: Mapping[str, str], limit: int = 3) -> str:
 class Resolved:
     """A candidate checked against its space once, with what every consumer needs from it:
     ``candidate`` in canonical form (each ratio its exact kept fraction), ``kept`` channels per
-    group (int64, shape (groups,), the space's group order) and ``bits`` per Conv/Linear layer
-    (32 = float32). The evaluator, cost model and materialization take it instead of re-deriving it."""
+    group (int64, shape (groups,), the space's group order), ``bits`` per Conv/Linear layer
+    (32 = float32) and ``sparsity``: sparse layer -> (pattern, density). The evaluator, cost
+    model and materialization take it instead of re-deriving it."""
 
     candidate: Candidate
     kept: np.ndarray = field(compare=False)
     bits: dict[str, int] = field(compare=False)
+    sparsity: dict[str, tuple[Pattern, float]] = field(compare=False, default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -53,11 +56,18 @@ class Resolved:
 
 @dataclass(frozen=True)
 class Dimension:
-    """One coordinate of the encoding: a group's keep ratio or a layer's weight bits."""
+    """One coordinate of the encoding: a group's keep ratio, a layer's weight bits, a layer's
+    weight density, or a layer's sparsity pattern (``choices``: indices into
+    :meth:`SearchSpace.patterns_of`)."""
 
-    kind: str  # "ratio" or "bits"
+    kind: str  # "ratio", "bits", "density" or "pattern"
     name: str
     choices: tuple[float, ...]
+
+    @property
+    def ordered(self) -> bool:
+        """Whether its choices are ordered quantities (ratios, densities) rather than categories."""
+        return self.kind in ("ratio", "density")
 
 
 class SearchSpace:
@@ -78,6 +88,8 @@ class SearchSpace:
         self.group_by_name = {g.name: g for g in self.groups}
         self.quantizable = [l.name for l in self.layers if l.has_weights]
         self.bit_searchable = self._bit_searchable()
+        self.layer_patterns = self._layer_patterns()
+        """Layer -> the space's sparsity patterns that apply to it at full width (searched layers only)."""
         self.auto_pinned: dict[str, str] = {}
         """Groups pinned because automlprune cannot shrink them exactly: name -> why."""
         self.pin({g.name: g.unprunable for g in self.groups if g.unprunable}, stacklevel=3)
@@ -95,6 +107,10 @@ class SearchSpace:
         self.dimensions = [Dimension("ratio", g, self.config.ratios) for g in self.prunable] + [
             Dimension("bits", l, tuple(float(b) for b in self.config.bit_choices)) for l in self.bit_searchable
         ]
+        for layer, patterns in self.layer_patterns.items():
+            self.dimensions.append(Dimension("density", layer, self.config.densities))
+            if len(patterns) > 1:
+                self.dimensions.append(Dimension("pattern", layer, tuple(float(i) for i in range(len(patterns)))))
 
     # ---- structure -------------------------------------------------------------------------
     def _pinned_groups(self) -> set[str]:
@@ -113,6 +129,31 @@ class SearchSpace:
         if self.config.pin_first_last_bits is None:
             return list(self.quantizable)
         return self.quantizable[1:-1]
+
+    def geometry(self, layer: str, inputs: int | None = None, rows: int | None = None) -> Geometry:
+        """The weight matrix of ``layer`` as sparsity patterns see it, at full width or with
+        ``rows`` output channels and ``inputs`` input channels (before grouping)."""
+        info = self.layer_by_name[layer]
+        groups = info.in_channels if info.depthwise else info.groups
+        rows = info.out_channels if rows is None else rows
+        inputs = info.in_channels if inputs is None else inputs
+        return Geometry(int(rows), 1 if info.depthwise else int(inputs) // groups, info.kernel)
+
+    def _layer_patterns(self) -> dict[str, tuple[Pattern, ...]]:
+        if not self.config.sparse:
+            return {}
+        layers = self.quantizable[1:-1] if self.config.pin_first_last_density else self.quantizable
+        patterns = [parse_pattern(p) for p in self.config.patterns]
+        out = {}
+        for layer in layers:
+            usable = tuple(p for p in patterns if p.why_not(self.geometry(layer)) is None)
+            if usable:
+                out[layer] = usable
+        return out
+
+    def patterns_of(self, layer: str) -> tuple[Pattern, ...]:
+        """The sparsity patterns the search may give ``layer`` (empty: it stays dense)."""
+        return self.layer_patterns.get(layer, ())
 
     def feature_layers(self, group: ChannelGroup) -> list[GroupMember]:
         """The out-members whose outputs are ``group``'s feature maps: for each multiply-accumulate
@@ -155,6 +196,10 @@ class SearchSpace:
                 raise CandidateError(f"candidate gives bits to layer '{layer}' that is not a Conv2d/Linear layer of the model; use 'automlprune inspect' for layer names")
             if bits not in allowed:
                 raise CandidateError(f"{bits} bits for layer '{layer}' is not among the space's choices {sorted(allowed)}")
+        for layer, _ in candidate.densities:
+            if layer not in self.quantizable:
+                raise CandidateError(f"candidate gives a weight density to layer '{layer}' that is not a Conv2d/Linear layer of the model; "
+                                     "use 'automlprune inspect' for layer names")
         return candidate
 
     def resolve(self, candidate: Candidate | Resolved) -> Resolved:
@@ -164,7 +209,9 @@ class SearchSpace:
         self.validate(candidate)
         kept = self.kept_channels(candidate)
         ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, kept) if k < g.channels}
-        return Resolved(Candidate.make(ratios, candidate.bit_map), kept, self.weight_bits(candidate))
+        canonical = Candidate.make(ratios, candidate.bit_map, candidate.density_map, dict(candidate.patterns))
+        sparsity = {layer: (parse_pattern(p), d) for layer, (p, d) in candidate.sparsity().items()}
+        return Resolved(canonical, kept, self.weight_bits(candidate), sparsity)
 
     def surviving_indices(self, kept: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
         """For groups keeping the channel indices ``kept[group]``: (layer, side) -> the sorted
@@ -242,21 +289,40 @@ class SearchSpace:
         """The unpruned, full-precision network."""
         return Candidate()
 
-    def uniform(self, ratio: float, bits: int | None = None) -> Candidate:
-        """Every prunable group at keep ratio ``ratio`` (and every searchable layer at ``bits``)."""
-        return Candidate.make({g: ratio for g in self.prunable}, {l: bits for l in self.bit_searchable} if bits else None)
+    def uniform(self, ratio: float, bits: int | None = None, density: float | None = None) -> Candidate:
+        """Every prunable group at keep ratio ``ratio`` (and every bit-searchable layer at ``bits``,
+        every sparsity-searchable layer at ``density`` in its first pattern, or that pattern's own
+        density for an N:M one)."""
+        sparse = {l: self.patterns_of(l)[0] for l in self.layer_patterns} if density is not None and density < 1 else {}
+        return Candidate.make({g: ratio for g in self.prunable}, {l: bits for l in self.bit_searchable} if bits else None,
+                              {l: p.fixed_density or density for l, p in sparse.items()}, {l: p.name for l, p in sparse.items()})
 
     def smallest(self) -> Candidate:
-        """The cheapest candidate of the space: lowest grid ratio and fewest bits everywhere."""
-        return self.uniform(self.config.ratios[0], min(self.config.bit_choices) if self.bit_searchable else None)
+        """The cheapest candidate of the space: lowest grid ratio, fewest bits and (in each layer's
+        sparsest pattern) lowest density everywhere."""
+        bits = {l: min(self.config.bit_choices) for l in self.bit_searchable}
+        densities, patterns = {}, {}
+        for layer, options in self.layer_patterns.items():
+            pattern = min(options, key=lambda p: p.fixed_density or self.config.densities[0])
+            densities[layer], patterns[layer] = pattern.fixed_density or self.config.densities[0], pattern.name
+        return Candidate.make({g: self.config.ratios[0] for g in self.prunable}, bits, densities, patterns)
 
     # ---- encoding --------------------------------------------------------------------------
     def encode(self, candidate: Candidate) -> np.ndarray:
         """Candidate -> float32 vector in [-1, 1]^ndim (grid position of each dimension)."""
-        ratios, bits = candidate.ratio_map, self.weight_bits(candidate)
+        ratios, bits, sparsity = candidate.ratio_map, self.weight_bits(candidate), candidate.sparsity()
         out = np.empty(self.ndim, dtype=np.float32)
         for i, dim in enumerate(self.dimensions):
-            value = ratios.get(dim.name, 1.0) if dim.kind == "ratio" else float(bits[dim.name])
+            if dim.kind == "ratio":
+                value = ratios.get(dim.name, 1.0)
+            elif dim.kind == "bits":
+                value = float(bits[dim.name])
+            elif dim.kind == "density":
+                value = sparsity.get(dim.name, ("", 1.0))[1]
+            else:
+                names = [p.name for p in self.patterns_of(dim.name)]
+                chosen = sparsity.get(dim.name, (names[0], 1.0))[0]
+                value = float(names.index(chosen)) if chosen in names else 0.0
             out[i] = _to_unit(dim.choices, value)
         return out
 
@@ -265,14 +331,23 @@ class SearchSpace:
         vector = np.asarray(vector, dtype=np.float64).reshape(-1)
         if vector.shape[0] != self.ndim:
             raise CandidateError(f"the space has {self.ndim} dimensions but the vector has {vector.shape[0]}")
-        ratios, bits = {}, {}
+        ratios, bits, densities, patterns = {}, {}, {}, {}
         for x, dim in zip(vector, self.dimensions):
             value = _from_unit(dim.choices, float(x))
             if dim.kind == "ratio":
                 ratios[dim.name] = value
-            else:
+            elif dim.kind == "bits":
                 bits[dim.name] = int(value)
-        return Candidate.make(ratios, bits)
+            elif dim.kind == "density":
+                densities[dim.name] = value
+            else:
+                patterns[dim.name] = self.patterns_of(dim.name)[int(value)]
+        sparse_patterns = {}
+        for layer in [l for l, d in densities.items() if d < 1]:
+            pattern = patterns.get(layer, self.patterns_of(layer)[0])
+            sparse_patterns[layer] = pattern.name
+            densities[layer] = pattern.fixed_density or densities[layer]
+        return Candidate.make(ratios, bits, densities, sparse_patterns)
 
     def describe(self) -> dict:
         """A JSON-able summary: groups (name, channels, layers), pinned groups, dimensions."""

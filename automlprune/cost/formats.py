@@ -1,0 +1,275 @@
+"""Storage formats of a Conv2d/Linear weight, each with its honest size and its packing.
+
+A layer's weight is stored in the smallest format its mask admits (:func:`smallest`); the cost
+model's ``bytes`` counts that size and the packed export (:mod:`automlprune.export`) writes
+exactly those arrays, so the file is the reported size plus byte padding and metadata.
+
+Notation: the weight as its pattern matrix (:func:`automlprune.sparsity.patterns.matrix_view`)
+of R rows and C columns, N = R x C weights of which k are kept, values of b bits (the layer's
+weight bits: quantization codes, or the float32 bit pattern at 32), and w(n) = max(1,
+ceil(log2 n)) the bits of an index taking n values. Sizes in bits:
+
+========================  ======================================================  ===========
+format                    bits                                                    admits
+========================  ======================================================  ===========
+``dense``                 N b                                                     any mask
+``bitmask``               N + k b (one bit per weight, then the kept values)      any mask
+``csr``                   (R + 1) w(k + 1) + k (w(C) + b) (row pointers,          any mask
+                          column indices and values at their minimal widths)
+``n:m``                   k (w(M) + b) (each kept value's position in its run)    N:M masks
+``bsr``                   (R/r + 1) w(K + 1) + K w(C/c) + K r c b for K kept r x c  block masks
+                          blocks (block row pointers, block columns, values)
+``block-bitmask``         (R/r)(C/c) + K r c b                                    block masks
+========================  ======================================================  ===========
+
+Break-even densities follow: the bitmask beats dense below density 1 - 1/b (0.97 at float32,
+0.875 at 8 bits); CSR beats the bitmask only at high sparsity. PyTorch's own COO and CSR
+layouts (int64 indices) are not offered: at the 50-90 % sparsity CNNs reach they are larger
+than the dense tensor (``docs/source/sparse.rst``), so a report in them would overstate the
+size. Quantization scales, biases and batch-norm parameters are costed by the ``bytes`` metric
+beside the weight (:mod:`automlprune.cost.metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from automlprune.quantization import pack_codes, unpack_codes
+from automlprune.registry import Registry
+
+
+def index_bits(values: int) -> int:
+    """w(n): bits of an unsigned index taking ``values`` distinct values (at least 1)."""
+    return max(1, math.ceil(math.log2(max(values, 1))))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a format's size depends on: ``rows`` x ``columns`` weights, ``kept`` of them, at
+    ``bits`` bits each; ``run``: M of an N:M mask; ``block``: (r, c) and ``blocks``: kept blocks of
+    a block mask (None when the mask is not of that kind)."""
+
+    rows: int
+    columns: int
+    kept: int
+    bits: int
+    run: Optional[int] = None
+    block: Optional[tuple[int, int]] = None
+    blocks: int = 0
+
+    @property
+    def weights(self) -> int:
+        return self.rows * self.columns
+
+
+@dataclass(frozen=True)
+class Format:
+    """``size``: bits of a layout in this format; ``admits``: whether a mask of that layout can
+    be stored in it; ``pack``: (mask, unsigned values, layout) -> named uint8 arrays; ``unpack``:
+    (arrays, layout) -> (mask, values), both (rows, columns), values 0 where nothing is kept."""
+
+    name: str
+    size: Callable[[Layout], int]
+    admits: Callable[[Layout], bool]
+    pack: Callable[[np.ndarray, np.ndarray, Layout], dict[str, np.ndarray]]
+    unpack: Callable[[dict[str, np.ndarray], Layout], tuple[np.ndarray, np.ndarray]]
+
+
+FORMATS: Registry[Format] = Registry("storage format")
+
+
+def register(fmt: Format) -> Format:
+    FORMATS.register(fmt.name, fmt)
+    return fmt
+
+
+def _always(layout: Layout) -> bool:
+    return True
+
+
+def _packed(values: np.ndarray, bits: int) -> np.ndarray:
+    return pack_codes(np.asarray(values, dtype=np.uint64).reshape(-1), bits)
+
+
+def _read(array: np.ndarray, bits: int, count: int) -> np.ndarray:
+    return unpack_codes(array, bits, count) if count else np.zeros(0, dtype=np.int64)
+
+
+# ---- dense ------------------------------------------------------------------------------------
+def _dense_pack(mask, values, layout):
+    return {"values": _packed(np.where(mask, values, 0), layout.bits)}
+
+
+def _dense_unpack(arrays, layout):
+    values = _read(arrays["values"], layout.bits, layout.weights).reshape(layout.rows, layout.columns)
+    return np.ones_like(values, dtype=bool), values
+
+
+register(Format("dense", lambda l: l.weights * l.bits, _always, _dense_pack, _dense_unpack))
+
+
+# ---- bitmask ----------------------------------------------------------------------------------
+def _bitmask_pack(mask, values, layout):
+    return {"mask": np.packbits(mask.reshape(-1), bitorder="little"), "values": _packed(values[mask], layout.bits)}
+
+
+def _bitmask_unpack(arrays, layout):
+    mask = np.unpackbits(arrays["mask"], bitorder="little")[: layout.weights].astype(bool).reshape(layout.rows, layout.columns)
+    values = np.zeros(mask.shape, dtype=np.int64)
+    values[mask] = _read(arrays["values"], layout.bits, int(mask.sum()))
+    return mask, values
+
+
+register(Format("bitmask", lambda l: l.weights + l.kept * l.bits, _always, _bitmask_pack, _bitmask_unpack))
+
+
+# ---- csr --------------------------------------------------------------------------------------
+def _csr_size(l: Layout) -> int:
+    return (l.rows + 1) * index_bits(l.kept + 1) + l.kept * (index_bits(l.columns) + l.bits)
+
+
+def _csr_pack(mask, values, layout):
+    pointers = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])
+    _, columns = np.nonzero(mask)
+    return {"pointers": _packed(pointers, index_bits(layout.kept + 1)), "columns": _packed(columns, index_bits(layout.columns)),
+            "values": _packed(values[mask], layout.bits)}
+
+
+def _csr_unpack(arrays, layout):
+    pointers = _read(arrays["pointers"], index_bits(layout.kept + 1), layout.rows + 1)
+    kept = int(pointers[-1])
+    columns = _read(arrays["columns"], index_bits(layout.columns), kept)
+    rows = np.repeat(np.arange(layout.rows), np.diff(pointers))
+    mask = np.zeros((layout.rows, layout.columns), dtype=bool)
+    mask[rows, columns] = True
+    values = np.zeros(mask.shape, dtype=np.int64)
+    values[rows, columns] = _read(arrays["values"], layout.bits, kept)
+    return mask, values
+
+
+register(Format("csr", _csr_size, _always, _csr_pack, _csr_unpack))
+
+
+# ---- n:m --------------------------------------------------------------------------------------
+def _nm_pack(mask, values, layout):
+    m = layout.run
+    runs = mask.reshape(layout.rows, -1, m)
+    positions = np.nonzero(runs)[2]  # row-major: each run's kept positions in order
+    return {"positions": _packed(positions, index_bits(m)), "values": _packed(values[mask], layout.bits)}
+
+
+def _nm_unpack(arrays, layout):
+    m, kept = layout.run, layout.kept
+    per_run = kept // (layout.weights // m)
+    positions = _read(arrays["positions"], index_bits(m), kept)
+    runs = np.repeat(np.arange(layout.weights // m), per_run)
+    flat = runs * m + positions
+    mask = np.zeros(layout.weights, dtype=bool)
+    mask[flat] = True
+    values = np.zeros(layout.weights, dtype=np.int64)
+    values[flat] = _read(arrays["values"], layout.bits, kept)
+    return mask.reshape(layout.rows, layout.columns), values.reshape(layout.rows, layout.columns)
+
+
+register(Format("n:m", lambda l: l.kept * (index_bits(l.run) + l.bits), lambda l: l.run is not None, _nm_pack, _nm_unpack))
+
+
+# ---- block formats ----------------------------------------------------------------------------
+def _tiles(array: np.ndarray, layout: Layout) -> np.ndarray:
+    """(rows, columns) -> (block rows, block columns, r, c)."""
+    r, c = layout.block
+    return array.reshape(layout.rows // r, r, layout.columns // c, c).transpose(0, 2, 1, 3)
+
+
+def _untile(tiles: np.ndarray, layout: Layout) -> np.ndarray:
+    return tiles.transpose(0, 2, 1, 3).reshape(layout.rows, layout.columns)
+
+
+def _block_values(values, layout, kept_tiles):
+    r, c = layout.block
+    return _packed(_tiles(values, layout)[kept_tiles].reshape(-1), layout.bits)
+
+
+def _block_fill(kept_tiles, packed_values, layout):
+    r, c = layout.block
+    tiles = np.zeros(kept_tiles.shape + (r, c), dtype=np.int64)
+    tiles[kept_tiles] = _read(packed_values, layout.bits, int(kept_tiles.sum()) * r * c).reshape(-1, r, c)
+    mask = np.broadcast_to(kept_tiles[:, :, None, None], tiles.shape)
+    return _untile(np.ascontiguousarray(mask), layout), _untile(tiles, layout)
+
+
+def _bsr_size(l: Layout) -> int:
+    r, c = l.block
+    return (l.rows // r + 1) * index_bits(l.blocks + 1) + l.blocks * (index_bits(l.columns // c) + r * c * l.bits)
+
+
+def _bsr_pack(mask, values, layout):
+    kept_tiles = _tiles(mask, layout).all(axis=(2, 3))
+    pointers = np.concatenate([[0], np.cumsum(kept_tiles.sum(axis=1))])
+    return {"pointers": _packed(pointers, index_bits(layout.blocks + 1)),
+            "columns": _packed(np.nonzero(kept_tiles)[1], index_bits(layout.columns // layout.block[1])),
+            "values": _block_values(values, layout, kept_tiles)}
+
+
+def _bsr_unpack(arrays, layout):
+    r, c = layout.block
+    block_rows, block_columns = layout.rows // r, layout.columns // c
+    pointers = _read(arrays["pointers"], index_bits(layout.blocks + 1), block_rows + 1)
+    columns = _read(arrays["columns"], index_bits(block_columns), int(pointers[-1]))
+    kept_tiles = np.zeros((block_rows, block_columns), dtype=bool)
+    kept_tiles[np.repeat(np.arange(block_rows), np.diff(pointers)), columns] = True
+    return _block_fill(kept_tiles, arrays["values"], layout)
+
+
+def _block_bitmask_pack(mask, values, layout):
+    kept_tiles = _tiles(mask, layout).all(axis=(2, 3))
+    return {"mask": np.packbits(kept_tiles.reshape(-1), bitorder="little"), "values": _block_values(values, layout, kept_tiles)}
+
+
+def _block_bitmask_unpack(arrays, layout):
+    r, c = layout.block
+    shape = (layout.rows // r, layout.columns // c)
+    kept_tiles = np.unpackbits(arrays["mask"], bitorder="little")[: shape[0] * shape[1]].astype(bool).reshape(shape)
+    return _block_fill(kept_tiles, arrays["values"], layout)
+
+
+def _is_block(layout: Layout) -> bool:
+    return layout.block is not None
+
+
+register(Format("bsr", _bsr_size, _is_block, _bsr_pack, _bsr_unpack))
+register(Format("block-bitmask", lambda l: l.weights // (l.block[0] * l.block[1]) + l.blocks * l.block[0] * l.block[1] * l.bits,
+                _is_block, _block_bitmask_pack, _block_bitmask_unpack))
+
+
+def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:
+    """The :class:`Layout` of a layer of ``geometry`` (:class:`~automlprune.sparsity.patterns.Geometry`)
+    sparsified with ``pattern`` at ``density``, its values at ``bits`` bits."""
+    blocks = pattern.kept_blocks(geometry, density) if pattern.block else 0
+    return Layout(geometry.rows, geometry.columns, pattern.kept(geometry, density), int(bits), pattern.run, pattern.block, blocks)
+
+
+def smallest(layout: Layout, sparse: bool = True) -> tuple[str, int]:
+    """(format name, bits) of the smallest format admitting ``layout`` (the first registered on a
+    tie); a dense layer (``sparse`` False) is always stored dense."""
+    if not sparse:
+        return "dense", FORMATS.get("dense").size(layout)
+    sizes = [(FORMATS.get(n).size(layout), i, n) for i, n in enumerate(FORMATS.ordered_names()) if FORMATS.get(n).admits(layout)]
+    bits, _, name = min(sizes)
+    return name, bits
+
+
+def float_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 tensor's IEEE bit patterns as unsigned integers (the 32-bit "codes" of an
+    unquantized weight)."""
+    return tensor.detach().float().cpu().contiguous().numpy().view(np.uint32).astype(np.uint64)
+
+
+def from_float_bits(codes: np.ndarray) -> torch.Tensor:
+    """Inverse of :func:`float_bits`."""
+    return torch.from_numpy(np.ascontiguousarray(codes.astype(np.uint32)).view(np.float32).copy())

@@ -1,0 +1,232 @@
+"""Weight sparsity patterns: which individual weights of a Conv2d/Linear layer a mask may remove.
+
+A layer's weight is seen as a matrix (:func:`matrix_view`): one row per output channel, its
+columns in channels-last order (for a conv, kernel row, kernel column, input channel within
+the convolution group, the last varying fastest; for a linear, its input features). Runs of
+consecutive columns are then consecutive input channels at one kernel position, the order
+NVIDIA's 2:4 masks use for convolutions (ASP permutes a conv weight to (out, kh, kw, in) before
+grouping) and the order of ``torch.ao.pruning``'s (1, 4) blocks for linear layers.
+
+Families (a pattern is written as in a candidate or a space file):
+
+* ``unstructured``: any weights; a layer at density d keeps round(d x weights) of them
+  (at least one), those with the highest scores.
+* ``N:M`` (e.g. ``2:4``): in every run of M consecutive columns of a row, the N highest-scoring
+  weights; the density is N/M exactly. The input channels per group must be a multiple of M.
+* ``block:RxC`` (e.g. ``block:1x4``): whole R x C blocks of the matrix, those with the highest
+  summed score; round(d x blocks) blocks kept (at least one). The rows (kept output channels)
+  must be a multiple of R and the input channels per group a multiple of C.
+
+Every kept count depends only on the layer's shape and density, never on the weights, so the
+cost model knows a candidate's storage exactly before any network is built
+(:mod:`automlprune.cost.formats`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from automlprune.errors import CandidateError
+
+
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv2d (out, in/groups, kh, kw) or Linear (out, in) weight as the (out, columns)
+    matrix patterns act on, columns in channels-last order (see the module docstring)."""
+    if weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def from_matrix(matrix: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`matrix_view`: the (out, columns) matrix back in the weight's ``shape``."""
+    if len(shape) == 4:
+        out, inputs, kh, kw = shape
+        return matrix.reshape(out, kh, kw, inputs).permute(0, 3, 1, 2).contiguous()
+    return matrix.reshape(tuple(shape))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A layer's weight matrix as patterns see it: ``rows`` (output channels), ``inputs`` (input
+    channels per convolution group, or input features) and ``kernel`` (kh x kw; 1 for linear).
+    Columns = inputs x kernel; weights = rows x columns."""
+
+    rows: int
+    inputs: int
+    kernel: int = 1
+
+    @property
+    def columns(self) -> int:
+        return self.inputs * self.kernel
+
+    @property
+    def weights(self) -> int:
+        return self.rows * self.columns
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Geometry":
+        return cls(int(weight.shape[0]), int(weight.shape[1]), int(weight[0, 0].numel()))
+
+
+class Pattern:
+    """One sparsity pattern. ``name``: its canonical spelling; ``family``: the family it belongs
+    to; ``fixed_density``: the only density it allows (N:M), else None; ``run``: the N:M group
+    length M (None for others); ``block``: (R, C) of a block pattern (None for others)."""
+
+    name: str
+    family: str
+    fixed_density: Optional[float] = None
+    run: Optional[int] = None
+    block: Optional[tuple[int, int]] = None
+
+    def why_not(self, geometry: Geometry) -> Optional[str]:
+        """Why the pattern cannot apply to a layer of this geometry (None when it can)."""
+        return None
+
+    def check(self, layer: str, geometry: Geometry) -> None:
+        """Raise :class:`CandidateError` when the pattern cannot apply to ``layer`` of ``geometry``."""
+        why = self.why_not(geometry)
+        if why is not None:
+            raise CandidateError(f"sparsity pattern {self.name} cannot apply to layer '{layer}': {why}; "
+                                 "give that layer another pattern or leave it dense")
+
+    def kept(self, geometry: Geometry, density: float) -> int:
+        """Weights kept at ``density`` (a function of the shape only)."""
+        raise NotImplementedError
+
+    def kept_blocks(self, geometry: Geometry, density: float) -> int:
+        """Blocks kept (block patterns only)."""
+        raise NotImplementedError
+
+    def mask(self, scores: torch.Tensor, density: float) -> torch.Tensor:
+        """Boolean mask (the shape of the (rows, columns) matrix ``scores``): True = kept;
+        exactly :meth:`kept` entries are True, the highest-scoring ones the pattern allows."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.name})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pattern) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+def _count(density: float, total: int) -> int:
+    return int(min(total, max(1, round(density * total))))
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest entries of the 1-D ``scores`` (ties: lower index first)."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[order[:count]] = True
+    return keep
+
+
+class Unstructured(Pattern):
+    name = family = "unstructured"
+
+    def kept(self, geometry, density):
+        return _count(density, geometry.weights)
+
+    def mask(self, scores, density):
+        rows, columns = scores.shape
+        return _top(scores.reshape(-1), self.kept(Geometry(rows, columns), density)).reshape(scores.shape)
+
+
+class NM(Pattern):
+    """N of every M consecutive columns of a row (semi-structured sparsity)."""
+
+    family = "n:m"
+
+    def __init__(self, n: int, m: int) -> None:
+        self.n, self.m = n, m
+        self.name, self.fixed_density, self.run = f"{n}:{m}", n / m, m
+
+    def why_not(self, geometry):
+        if geometry.inputs % self.m:
+            return f"its {geometry.inputs} input channels per group are not a multiple of {self.m}"
+        return None
+
+    def kept(self, geometry, density):
+        return geometry.weights // self.m * self.n
+
+    def mask(self, scores, density):
+        rows, columns = scores.shape
+        runs = scores.reshape(rows, columns // self.m, self.m).double()
+        order = torch.argsort(runs, dim=-1, descending=True, stable=True)
+        keep = torch.zeros_like(runs, dtype=torch.bool)
+        keep.scatter_(-1, order[..., : self.n], True)
+        return keep.reshape(rows, columns)
+
+
+class Block(Pattern):
+    """Whole R x C blocks of the weight matrix."""
+
+    family = "block"
+
+    def __init__(self, r: int, c: int) -> None:
+        self.block, self.name = (r, c), f"block:{r}x{c}"
+
+    def why_not(self, geometry):
+        r, c = self.block
+        if geometry.rows % r:
+            return f"its {geometry.rows} output channels are not a multiple of {r} (set the space's round_to to a multiple of {r})"
+        if geometry.inputs % c:
+            return f"its {geometry.inputs} input channels per group are not a multiple of {c}"
+        return None
+
+    def kept_blocks(self, geometry, density):
+        r, c = self.block
+        return _count(density, geometry.weights // (r * c))
+
+    def kept(self, geometry, density):
+        return self.kept_blocks(geometry, density) * self.block[0] * self.block[1]
+
+    def mask(self, scores, density):
+        r, c = self.block
+        rows, columns = scores.shape
+        tiles = scores.double().reshape(rows // r, r, columns // c, c).sum(dim=(1, 3))
+        keep = _top(tiles.reshape(-1), self.kept_blocks(Geometry(rows, columns), density)).reshape(tiles.shape)
+        return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+
+
+FAMILIES = ("unstructured", "n:m", "block")
+"""The pattern families, as a space's ``sparsity.patterns`` may list them (``N:M`` and ``block:RxC`` with their sizes)."""
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_BLOCK = re.compile(r"^\s*block\s*:\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+def parse_pattern(text: object) -> Pattern:
+    """The pattern ``text`` names (``unstructured``, ``N:M`` such as ``2:4``, ``block:RxC`` such as
+    ``block:1x4``); one sentence when it names none."""
+    spelled = str(text).strip().lower()
+    if spelled == "unstructured":
+        return Unstructured()
+    match = _NM.match(spelled)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 1 <= n < m:
+            raise CandidateError(f"sparsity pattern '{text}' needs 1 <= N < M (N of every M weights kept), such as 2:4")
+        return NM(n, m)
+    match = _BLOCK.match(spelled)
+    if match:
+        r, c = int(match.group(1)), int(match.group(2))
+        if r < 1 or c < 1 or r * c < 2:
+            raise CandidateError(f"sparsity pattern '{text}' needs blocks of at least two weights, such as block:1x4")
+        return Block(r, c)
+    raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4) or block:RxC (such as block:1x4)")
+
+
+def check_density(density: object, where: str) -> float:
+    """``density`` as a float in (0, 1], or one sentence naming ``where`` it was given."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
+        raise CandidateError(f"weight density {density!r} for {where} is outside (0, 1]; give the fraction of weights kept, such as 0.25")
+    return float(density)

@@ -293,19 +293,31 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> float:
 
 
 def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4,
-                             bits: int | None = None) -> float:
+                             bits: int | None = None, density: float | None = None) -> float:
     """The largest keep ratio r such that every prunable group at r (and every bit-searchable
-    layer at ``bits``, when given) costs at most ``budget`` (absolute units of ``metric``), by
-    bisection on r in (0, 1]. Raises ConfigError when even the space's minimum widths exceed the budget."""
+    layer at ``bits``, every sparsity-searchable layer at ``density``, when given) costs at most
+    ``budget`` (absolute units of ``metric``), by bisection on r in (0, 1]. Raises ConfigError
+    when even the space's minimum widths exceed the budget."""
     space = cost_model.space
-    cost = lambda r: cost_model(space.uniform(r, bits))[metric]  # noqa: E731
+    return _largest_uniform(lambda r: cost_model(space.uniform(r, bits, density))[metric], metric, budget, tolerance, "uniform network")
+
+
+def uniform_density_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4,
+                               bits: int | None = None) -> float:
+    """The largest weight density d such that every sparsity-searchable layer at d (in its first
+    pattern; every channel kept, every bit-searchable layer at ``bits`` when given) costs at most
+    ``budget``, by bisection on d in (0, 1]."""
+    space = cost_model.space
+    return _largest_uniform(lambda d: cost_model(space.uniform(1.0, bits, d))[metric], metric, budget, tolerance,
+                            "uniformly sparse network")
+
+
+def _largest_uniform(cost: Callable[[float], float], metric: str, budget: float, tolerance: float, what: str) -> float:
     if cost(1.0) <= budget:
         return 1.0
     lo = 1e-6
     if cost(lo) > budget:
-        raise ConfigError(
-            f"a {metric} budget of {budget:.4g} is below what the narrowest uniform network costs ({cost(lo):.4g}); raise the budget"
-        )
+        raise ConfigError(f"a {metric} budget of {budget:.4g} is below what the narrowest {what} costs ({cost(lo):.4g}); raise the budget")
     return largest_within(lambda r: cost(r) <= budget, lo, 1.0, math.ceil(math.log2((1.0 - lo) / tolerance)))
 
 

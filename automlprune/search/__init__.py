@@ -8,6 +8,7 @@ for _name, _entry, _desc in [
     ("uniform", "automlprune.search.baselines:UniformStrategy", "one keep ratio for every group, by bisection to the budget"),
     ("random", "automlprune.search.baselines:RandomStrategy", "random feasible candidates from the grid"),
     ("greedy", "automlprune.search.baselines:GreedyStrategy", "per-group sensitivity, then greedy allocation to the budget (AIMET/NetAdapt style)"),
+    ("global-magnitude", "automlprune.search.baselines:GlobalMagnitudeStrategy", "one |w| threshold across layers sets every layer's weight density (global magnitude pruning)"),
     ("global", "automlprune.search.baselines:GlobalStrategy", "one importance ranking of channels across groups, cut to the budget"),
     ("optuna-tpe", "automlprune.search.optuna_strategies:TPEStrategy", "Optuna multivariate TPE, accuracy vs cost with the budget as constraint"),
     ("optuna-nsga2", "automlprune.search.optuna_strategies:NSGA2Strategy", "Optuna NSGA-II, accuracy vs cost with the budget as constraint"),

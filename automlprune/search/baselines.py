@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from automlprune.cost import uniform_ratio_for_budget
+import torch
+
+from automlprune.cost import uniform_density_for_budget, uniform_ratio_for_budget
 from automlprune.evaluator import EvalResult
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
@@ -37,20 +39,74 @@ class OneShotStrategy(Strategy):
 
 class UniformStrategy(OneShotStrategy):
     """One keep ratio for every prunable group: the largest that meets the budget, found by
-    bisection on the continuous ratio (the common baseline). One evaluation.
+    bisection on the continuous ratio (the common baseline). One evaluation. In a space that
+    searches weight densities but not widths (one keep ratio, e.g. ``--space sparse``), one
+    density for every sparsity-searchable layer instead (in its first pattern), the largest
+    that meets the budget.
 
-    Option ``bits``: every bit-searchable layer at these weight bits (one of the space's bit
-    choices; e.g. uniform 4-bit), the ratio then the largest that still meets the budget."""
+    Options: ``bits``: every bit-searchable layer at these weight bits (one of the space's bit
+    choices; e.g. uniform 4-bit), the ratio (or density) then the largest that still meets the
+    budget; ``density``: every sparsity-searchable layer at this weight density, the ratio then
+    the largest that meets the budget."""
 
     name = "uniform"
-    option_names = ("bits",)
+    option_names = ("bits", "density")
+    option_types = {"bits": int, "density": float}
+    option_ranges = {"density": (lambda v: 0 < v <= 1, "must be a fraction of weights kept in (0, 1]")}
 
     def propose(self) -> Candidate:
-        bits = self.options.get("bits")
+        bits, density = self.options.get("bits"), self.options.get("density")
         if bits is not None and (not self.space.bit_searchable or bits not in self.space.config.bit_choices):
             raise ConfigError(f"uniform bits={bits!r} is not among the space's bit choices {list(self.space.config.bit_choices)}; "
                               "use a space with bit choices (e.g. --space mixed-precision) and one of them")
-        return self.space.uniform(uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits), bits)
+        if density is not None and not self.space.layer_patterns:
+            raise ConfigError(f"uniform density={density!r} needs a space that searches weight densities (e.g. --space joint)")
+        if self.space.layer_patterns and len(self.space.config.ratios) == 1 and density is None:
+            return self.space.uniform(1.0, bits, uniform_density_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits))
+        ratio = uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits, density=density)
+        return self.space.uniform(ratio, bits, density)
+
+
+class GlobalMagnitudeStrategy(OneShotStrategy):
+    """Global magnitude pruning: one threshold on |w| across every sparsity-searchable layer
+    (unstructured), the lowest that meets the budget, so each layer's density is the fraction of
+    its weights above it (the classic baseline of Han et al. 2015 and of the lottery-ticket
+    line of work; layers the space keeps dense stay dense). Every channel is kept; option
+    ``bits`` as for ``uniform``. One evaluation; its densities are exact, not on the space's grid."""
+
+    name = "global-magnitude"
+    option_names = ("bits",)
+    option_types = {"bits": int}
+
+    def propose(self) -> Proposal:
+        space = self.space
+        layers = [l for l, options in space.layer_patterns.items() if any(p.name == "unstructured" for p in options)]
+        if not layers:
+            raise ConfigError("global-magnitude needs a space that searches unstructured weight densities "
+                              "(sparsity.patterns with unstructured, e.g. --space sparse)")
+        bits = self.options.get("bits")
+        if bits is not None and bits not in space.config.bit_choices:
+            raise ConfigError(f"global-magnitude bits={bits!r} is not among the space's bit choices {list(space.config.bit_choices)}")
+        bit_map = {l: bits for l in space.bit_searchable} if bits else None
+        magnitudes = [self.context.model.get_submodule(l).weight.detach().abs().flatten().cpu() for l in layers]
+        ordered = torch.sort(torch.cat(magnitudes), descending=True).values
+        sizes = [m.numel() for m in magnitudes]
+
+        def candidate(kept: int) -> Candidate:
+            threshold = ordered[kept - 1]
+            densities = {l: max(int((m >= threshold).sum()), 1) / n for l, m, n in zip(layers, magnitudes, sizes)}
+            return Candidate.make(None, bit_map, densities, {l: "unstructured" for l, d in densities.items() if d < 1})
+
+        fits = lambda kept: self.budget.met_by(self.cost_model(candidate(kept)))  # noqa: E731
+        lo, hi = 1, ordered.numel()
+        if fits(hi):
+            return Proposal(candidate(hi), as_proposed=True)
+        if not fits(lo):
+            raise ConfigError(f"budget {self.budget.label} is below what global magnitude pruning reaches with one weight per layer; raise the budget")
+        while hi - lo > 1:  # largest kept count that fits
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return Proposal(candidate(lo), as_proposed=True)
 
 
 class GridWalk:
@@ -59,16 +115,18 @@ class GridWalk:
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.sizes = np.array([len(d.choices) for d in strategy.space.dimensions])
+        self.lowerable = np.array([d.kind != "pattern" for d in strategy.space.dimensions], dtype=bool)
 
     def candidate(self, index: np.ndarray) -> Candidate:
         n = np.maximum(self.sizes - 1, 1)
         return self.strategy.space.decode(np.where(self.sizes > 1, 2 * index / n - 1, 0.0))
 
     def repair(self, index: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-        """Lower random dimensions one grid step at a time until the candidate meets the budget."""
+        """Lower random dimensions one grid step at a time until the candidate meets the budget
+        (sparsity patterns are categories, not amounts: they are never lowered)."""
         index = index.copy()
         while not self.strategy.feasible(self.candidate(index)):
-            lowerable = np.flatnonzero(index > 0)
+            lowerable = np.flatnonzero((index > 0) & self.lowerable)
             if len(lowerable) == 0:
                 return None
             index[rng.choice(lowerable)] -= 1

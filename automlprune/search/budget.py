@@ -158,4 +158,5 @@ def check_achievable(budget: Budget, cost_model: CostModel) -> None:
         raise ConfigError(
             f"budget {budget.label} is impossible: the smallest network this space allows costs {smallest:.4g} "
             f"{budget.unit} ({smallest / bound.base:.1%} of the unpruned network); raise the budget or widen the space's ratios"
+            + (" (weight sparsity lowers bytes, not the MACs PyTorch executes)" if cost_model.space.layer_patterns and budget.metric != "bytes" else "")
         )

@@ -33,6 +33,7 @@ from automlprune.evaluator import EvalResult
 from automlprune.proposal import Proposal, TrainedWeights
 from automlprune.search.run_dir import OWN_STORAGE, atomic_write_text, config_conflict, run_lock, storage_file
 from automlprune.space import Candidate, SearchSpace
+from automlprune.space.search_space import Dimension
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -42,31 +43,41 @@ UNPRUNED_STUDY = "unpruned"
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
-    """Per dimension of the space with a choice to make: an integer grid index for keep ratios
-    (ordered), a categorical over the bit choices for bit widths."""
-    return {f"{d.kind}:{d.name}": (IntDistribution(0, len(d.choices) - 1) if d.kind == "ratio"
-                                   else CategoricalDistribution([int(c) for c in d.choices]))
+    """Per dimension of the space with a choice to make: an integer grid index for keep ratios and
+    weight densities (ordered), a categorical over the bit choices for bit widths and over the
+    pattern names for sparsity patterns."""
+    return {_param(d): (IntDistribution(0, len(d.choices) - 1) if d.ordered else CategoricalDistribution(_categories(space, d)))
             for d in space.dimensions if len(d.choices) > 1}
 
 
-def to_params(space: SearchSpace, candidate: Candidate) -> dict[str, int]:
-    """Candidate -> params: grid indices of ratios (nearest grid point when off-grid), bit widths."""
+def _param(d: Dimension) -> str:
+    return f"{d.kind}:{d.name}"
+
+
+def _categories(space: SearchSpace, d: Dimension) -> list:
+    """A categorical dimension's values as Optuna shows them: bit widths, or pattern names."""
+    return [p.name for p in space.patterns_of(d.name)] if d.kind == "pattern" else [int(c) for c in d.choices]
+
+
+def to_params(space: SearchSpace, candidate: Candidate) -> dict[str, int | str]:
+    """Candidate -> params: grid indices of ratios and densities (nearest grid point when off-grid),
+    bit widths, pattern names."""
     vector = space.encode(candidate)
-    params = {}
+    params: dict[str, int | str] = {}
     for x, d in zip(vector, space.dimensions):
         if len(d.choices) > 1:
             index = int(round((float(x) + 1) / 2 * (len(d.choices) - 1)))
-            params[f"{d.kind}:{d.name}"] = index if d.kind == "ratio" else int(d.choices[index])
+            params[_param(d)] = index if d.ordered else _categories(space, d)[index]
     return params
 
 
-def from_params(space: SearchSpace, params: dict[str, int]) -> Candidate:
+def from_params(space: SearchSpace, params: dict[str, int | str]) -> Candidate:
     """Params -> candidate (dimensions missing from ``params`` stay at their first choice)."""
     vector = np.zeros(space.ndim)
     for i, d in enumerate(space.dimensions):
         n = len(d.choices)
-        value = params.get(f"{d.kind}:{d.name}")
-        index = 0 if value is None else (int(value) if d.kind == "ratio" else d.choices.index(float(value)))
+        value = params.get(_param(d))
+        index = 0 if value is None else (int(value) if d.ordered else _categories(space, d).index(value))
         vector[i] = 2 * index / (n - 1) - 1 if n > 1 else 0.0
     return space.decode(vector)
 

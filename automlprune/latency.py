@@ -21,7 +21,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
     around every pass.
     """
     device = torch.device(device)
-    model = model.to(device).eval()
+    model = _inference_form(model.to(device))
     result = {}
     for batch in batch_sizes:
         x = torch.randn(batch, *input_shape, device=device)
@@ -39,6 +39,15 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
             times.append((time.perf_counter() - start) * 1000)
         result[int(batch)] = statistics.median(times)
     return result
+
+
+def _inference_form(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode; a module loaded from a torch.export program (which refuses
+    ``eval()`` in recent PyTorch: its graph is already fixed) as it is."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def measure_latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64),

@@ -439,6 +439,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from automlprune.report.collect import collect
     from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
+    from automlprune.sparsity.masks import sparsity_record
 
     run_dir = Path(args.run_dir)
     store, config, task = _run_context(run_dir, args.storage)
@@ -465,6 +466,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     payload = {"export": str(path), "strategy": best.strategy, "seed": best.seed, "answer": best.answer}
     human = [f"saved {path} ({best.strategy}, seed {best.seed}: validation accuracy {_pct(best.answer['accuracy'])}, "
              f"{_pct(best.answer['relative']['macs'])} MACs)"]
+    sparse = sparsity_record(network)
+    if fmt == "packed":
+        reported = evaluator.cost_model(proposal.candidate)["bytes"]
+        payload.update(file_bytes=path.stat().st_size, reported_bytes=reported)
+        human.append(f"  the file holds {path.stat().st_size:,} bytes: the reported {reported:,.0f} bytes of parameters plus "
+                     "batch-norm statistics and metadata")
+    elif sparse:
+        human.append(f"  this format holds dense tensors: the {len(sparse)} sparse layers are stored and run dense "
+                     "(export --format packed for the sparse size; no PyTorch kernel runs a sparse convolution faster)")
     check = _check_exported(network, path, task.data.example_input(), evaluator.settings.latency_batch_sizes)
     if check:
         payload.update(check)

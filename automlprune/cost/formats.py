@@ -71,13 +71,16 @@ class Layout:
 class Format:
     """``size``: bits of a layout in this format; ``admits``: whether a mask of that layout can
     be stored in it; ``pack``: (mask, unsigned values, layout) -> named uint8 arrays; ``unpack``:
-    (arrays, layout) -> (mask, values), both (rows, columns), values 0 where nothing is kept."""
+    (arrays, layout) -> (mask, values), both (rows, columns), values 0 where nothing is kept;
+    ``structured``: a format for one pattern's masks (N:M, blocks), preferred on a tie (a 2:4
+    mask costs the same as a bitmask and an N:M index, and is what sparse kernels read)."""
 
     name: str
     size: Callable[[Layout], int]
     admits: Callable[[Layout], bool]
     pack: Callable[[np.ndarray, np.ndarray, Layout], dict[str, np.ndarray]]
     unpack: Callable[[dict[str, np.ndarray], Layout], tuple[np.ndarray, np.ndarray]]
+    structured: bool = False
 
 
 FORMATS: Registry[Format] = Registry("storage format")
@@ -176,7 +179,7 @@ def _nm_unpack(arrays, layout):
     return mask.reshape(layout.rows, layout.columns), values.reshape(layout.rows, layout.columns)
 
 
-register(Format("n:m", lambda l: l.kept * (index_bits(l.run) + l.bits), lambda l: l.run is not None, _nm_pack, _nm_unpack))
+register(Format("n:m", lambda l: l.kept * (index_bits(l.run) + l.bits), lambda l: l.run is not None, _nm_pack, _nm_unpack, True))
 
 
 # ---- block formats ----------------------------------------------------------------------------
@@ -242,9 +245,9 @@ def _is_block(layout: Layout) -> bool:
     return layout.block is not None
 
 
-register(Format("bsr", _bsr_size, _is_block, _bsr_pack, _bsr_unpack))
+register(Format("bsr", _bsr_size, _is_block, _bsr_pack, _bsr_unpack, True))
 register(Format("block-bitmask", lambda l: l.weights // (l.block[0] * l.block[1]) + l.blocks * l.block[0] * l.block[1] * l.bits,
-                _is_block, _block_bitmask_pack, _block_bitmask_unpack))
+                _is_block, _block_bitmask_pack, _block_bitmask_unpack, True))
 
 
 def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:
@@ -255,12 +258,13 @@ def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:
 
 
 def smallest(layout: Layout, sparse: bool = True) -> tuple[str, int]:
-    """(format name, bits) of the smallest format admitting ``layout`` (the first registered on a
-    tie); a dense layer (``sparse`` False) is always stored dense."""
+    """(format name, bits) of the smallest format admitting ``layout`` (on a tie a structured
+    format, then the first registered); a dense layer (``sparse`` False) is always stored dense."""
     if not sparse:
         return "dense", FORMATS.get("dense").size(layout)
-    sizes = [(FORMATS.get(n).size(layout), i, n) for i, n in enumerate(FORMATS.ordered_names()) if FORMATS.get(n).admits(layout)]
-    bits, _, name = min(sizes)
+    sizes = [(FORMATS.get(n).size(layout), not FORMATS.get(n).structured, i, n)
+             for i, n in enumerate(FORMATS.ordered_names()) if FORMATS.get(n).admits(layout)]
+    bits, _, _, name = min(sizes)
     return name, bits
 
 

@@ -17,6 +17,7 @@ from matplotlib.ticker import FuncFormatter
 
 from automlprune.report.collect import SearchRecord
 from automlprune.report.pareto import pareto_front
+from automlprune.sparsity.patterns import parse_pattern
 from automlprune.space import Candidate, SearchSpace
 
 
@@ -169,45 +170,74 @@ def plot_progress(records: list[SearchRecord], path: Path, unpruned: float | Non
     return path
 
 
+PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^"}
+"""Marker of each sparsity pattern family in the density panels."""
+
+
 def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -> Path:
-    """Keep ratio of every channel group (network order) in each strategy's answer, per budget;
-    when the space searches bit widths, a second panel per budget with each layer's weight bits."""
+    """Per budget, one row of panels for each strategy's answer (first seed): the keep ratio of
+    every channel group (network order) when the space searches widths, each layer's weight bits
+    when it searches bits, and each layer's weight density (log scale; marker = pattern family:
+    circle unstructured, square N:M, triangle block) when it searches sparsity."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
     groups = [g.name for g in space.groups]
-    layers = space.quantizable if space.bit_searchable else []
-    columns = 2 if layers else 1
-    width = max(7, 0.35 * len(groups) + 3) + (max(6, 0.3 * len(layers) + 2) if layers else 0)
-    fig, axes = figure(len(budgets), columns, figsize=(width, 3 * len(budgets)), squeeze=False)
+    panels = ([("widths", groups)] if len(space.config.ratios) > 1 or not (space.bit_searchable or space.layer_patterns) else [])
+    panels += [("bits", space.quantizable)] if space.bit_searchable else []
+    panels += [("densities", space.quantizable)] if space.layer_patterns else []
+    widths = [max(7, 0.35 * len(groups) + 3) if kind == "widths" else max(6, 0.3 * len(names) + 2) for kind, names in panels]
+    fig, axes = figure(len(budgets), len(panels), figsize=(sum(widths), 3 * len(budgets)), squeeze=False)
     for row, label in enumerate(budgets):
-        ax = axes[row, 0]
         shown = set()
         for r in (r for r in records if r.budget.label == label and r.answer):
             if r.strategy in shown:  # first seed only: one line per strategy
                 continue
             shown.add(r.strategy)
             cand = Candidate.from_dict(r.answer["candidate"])
-            kept = space.kept_channels(cand) / np.array([g.channels for g in space.groups])
-            ax.plot(range(len(groups)), kept, marker="o", markersize=3, color=colors[r.strategy], label=r.strategy)
-            if layers:
-                bits = space.weight_bits(cand)
-                axes[row, 1].plot(range(len(layers)), [bits[l] for l in layers], marker="o", markersize=3,
-                                  color=colors[r.strategy], label=r.strategy)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("kept fraction")
-        ax.set_title(f"per-group widths of the answers, budget {label}")
-        _name_ticks(ax, groups)
-        if layers:
-            bx = axes[row, 1]
-            bx.set_yscale("log", base=2)
-            bx.set_yticks(sorted(set(space.config.bit_choices) | set(space.fixed_bits.values())))
-            bx.get_yaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            bx.set_ylabel("weight bits")
-            bx.set_title(f"per-layer weight bits of the answers, budget {label}")
-            _name_ticks(bx, layers)
+            for column, (kind, names) in enumerate(panels):
+                _draw_profile(axes[row, column], kind, names, cand, space, colors[r.strategy], r.strategy)
+        for column, (kind, names) in enumerate(panels):
+            _style_profile(axes[row, column], kind, names, space, label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _draw_profile(ax: Any, kind: str, names: list[str], cand: Candidate, space: SearchSpace, color: Any, label: str) -> None:
+    x = np.arange(len(names))
+    if kind == "widths":
+        ax.plot(x, space.kept_channels(cand) / np.array([g.channels for g in space.groups]), marker="o", markersize=3,
+                color=color, label=label)
+    elif kind == "bits":
+        bits = space.weight_bits(cand)
+        ax.plot(x, [bits[l] for l in names], marker="o", markersize=3, color=color, label=label)
+    else:
+        sparsity = {l: (parse_pattern(p), d) for l, (p, d) in cand.sparsity().items()}
+        density = [sparsity[l][1] if l in sparsity else 1.0 for l in names]
+        ax.plot(x, density, color=color, label=label, linewidth=1)
+        for i, layer in enumerate(names):
+            family = sparsity[layer][0].family if layer in sparsity else None
+            ax.plot(i, density[i], marker=PATTERN_MARKERS.get(family, "."), markersize=5 if family else 3, color=color)
+
+
+def _style_profile(ax: Any, kind: str, names: list[str], space: SearchSpace, label: str) -> None:
+    if kind == "widths":
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("kept fraction")
+        ax.set_title(f"per-group widths of the answers, budget {label}")
+    elif kind == "bits":
+        ax.set_yscale("log", base=2)
+        ax.set_yticks(sorted(set(space.config.bit_choices) | set(space.fixed_bits.values())))
+        ax.get_yaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylabel("weight bits")
+        ax.set_title(f"per-layer weight bits of the answers, budget {label}")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylim(min(space.config.densities[0], 0.5) / 1.5, 1.3)
+        ax.get_yaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylabel("weight density (kept)")
+        ax.set_title(f"per-layer weight density (o unstructured, □ N:M, △ block), budget {label}", fontsize=9)
+    _name_ticks(ax, names)
 
 
 def _name_ticks(ax: Any, names: list[str]) -> None:

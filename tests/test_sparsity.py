@@ -1,0 +1,269 @@
+"""Weight sparsity: patterns, honest storage formats, criteria, the cost model, materialization,
+export and the command line (issue 18)."""
+
+import json
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from automlprune.cli.main import main
+from automlprune.cost import CostModel, count_macs
+from automlprune.cost.formats import FORMATS, Layout, index_bits, layout_of, smallest
+from automlprune.errors import CandidateError, ConfigError
+from automlprune.evaluator import Evaluator
+from automlprune.export import load_packed, save_packed
+from automlprune.materialize import materialize
+from automlprune.settings import EvalSettings, FinetuneSettings
+from automlprune.space import Candidate, SearchSpace
+from automlprune.space.config import SpaceConfig
+from automlprune.sparsity.criteria import weight_scores
+from automlprune.sparsity.masks import sparsity_record
+from automlprune.sparsity.patterns import Geometry, from_matrix, matrix_view, parse_pattern
+
+# ---- storage formats against sizes worked out by hand --------------------------------------------
+# One 64 x 64 x 3 x 3 conv: R = 64 rows, C = 576 columns, N = 36,864 weights. w(n) = ceil(log2 n).
+#   50 % fp32, k = 18,432: bitmask 36,864 + 18,432 x 32 = 626,688 bits = 78,336 B;
+#       CSR (65 pointers x w(18,433) = 15) + 18,432 x (w(576) = 10 + 32) = 975 + 774,144 = 775,119 bits.
+#   90 % fp32, k = round(3,686.4) = 3,686: bitmask 36,864 + 117,952 = 154,816 bits = 19,352 B;
+#       CSR 65 x w(3,687) = 12 -> 780 + 3,686 x 42 = 154,812 -> 155,592 bits = 19,449 B.
+#   95 % int8, k = 1,843: CSR 65 x 11 = 715 + 1,843 x 18 = 33,174 -> 33,889 bits.
+#   2:4 int8: 18,432 kept x (2 position bits + 8) = 184,320 bits = 23,040 B; fp16: x 18 = 41,472 B.
+#   1x4 blocks, 10 % of 9,216 blocks = 922: BSR 65 x w(923) = 10 -> 650 + 922 x w(144) = 8 -> 7,376
+#       + 922 x 4 x 32 = 118,016 -> 126,042 bits; block bitmask 9,216 + 118,016 = 127,232 bits.
+# (The dense-vs-CSR figures match the reference table in sparsity-methods-and-competitors.md, B1.)
+HAND_SIZES = [
+    (Layout(64, 576, 18432, 32), {"dense": 36864 * 32, "bitmask": 626688, "csr": 775119}, "bitmask"),
+    (Layout(64, 576, 3686, 32), {"bitmask": 154816, "csr": 155592}, "bitmask"),
+    (Layout(64, 576, 1843, 8), {"csr": 33889, "bitmask": 36864 + 1843 * 8}, "csr"),
+    (Layout(64, 576, 18432, 8, run=4), {"n:m": 184320, "bitmask": 184320}, "n:m"),  # 2:4 ties with the bitmask: the N:M layout
+    (Layout(64, 576, 18432, 16, run=4), {"n:m": 41472 * 8, "bitmask": 36864 + 18432 * 16}, "n:m"),
+    (Layout(64, 576, 9216, 8, run=4), {"n:m": 9216 * 10, "bitmask": 36864 + 9216 * 8}, "n:m"),  # 1:4: 2.5 vs 3 bits per weight
+    (Layout(64, 576, 3688, 32, block=(1, 4), blocks=922), {"bsr": 126042, "block-bitmask": 127232}, "bsr"),
+]
+
+
+@pytest.mark.parametrize("layout,sizes,best", HAND_SIZES)
+def test_format_sizes_match_hand_computed_bits(layout, sizes, best):
+    for name, bits in sizes.items():
+        assert FORMATS.get(name).size(layout) == bits, name
+    assert smallest(layout)[0] == best
+    assert smallest(layout, sparse=False) == ("dense", layout.weights * layout.bits)
+
+
+def test_break_even_densities():
+    # bitmask beats dense below density 1 - 1/b: N = 1000 at fp32 -> k < 968.75; at 8 bits k < 875
+    for bits, limit in ((32, 968), (8, 874)):
+        assert smallest(Layout(10, 100, limit, bits))[0] == "bitmask"
+        assert smallest(Layout(10, 100, limit + 1, bits))[0] == "dense"
+    # CSR beats the bitmask only when sparse: 64 x 576 fp32, per kept weight 42 vs 32 bits plus the pointers
+    crossing = next(k for k in range(1, 36864) if FORMATS.get("csr").size(Layout(64, 576, k, 32)) >= FORMATS.get("bitmask").size(Layout(64, 576, k, 32)))
+    assert 3000 < crossing < 3700  # about 36,864 / 10 = 9.9 % density
+    assert index_bits(1) == 1 and index_bits(2) == 1 and index_bits(3) == 2 and index_bits(576) == 10
+
+
+def _random_mask(pattern, geometry, density, seed=0):
+    scores = torch.rand(geometry.rows, geometry.columns, generator=torch.Generator().manual_seed(seed))
+    return pattern.mask(scores, density), scores
+
+
+@pytest.mark.parametrize("text,density", [("unstructured", 0.3), ("unstructured", 0.02), ("2:4", 0.5), ("1:8", 0.125),
+                                          ("block:1x4", 0.25), ("block:4x4", 0.1)])
+def test_every_format_packs_and_unpacks_exactly_at_its_size(text, density):
+    pattern, geometry = parse_pattern(text), Geometry(16, 32, 9)
+    mask, _ = _random_mask(pattern, geometry, density)
+    layout = layout_of(pattern, geometry, density, 5)
+    assert int(mask.sum()) == layout.kept
+    values = np.random.default_rng(0).integers(0, 2 ** 5, size=(16, 32 * 9))
+    for name in (n for n in FORMATS.ordered_names() if FORMATS.get(n).admits(layout)):
+        fmt = FORMATS.get(name)
+        arrays = fmt.pack(mask.numpy(), values, layout)
+        assert sum(a.nbytes for a in arrays.values()) - fmt.size(layout) / 8 < len(arrays)  # only byte padding
+        back_mask, back_values = fmt.unpack(arrays, layout)
+        expected = mask.numpy() if name != "dense" else np.ones_like(mask.numpy())
+        assert np.array_equal(back_mask, expected), name
+        assert np.array_equal(back_values[expected], np.where(mask.numpy(), values, 0)[expected]), name
+
+
+# ---- patterns -------------------------------------------------------------------------------------
+def test_patterns_keep_the_highest_scores_in_their_shapes():
+    scores = torch.arange(48.0).reshape(4, 12)
+    unstructured = parse_pattern("unstructured").mask(scores, 0.25)
+    assert unstructured.sum() == 12 and unstructured[3].all()  # the 12 largest are the last row
+    nm = parse_pattern("2:4").mask(scores, 0.5).reshape(4, 3, 4)
+    assert (nm.sum(-1) == 2).all() and nm[..., 2:].all()  # the two largest of every run of four
+    block = parse_pattern("block:2x4").mask(scores, 1 / 3)
+    assert block.sum() == 16 and block[2:, 4:].all()  # 2 of 6 blocks: the last row of blocks, right-most two
+    weight = torch.randn(8, 3, 3, 3)
+    assert torch.equal(from_matrix(matrix_view(weight), weight.shape), weight)
+    assert torch.equal(matrix_view(weight)[:, :3], weight[:, :, 0, 0])  # channels-last: consecutive columns are input channels
+
+
+@pytest.mark.parametrize("bad,message", [("4:4", "1 <= N < M"), ("0:4", "1 <= N < M"), ("blocky", "unknown sparsity pattern"),
+                                         ("block:1x1", "at least two weights")])
+def test_bad_patterns_are_refused_in_one_sentence(bad, message):
+    with pytest.raises(CandidateError, match=message):
+        parse_pattern(bad)
+
+
+def test_candidate_json_grows_without_changing_old_keys():
+    old = Candidate.make({"g": 0.5}, {"l": 4})
+    assert old.to_dict() == {"ratios": {"g": 0.5}, "bits": {"l": 4}}
+    sparse = Candidate.make({"g": 0.5}, None, {"a": 0.3, "b": 1.0}, {"c": "2:4", "a": "unstructured"})
+    assert sparse.to_dict() == {"ratios": {"g": 0.5}, "bits": {}, "densities": {"a": 0.3, "c": 0.5}, "patterns": {"c": "2:4"}}
+    assert Candidate.from_json(sparse.to_json()) == sparse
+    for bad, message in [({"densities": {"a": 1.5}}, "outside \\(0, 1\\]"), ({"densities": {"a": 0}}, "outside"),
+                         ({"patterns": {"a": "block:1x4"}}, "no density"), ({"densities": {"a": 0.3}, "patterns": {"a": "2:4"}}, "keeps 0.5"),
+                         ({"densities": [0.5]}, "must be JSON objects")]:
+        with pytest.raises(CandidateError, match=message):
+            Candidate.from_dict({"ratios": {}, **bad})
+
+
+# ---- the space and the cost model -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def space_and_model(trained_digits_model):
+    config = SpaceConfig(densities=(0.1, 0.3, 0.5, 1.0), patterns=("unstructured", "2:4", "block:1x4"), round_to=4,
+                         bit_choices=(4, 8, 32), name="test-sparse")
+    return SearchSpace(trained_digits_model, torch.zeros(1, 1, 8, 8), config), trained_digits_model
+
+
+def test_space_offers_patterns_where_they_apply_and_round_trips_the_encoding(space_and_model):
+    space, _ = space_and_model
+    assert "features.0" not in space.layer_patterns and "classifier.3" not in space.layer_patterns  # first/last stay dense
+    assert [p.name for p in space.patterns_of("features.3")] == ["unstructured", "2:4", "block:1x4"]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        candidate = space.decode(rng.uniform(-1, 1, space.ndim))
+        assert space.decode(space.encode(candidate)) == candidate
+    assert {d.kind for d in space.dimensions} == {"ratio", "bits", "density", "pattern"}
+    with pytest.raises(ConfigError, match="round_to to a multiple"):
+        SpaceConfig(densities=(0.5, 1.0), patterns=("2:4",), round_to=1)
+    with pytest.raises(ConfigError, match="unknown sparsity pattern"):
+        SpaceConfig.from_dict({"sparsity": {"densities": [0.5], "patterns": ["2:5:1"]}})
+
+
+def test_costs_of_sparse_layers_follow_the_formats_and_macs_stay_dense(space_and_model):
+    space, model = space_and_model
+    cost = CostModel(space, model)
+    candidate = Candidate.make({"features.0": 0.5}, {"features.7": 8}, {"features.7": 0.1, "classifier.1": 0.5},
+                               {"classifier.1": "2:4"})
+    costs, dense = cost(candidate), cost(Candidate.make({"features.0": 0.5}, {"features.7": 8}))
+    storage = cost.storage(candidate)
+    # features.7: 64 x (32 x 9) weights (its 32 inputs untouched), 10 % kept = 1,843 at 8 bits
+    layout = Layout(64, 288, round(0.1 * 64 * 288), 8)
+    assert storage["features.7"]["format"] == smallest(layout)[0] and storage["features.7"]["bytes"] == smallest(layout)[1] / 8
+    assert storage["classifier.1"]["pattern"] == "2:4" and storage["classifier.1"]["density"] == 0.5
+    net = materialize(model, candidate, space)
+    assert costs["macs"] == dense["macs"] == count_macs(net, space.example_input)  # PyTorch executes the zeros
+    nonzero = {n: int((m.weight != 0).sum()) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert nonzero["features.7"] <= layout.kept and costs["macs_nnz"] < costs["macs"]
+    saved = (64 * 288 * 8 - smallest(layout)[1]) / 8 + (256 * 64 * 32 - smallest(Layout(64, 256, 64 * 128, 32, run=4))[1]) / 8
+    assert costs["bytes"] == pytest.approx(dense["bytes"] - saved)
+    with pytest.raises(CandidateError, match="cannot apply to layer 'features.0'"):
+        cost(Candidate.make(None, None, None, {"features.0": "2:4"}))  # one input channel
+
+
+# ---- criteria ---------------------------------------------------------------------------------------
+def _chain():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    for bn in (model[1], model[4]):
+        bn.weight.data.uniform_(0.5, 2)
+        bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def test_lap_scores_by_hand_on_a_chain():
+    model = _chain()
+    space = SearchSpace(model, torch.zeros(1, 2, 4, 4))
+    scores = weight_scores(model, space, "lap", ["3"])
+    w0, w1, w2 = model[0].weight, model[3].weight, model[7].weight
+    bn = lambda m: (m.weight / torch.sqrt(m.running_var + m.eps)) ** 2  # noqa: E731
+    previous = w0.pow(2).sum(dim=(1, 2, 3)) * bn(model[1])  # producers of conv 3's inputs, BN-scaled
+    following = w2.pow(2).reshape(5, 3, 16).sum(dim=(0, 2)) * bn(model[4])  # the linear's columns per channel
+    expected = w1.pow(2) * previous[None, :, None, None] * following[:, None, None, None]
+    assert torch.allclose(scores["3"], expected.detach(), rtol=1e-5)
+
+
+def test_hessian_scores_are_weights_squared_times_im2col_moments():
+    model = _chain()
+    space = SearchSpace(model, torch.zeros(1, 2, 4, 4))
+    batches = [(torch.randn(6, 2, 4, 4), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
+    scores = weight_scores(model, space, "hessian", ["0"], batches)
+    x = torch.cat([b[0] for b in batches])
+    columns = torch.nn.functional.unfold(x, 3, padding=1)  # (12, 2 x 9, 16)
+    moment = columns.pow(2).mean(dim=(0, 2)).reshape(2, 3, 3)
+    assert torch.allclose(scores["0"], model[0].weight.detach().pow(2) * moment, rtol=1e-5)
+    with pytest.raises(ConfigError, match="needs a few training batches"):
+        weight_scores(model, space, "hessian", ["0"])
+
+
+# ---- evaluation, fine-tuning and export -------------------------------------------------------------
+@pytest.mark.parametrize("criterion", ["magnitude", "lap", "hessian"])
+def test_export_is_the_reported_size_and_computes_the_same(space_and_model, digits, criterion, tmp_path):
+    space, model = space_and_model
+    evaluator = Evaluator(model, space, digits, EvalSettings(weight_criterion=criterion, bn_batches=2))
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        candidate = space.decode(rng.uniform(-0.6, 0.6, space.ndim))
+        assert candidate.densities, "the draw should hold sparse layers"
+        result = evaluator.evaluate(candidate)
+        net = evaluator.network(candidate)
+        record = sparsity_record(net)
+        for layer, (pattern, density) in space.resolve(candidate).sparsity.items():
+            weight = net.get_submodule(layer).weight
+            assert int(record[layer]["mask"].sum()) == pattern.kept(Geometry.of(weight), density)
+            assert not weight[~record[layer]["mask"]].any()
+        path = save_packed(net, tmp_path / f"{criterion}{i}.qpt")
+        statistics = sum(b.numel() * b.element_size() for b in net.buffers())
+        assert path.stat().st_size <= 1.05 * (result.costs["bytes"] + statistics) + 4096
+        assert path.stat().st_size >= result.costs["bytes"]
+        back = load_packed(path, model)
+        x = digits.example_input().repeat(5, 1, 1, 1) + torch.randn(5, 1, 8, 8)
+        assert (back(x) - net(x)).abs().max() < 1e-5
+        assert set(sparsity_record(back)) == set(record)
+
+
+def test_finetune_keeps_masks_and_bit_grids(space_and_model, digits):
+    space, model = space_and_model
+    evaluator = Evaluator(model, space, digits, EvalSettings(bn_batches=2))
+    candidate = Candidate.make({"features.3": 0.5}, {"features.7": 4}, {"features.7": 0.3, "classifier.1": 0.5},
+                               {"classifier.1": "block:1x4"})
+    tuned = evaluator.finetune(candidate, FinetuneSettings(epochs=1, batch_size=128), progress=False).model
+    record = sparsity_record(tuned)
+    for layer in ("features.7", "classifier.1"):
+        weight = tuned.get_submodule(layer).weight
+        assert not weight[~record[layer]["mask"]].any() and weight[record[layer]["mask"]].ne(0).float().mean() > 0.9
+    codes = tuned.features[7].weight / tuned.automlprune_quantization["layers"]["features.7"]["scale"].view(-1, 1, 1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 7 + 1e-4
+
+
+# ---- strategies and the command line ----------------------------------------------------------------
+def test_uniform_and_global_magnitude_meet_a_bytes_budget(checkpoint, capsys, tmp_path):
+    code = main(["compare", "digits-cnn", "--space", "sparse", "--strategies", "uniform,global-magnitude,random",
+                 "--budgets", "bytes=0.3", "--evals", "6", "--set", f"checkpoint={checkpoint}", "--run-dir", str(tmp_path / "run"),
+                 "--finetune-epochs", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert code == 0 and out["report"] and {r["strategy"] for r in rows} == {"uniform", "global-magnitude", "random"}
+    for row in rows:
+        assert row["bytes_fraction"] <= 0.3 + 1e-9 and row["macs_fraction"] == 1.0 and row["val_accuracy"] > 0.5
+    code = main(["export", str(tmp_path / "run"), "--budget", "bytes=0.3", "--format", "packed", "--json"])
+    exported = json.loads(capsys.readouterr().out)
+    assert code == 0 and exported["reported_bytes"] <= exported["file_bytes"] <= 1.05 * exported["reported_bytes"] + 8192
+
+
+@pytest.mark.parametrize("candidate,message", [
+    ({"densities": {"features.3": 1.5}}, "outside (0, 1]"),
+    ({"patterns": {"features.3": "4:4"}}, "1 <= N < M"),
+    ({"patterns": {"features.0": "2:4"}}, "cannot apply to layer 'features.0'"),
+    ({"densities": {"nope": 0.5}}, "not a Conv2d/Linear layer"),
+])
+def test_bad_sparse_candidates_exit_2_in_one_sentence(checkpoint, capsys, tmp_path, candidate, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"ratios": {}, "bits": {}, **candidate}))
+    code = main(["evaluate", "digits-cnn", "--set", f"checkpoint={checkpoint}", "--candidate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

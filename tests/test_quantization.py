@@ -177,7 +177,7 @@ def test_packed_file_is_the_reported_bytes_plus_metadata(tmp_path, trained_digit
 
 
 def test_packing_an_unquantized_network_is_refused(tmp_path, trained_digits_model, digits_space):
-    with pytest.raises(ConfigError, match="no quantized layers"):
+    with pytest.raises(ConfigError, match="no quantized or sparse layers"):
         save_packed(materialize(trained_digits_model, digits_space.uniform(0.5), digits_space), tmp_path / "x.qpt")
 
 

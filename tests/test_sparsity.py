@@ -267,3 +267,33 @@ def test_bad_sparse_candidates_exit_2_in_one_sentence(checkpoint, capsys, tmp_pa
     code = main(["evaluate", "digits-cnn", "--set", f"checkpoint={checkpoint}", "--candidate", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---- reinforcement learning: the density step mode -----------------------------------------------------
+@pytest.mark.parametrize("mode,action_type", [("density", "continuous"), ("density", "discrete"), ("joint", "continuous")])
+def test_rl_density_mode_meets_a_bytes_budget_in_every_episode(space_and_model, mode, action_type):
+    from automlprune.evaluator import EvalResult
+    from automlprune.rl.env import LayerWidthEnv
+
+    space, model = space_and_model
+    cost = CostModel(space, model)
+
+    def score(candidate):
+        costs = cost(candidate)
+        return EvalResult(candidate, 0.5, None, costs, {}, 0.0)
+
+    env = LayerWidthEnv(None, "bytes=0.2", action_type=action_type, mode=mode, reward_source=score, space=space, cost_model=cost)
+    kinds = [k for k, _ in env.decisions]
+    assert "density" in kinds and (("ratio" in kinds and "bits" in kinds) if mode == "joint" else set(kinds) == {"density"})
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        env.reset(seed=0)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(env.action_space.sample() if action_type == "discrete" else rng.uniform(-1, 1, 1))
+        candidate = Candidate.from_dict(info["candidate"])
+        assert info["feasible"] and cost(candidate)["bytes"] <= 0.2 * cost.base["bytes"] + 1e-6
+        assert candidate.densities and all(p == "unstructured" for p, _ in candidate.sparsity().values())
+    plain = SearchSpace(model, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ConfigError, match="mode density searches weight densities"):
+        LayerWidthEnv(None, "bytes=0.5", mode="density", reward_source=score, space=plain, cost_model=CostModel(plain, model))

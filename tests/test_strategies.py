@@ -17,6 +17,17 @@ SHORT_TRAINING = {**{name: dict(batch_size=64, update_interval=2, reg_steps=40, 
 """Training-time methods run the contract with a few dozen steps (tests/test_greg.py trains them longer)."""
 CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]
 BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
+SPARSE_ONLY = {"global-magnitude": {"macs=0.5": "bytes=0.4", "params=0.3": "bytes=0.2"}}  # weight densities only: budgets in bytes
+
+
+@pytest.fixture(scope="module")
+def sparse_space(trained_digits_model, digits):
+    from automlprune.space import SearchSpace
+    from automlprune.space.config import SpaceConfig
+
+    config = SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "block:1x4"),
+                         bit_choices=(4, 8, 32), pin_first_last_bits=8)
+    return SearchSpace(trained_digits_model, digits.example_input(), config)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +40,13 @@ def mixed_space(trained_digits_model, digits):
 
 @pytest.mark.parametrize("strategy", CONTRACT_CASES)
 @pytest.mark.parametrize("budget", ["macs=0.5", "params=0.3", "bytes=0.2 mixed"])
-def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, mixed_space, digits):
-    """Every strategy, on the channel space (macs, params) and on a channels-and-bits space (bytes)."""
+def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, digits_space, mixed_space, sparse_space, digits):
+    """Every strategy, on the channel space (macs, params) and on a channels-and-bits space (bytes);
+    the weight-sparsity allocators on a densities-and-bits space."""
     max_evals = 8
     budget, _, mixed = budget.partition(" ")
-    budget = BITS_ONLY.get(strategy, {}).get(budget, budget)
-    space = mixed_space if mixed or strategy in BITS_ONLY else digits_space
+    budget = {**BITS_ONLY, **SPARSE_ONLY}.get(strategy, {}).get(budget, budget)
+    space = sparse_space if strategy in SPARSE_ONLY else mixed_space if mixed or strategy in BITS_ONLY else digits_space
     options = SHORT_TRAINING.get(strategy, {})
     outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, strategy,
                                                   budget=budget, max_evals=max_evals, seed=1, options=options)
@@ -86,3 +98,14 @@ def test_greedy_probes_each_group_then_allocates(tmp_path, trained_digits_model,
     assert outcome.history[0].candidate.ratios == ()  # the unpruned reference first
     assert all(len(c.ratios) == 1 for c in probes)
     assert {g for c in probes for g in c.ratio_map} == set(digits_space.prunable)
+
+
+@pytest.mark.parametrize("strategy,options", [("uniform", {}), ("random", {}), ("optuna-tpe", {}), ("ddpg", {"mode": "density", "warmup": 3}),
+                                              ("global-magnitude", {})])
+def test_searches_over_weight_densities_meet_a_bytes_budget(strategy, options, tmp_path, trained_digits_model, sparse_space, digits):
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, sparse_space, digits, strategy,
+                                                  budget="bytes=0.25", max_evals=6, seed=0, options=options)
+    answer = outcome.answer.candidate
+    assert answer.densities and not answer.ratios
+    assert evaluator.cost_model(answer)["bytes"] <= 0.25 * evaluator.cost_model.base["bytes"] * (1 + 1e-9)
+    assert evaluator.cost_model(answer)["macs"] == evaluator.cost_model.base["macs"]  # PyTorch still runs every weight

@@ -327,8 +327,8 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
 
                 path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{budget.slug}.pt2")
                 entry["export"] = str(path)
-                lines.append(f"  saved {path}")
-                if a.candidate.bits:
+                lines.append(f"  saved {path}" + (" (dense tensors: its sparse layers are stored and run dense)" if a.candidate.densities else ""))
+                if a.candidate.bits or a.candidate.densities:
                     packed = export_model(network, session.task.data.example_input(), run_dir / f"model-{budget.slug}.qpt",
                                           architecture=session.task.architecture())
                     entry["export_packed"] = str(packed)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate at 8 bits everywhere: also build PyTorch's int8 network (x86) and report its accuracy and CPU latency next to float32")
     p.add_argument("--criterion", help="channel importance criterion (see 'automlprune list criteria'; default: the task's)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="E", help="fine-tune for E epochs and report test accuracy")
-    p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx, .qpt packed quantized weights)")
+    p.add_argument("--export", metavar="OUT", help="save the network (.pt, .pt2 torch.export, .ts TorchScript, .onnx, .qpt packed quantized weights and sparse layers)")
 
     p = sub.add_parser("search", help="search widths under one or several budgets with one strategy")
     _common(p)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="one of the run's budgets, e.g. macs=0.5")
     p.add_argument("--strategy", help="only this strategy's answers (default: the most accurate of all)")
     p.add_argument("--format", choices=["pt", "pt2", "torchscript", "onnx", "packed"], default="pt2",
-                   help="default %(default)s (torch.export); packed: bit-packed quantized weights (.qpt)")
+                   help="default %(default)s (torch.export); packed: bit-packed quantized weights and sparse layers in their storage formats (.qpt)")
     p.add_argument("--out", help="output file (default RUN_DIR/model-<budget>.<ext>)")
     p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
 

@@ -115,7 +115,7 @@ class _Stop(Exception):
 class RLStrategy(Strategy):
     """Base of the SB3 strategies. Options (``--option key=value``):
 
-    mode: channels | bits | joint (see :mod:`automlprune.rl.env`); action_type: continuous |
+    mode: channels | bits | density | joint (see :mod:`automlprune.rl.env`); action_type: continuous |
     discrete; reward: accuracy | error_log_macs; warmup: episodes of random actions before
     learning (default min(100, evals // 4)); learning_rate (critic, and actor unless
     actor_learning_rate is set; DDPG/TD3 default to AMC's 1e-3 and 1e-4); batch_size; gamma
@@ -156,7 +156,7 @@ class RLStrategy(Strategy):
                                  reward_baseline=o.get("reward_baseline", 0.5 if self.algorithm == "ddpg" else None),
                                  mode=o.get("mode", self.default_mode), space=self.space, cost_model=self.cost_model)
         self.steps_per_episode = len(self.env.decisions)
-        starts = warm_start_candidates(self, self.warm_start) if self.env.groups else []  # bits mode keeps channels whole
+        starts = warm_start_candidates(self, self.warm_start) if self.env.groups else []  # bits and density modes keep channels whole
         self._first: list[Candidate] = starts if self.algorithm == "ppo" else []
         """Warm starts the loop evaluates before the agent runs (PPO: not replayed)."""
         self._served_first = False

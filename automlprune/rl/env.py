@@ -5,10 +5,13 @@ One episode walks the decisions of its ``mode`` in network order, one per step:
 
 * ``channels``: each prunable channel group's keep ratio (AMC);
 * ``bits``: each bit-searchable layer's weight bits, channels kept whole (HAQ);
-* ``joint``: the channel groups first, then the layers' bits, in the same episode.
+* ``density``: each sparsity-searchable layer's weight density (in its first pattern that
+  allows any density: unstructured or block), channels kept whole and weights float32;
+* ``joint``: the channel groups first, then the layers' densities (when the space searches
+  them), then the layers' bits, in the same episode.
 
-Keep ratios are clipped as in AMC so the budget stays reachable whatever the agent does (the
-decisions still to come are assumed to go to their minimum, bits included). Bit widths are
+Keep ratios and densities are clipped as in AMC so the budget stays reachable whatever the agent
+does (the decisions still to come are assumed to go to their minimum, bits included). Bit widths are
 taken as chosen and, if the finished candidate is over budget, lowered as in HAQ: one choice
 at a time, sweeping from the last layer backward, until the budget is met. So every finished
 episode yields a candidate that meets the budget. The reward, given at the last step only,
@@ -31,12 +34,13 @@ from automlprune.search.budget import Budget, check_achievable, parse_budget
 from automlprune.space import Candidate
 
 REWARDS = ("accuracy", "error_log_macs")
-MODES = ("channels", "bits", "joint")
+MODES = ("channels", "bits", "density", "joint")
 OBSERVATION_FEATURES = (
     "step index", "is linear", "is depthwise", "in channels", "out channels", "stride", "kernel size",
     "decision MACs", "decision params", "budget metric removed so far", "budget metric of the decisions to come",
-    "previous action", "decides bits",
+    "previous action", "decision kind (0 widths, 0.5 densities, 1 bits)",
 )
+KIND_FEATURE = {"ratio": 0.0, "density": 0.5, "bits": 1.0}
 
 
 class LayerWidthEnv(gym.Env):
@@ -91,23 +95,35 @@ class LayerWidthEnv(gym.Env):
         self._baseline: float | None = None
         self.groups = list(self.space.prunable) if mode in ("channels", "joint") else []
         self.bit_layers = list(self.space.bit_searchable) if mode in ("bits", "joint") else []
-        if mode != "bits" and (not self.groups or len(self.space.config.ratios) < 2):
+        self.patterns = {l: next(p for p in options if p.fixed_density is None) for l, options in self.space.layer_patterns.items()
+                         if mode in ("density", "joint") and any(p.fixed_density is None for p in options)}
+        """Layer -> the pattern its density decisions use."""
+        self.density_layers = list(self.patterns)
+        if mode == "density" and not self.density_layers:
+            raise ConfigError("mode density searches weight densities but the search space has none (or only N:M patterns); "
+                              "use a space with a sparsity section (e.g. --space sparse)")
+        if mode in ("channels", "joint") and (not self.groups or len(self.space.config.ratios) < 2):
             raise ConfigError(f"mode {mode} searches channel widths but the search space has no channel choices (no prunable "
                               "group or one ratio only); use a space with ratios below 1, or --option mode=bits")
-        if mode != "channels" and not self.bit_layers:
+        if mode in ("bits", "joint") and not self.bit_layers:
             raise ConfigError(f"mode {mode} searches bit widths but the search space has no bit choices; "
                               "use a space with bits.choices (e.g. --space mixed-precision) or mode channels")
-        self.decisions = [("ratio", g) for g in self.groups] + [("bits", l) for l in self.bit_layers]
+        self.decisions = ([("ratio", g) for g in self.groups] + [("density", l) for l in self.density_layers]
+                          + [("bits", l) for l in self.bit_layers])
         self.grid = list(self.space.config.ratios)
         self.min_ratio = self.grid[0]
+        self.density_grid = list(self.space.config.densities)
+        self.min_density = self.density_grid[0]
         self.bit_choices = list(self.space.config.bit_choices)
         self._check_reachable()
         self.static = self._static_features()
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
-        sizes = ([len(self.grid)] if self.groups else []) + ([len(self.bit_choices)] if self.bit_layers else [])
+        sizes = (([len(self.grid)] if self.groups else []) + ([len(self.density_grid)] if self.density_layers else [])
+                 + ([len(self.bit_choices)] if self.bit_layers else []))
         self.action_space = (spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32) if action_type == "continuous"
                              else spaces.Discrete(max(sizes)))
         self._ratios: dict[str, float] = {}
+        self._densities: dict[str, float] = {}
         self._bits: dict[str, int] = {}
         self._t = 0
         self._prev = 1.0
@@ -127,11 +143,13 @@ class LayerWidthEnv(gym.Env):
         if self.demonstration is None or self._t >= len(self.decisions):
             return None
         kind, name = self.decisions[self._t]
-        if kind == "ratio":
-            ratio = self.demonstration.ratio_map.get(name, 1.0)
+        if kind in ("ratio", "density"):
+            value = (self.demonstration.ratio_map.get(name, 1.0) if kind == "ratio"
+                     else self.demonstration.density_map.get(name, 1.0))
+            grid, low = (self.grid, self.min_ratio) if kind == "ratio" else (self.density_grid, self.min_density)
             if self.action_type == "continuous":
-                return np.array([2.0 * (ratio - self.min_ratio) / (1.0 - self.min_ratio) - 1.0], dtype=np.float32).clip(-1, 1)
-            index, n = max([i for i, r in enumerate(self.grid) if r <= ratio + 1e-9], default=0), len(self.grid)
+                return np.array([2.0 * (value - low) / (1.0 - low) - 1.0], dtype=np.float32).clip(-1, 1)
+            index, n = max([i for i, r in enumerate(grid) if r <= value + 1e-9], default=0), len(grid)
         else:
             index, n = self.bit_choices.index(self.demonstration.bit_map.get(name, self.bit_choices[-1])), len(self.bit_choices)
         if self.action_type == "continuous":
@@ -140,15 +158,18 @@ class LayerWidthEnv(gym.Env):
         return np.array(int(round(index * (size - 1) / max(1, n - 1))) if size != n else index)
 
     def _check_reachable(self) -> None:
-        """In ``bits`` mode channels stay whole: refuse budgets that even the fewest bits cannot meet."""
-        if self.mode != "bits":
+        """In ``bits`` and ``density`` modes channels stay whole: refuse budgets that even every
+        decision at its minimum cannot meet."""
+        if self.mode not in ("bits", "density"):
             return
-        lowest = self._cost({}, {l: self.bit_choices[0] for l in self.bit_layers})
+        _, lowest_densities, lowest_bits = self._at_minimum_after(-1)
+        lowest = self._cost({}, lowest_bits, lowest_densities)
         if lowest > self.limit:
             base = self.cost_model.base[self.metric]
-            raise ConfigError(f"budget {self.budget.label} is out of reach in mode bits: at {self.bit_choices[0]} bits everywhere and "
+            least = f"{self.bit_choices[0]} bits" if self.mode == "bits" else f"density {self.min_density:g}"
+            raise ConfigError(f"budget {self.budget.label} is out of reach in mode {self.mode}: at {least} everywhere and "
                               f"all channels kept the network costs {lowest:.4g} {self.budget.unit} ({lowest / base:.1%}); "
-                              "use mode joint, or a bytes or bitops budget")
+                              "use mode joint, or a bytes budget")
 
     # ---- features --------------------------------------------------------------------------------
     def _static_features(self) -> np.ndarray:
@@ -168,39 +189,49 @@ class LayerWidthEnv(gym.Env):
         table = np.array(rows, dtype=np.float64)
         return table / np.maximum(table.max(axis=0), 1e-12)
 
-    def _cost(self, ratios: dict[str, float], bits: dict[str, int]) -> float:
-        return self.cost_model(Candidate.make(ratios, bits))[self.metric]
+    def _candidate(self, ratios: dict[str, float], bits: dict[str, int], densities: dict[str, float] | None = None) -> Candidate:
+        densities = {l: d for l, d in (densities or {}).items() if d < 1}
+        return Candidate.make(ratios, bits, densities, {l: self.patterns[l].name for l in densities})
 
-    def _at_minimum_after(self, t: int) -> tuple[dict[str, float], dict[str, int]]:
-        """The decisions after step ``t`` at their minimum (lowest ratio, fewest bits)."""
+    def _cost(self, ratios: dict[str, float], bits: dict[str, int], densities: dict[str, float] | None = None) -> float:
+        return self.cost_model(self._candidate(ratios, bits, densities))[self.metric]
+
+    def _at_minimum_after(self, t: int) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+        """The decisions after step ``t`` at their minimum (lowest ratio and density, fewest bits)."""
         later = self.decisions[t + 1:]
-        return ({n: self.min_ratio for k, n in later if k == "ratio"}, {n: self.bit_choices[0] for k, n in later if k == "bits"})
+        return ({n: self.min_ratio for k, n in later if k == "ratio"}, {n: self.min_density for k, n in later if k == "density"},
+                {n: self.bit_choices[0] for k, n in later if k == "bits"})
 
     def _observation(self) -> np.ndarray:
         """AMC's embedding of the current decision; costs in the budget's metric, as fractions of
         the unpruned network: removed by the decisions taken, and still removable by the later ones."""
         t = min(self._t, len(self.decisions) - 1)
         base = self.cost_model.base[self.metric]
-        now = self._cost(self._ratios, self._bits)
-        later_ratios, later_bits = self._at_minimum_after(self._t)
+        now = self._cost(self._ratios, self._bits, self._densities)
+        later_ratios, later_densities, later_bits = self._at_minimum_after(self._t)
         kind = self.decisions[t][0]
-        removable_later = now - self._cost({**self._ratios, **later_ratios}, {**self._bits, **later_bits})
+        removable_later = now - self._cost({**self._ratios, **later_ratios}, {**self._bits, **later_bits},
+                                           {**self._densities, **later_densities})
         obs = np.concatenate([[t / max(1, len(self.decisions) - 1)], self.static[t],
-                              [(base - now) / base, removable_later / base, self._prev, float(kind == "bits")]])
+                              [(base - now) / base, removable_later / base, self._prev, KIND_FEATURE[kind]]])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     # ---- dynamics --------------------------------------------------------------------------------
     def max_feasible_ratio(self) -> float:
-        """AMC's clipping bound: the largest keep ratio for the current group such that, with the
-        decisions still to come at their minimum, the budget is met."""
-        later_ratios, later_bits = self._at_minimum_after(self._t)
-        current = self.decisions[self._t][1]
+        """AMC's clipping bound: the largest keep ratio for the current group (or density for the
+        current layer) such that, with the decisions still to come at their minimum, the budget is met."""
+        later_ratios, later_densities, later_bits = self._at_minimum_after(self._t)
+        kind, current = self.decisions[self._t]
         bits = {**self._bits, **later_bits}
-        cost = lambda r: self._cost({**self._ratios, current: r, **later_ratios}, bits)  # noqa: E731
+        if kind == "ratio":
+            cost = lambda r: self._cost({**self._ratios, current: r, **later_ratios}, bits, {**self._densities, **later_densities})  # noqa: E731
+        else:
+            cost = lambda r: self._cost({**self._ratios, **later_ratios}, bits, {**self._densities, current: r, **later_densities})  # noqa: E731
+        low = self.min_ratio if kind == "ratio" else self.min_density
         if cost(1.0) <= self.limit:
             return 1.0
-        lo = largest_within(lambda r: cost(r) <= self.limit, self.min_ratio, 1.0, 30)
-        return max(self.min_ratio, math.floor(lo * 1e6) / 1e6)  # tidy candidate keys; flooring keeps it feasible
+        lo = largest_within(lambda r: cost(r) <= self.limit, low, 1.0, 30)
+        return max(low, math.floor(lo * 1e6) / 1e6)  # tidy candidate keys; flooring keeps it feasible
 
     def _index(self, action: Any, n: int) -> int:
         """The agent's action as an index into a list of ``n`` choices."""
@@ -210,12 +241,13 @@ class LayerWidthEnv(gym.Env):
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
         return int(np.floor((a + 1.0) / 2.0 * (n - 1) + 0.5))
 
-    def action_to_ratio(self, action: Any) -> float:
-        """The agent's keep ratio before clipping."""
+    def action_to_ratio(self, action: Any, kind: str = "ratio") -> float:
+        """The agent's keep ratio (``kind="density"``: weight density) before clipping."""
+        grid = self.grid if kind == "ratio" else self.density_grid
         if self.action_type == "discrete":
-            return self.grid[self._index(action, len(self.grid))]
+            return grid[self._index(action, len(grid))]
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
-        return round(self.min_ratio + (a + 1.0) / 2.0 * (1.0 - self.min_ratio), 6)
+        return round(grid[0] + (a + 1.0) / 2.0 * (1.0 - grid[0]), 6)
 
     def action_to_bits(self, action: Any) -> int:
         """The agent's bit width (the nearest choice)."""
@@ -223,21 +255,23 @@ class LayerWidthEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self._ratios, self._bits, self._t, self._prev = {}, {}, 0, 1.0
+        self._ratios, self._densities, self._bits, self._t, self._prev = {}, {}, {}, 0, 1.0
         self.demonstration = self._demonstrations.pop(0) if self._demonstrations else None
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         kind, name = self.decisions[self._t]
-        if kind == "ratio":
-            wanted = self.action_to_ratio(action)
+        if kind in ("ratio", "density"):
+            grid = self.grid if kind == "ratio" else self.density_grid
+            wanted = self.action_to_ratio(action, kind)
             bound = self.max_feasible_ratio()
             ratio = min(wanted, bound)
             if self.action_type == "discrete" and ratio < wanted:
-                ratio = max([r for r in self.grid if r <= bound + 1e-12], default=self.min_ratio)
-            self._ratios[name] = ratio
+                ratio = max([r for r in grid if r <= bound + 1e-12], default=grid[0])
+            (self._ratios if kind == "ratio" else self._densities)[name] = ratio
             self._prev = ratio
-            info: dict[str, Any] = {"group": name, "ratio": ratio, "clipped": ratio < wanted}
+            info: dict[str, Any] = ({"group": name, "ratio": ratio} if kind == "ratio" else {"layer": name, "density": ratio})
+            info["clipped"] = ratio < wanted
         else:
             bits = self.action_to_bits(action)
             self._bits[name] = bits
@@ -247,7 +281,7 @@ class LayerWidthEnv(gym.Env):
         if self._t < len(self.decisions):
             return self._observation(), 0.0, False, False, info
         info["bits_lowered"] = self.lower_bits_to_budget()
-        candidate = Candidate.make(self._ratios, self._bits)
+        candidate = self._candidate(self._ratios, self._bits, self._densities)
         result = self.reward_source(candidate)
         raw = self.reward(result)
         shaped = raw
@@ -263,7 +297,7 @@ class LayerWidthEnv(gym.Env):
         """HAQ's budget enforcement: while the episode's candidate is over budget, lower the bits
         one choice at a time, sweeping from the last layer backward; returns how many steps it took."""
         steps = 0
-        while self._cost(self._ratios, self._bits) > self.limit:
+        while self._cost(self._ratios, self._bits, self._densities) > self.limit:
             lowered = False
             for layer in reversed(self.bit_layers):
                 position = self.bit_choices.index(self._bits[layer])
@@ -271,7 +305,7 @@ class LayerWidthEnv(gym.Env):
                     continue
                 self._bits[layer] = self.bit_choices[position - 1]
                 steps, lowered = steps + 1, True
-                if self._cost(self._ratios, self._bits) <= self.limit:
+                if self._cost(self._ratios, self._bits, self._densities) <= self.limit:
                     return steps
             if not lowered:
                 break

@@ -134,7 +134,8 @@ def load_exported(path: str | Path) -> nn.Module | None:
 
 
 def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:
-    """Save a quantized or sparse materialized network with its weights packed.
+    """Save a materialized network with its weights packed (a dense float32 network is stored
+    raw, so every answer of a comparison has a file in the same format).
 
     The file holds one byte payload: per quantized or sparse layer the arrays of its storage
     format (:func:`automlprune.cost.formats.smallest`: the values at ``bits`` bits each, and a
@@ -148,9 +149,6 @@ def save_packed(model: nn.Module, path: str | Path, architecture: dict[str, Any]
     """
     record = getattr(model, RECORD_ATTRIBUTE, None) or {"layers": {}}
     sparse = sparsity_record(model)
-    if not record.get("layers") and not sparse:
-        raise ConfigError("the network has no quantized or sparse layers to pack; give its candidate bits below 32 or "
-                          "densities below 1, or export as .pt2")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()

@@ -1,5 +1,6 @@
 import json
 import statistics
+import pytest
 
 from automlprune.cli.main import main
 from conftest import assert_drawn
@@ -54,3 +55,20 @@ def test_signals_benchmark_ranks_signals_against_fine_tuned_accuracy_and_resumes
     assert "at least 1" in capsys.readouterr().err
     assert main(["benchmark", "--suite", "signals", "--macs", "0.5,1.5"]) == 2
     assert "fractions of the unpruned MACs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sparsity_suite_reports_every_arm_and_size(checkpoint, tmp_path, capsys):
+    out = tmp_path / "sparsity"
+    code = main(["benchmark", "--suite", "sparsity", "--env", "digits-cnn", "--sizes", "0.3", "--arms", "unstructured,2:4,channels",
+                 "--evals", "3", "--finetune-epochs", "1", "--set", f"checkpoint={checkpoint}", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and (out / "report.md").is_file() and (out / "pareto.png").is_file()
+    rows = {r["arm"]: r for r in report["rows"]}
+    assert "impossible" in rows["2:4"]["unreachable"]  # 2:4 alone keeps more than half the float32 size
+    for arm in ("unstructured", "channels"):
+        row = rows[arm]
+        assert row["bytes_fraction"] <= 0.3 + 1e-9 and row["bytes"] <= row["file_bytes"] <= 1.05 * row["bytes"] + 8192
+    assert rows["unstructured"]["macs_fraction"] == 1.0 and rows["unstructured"]["macs_nnz_fraction"] < 0.5
+    text = (out / "report.md").read_text()
+    assert "unreachable: budget bytes=0.3 is impossible" in text and "| unstructured |" in text

@@ -176,9 +176,15 @@ def test_packed_file_is_the_reported_bytes_plus_metadata(tmp_path, trained_digit
     assert path.stat().st_size < (tmp_path / "float.pt").stat().st_size / 2
 
 
-def test_packing_an_unquantized_network_is_refused(tmp_path, trained_digits_model, digits_space):
-    with pytest.raises(ConfigError, match="no quantized or sparse layers"):
-        save_packed(materialize(trained_digits_model, digits_space.uniform(0.5), digits_space), tmp_path / "x.qpt")
+def test_packing_a_float_network_stores_it_raw(tmp_path, trained_digits_model, digits_space):
+    from automlprune.export import load_packed
+
+    net = materialize(trained_digits_model, digits_space.uniform(0.5), digits_space)
+    path = save_packed(net, tmp_path / "x.qpt")
+    tensors = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    assert tensors <= path.stat().st_size <= tensors + 4096
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(load_packed(path, trained_digits_model)(x), net.eval()(x))
 
 
 def test_int8_network_matches_float_accuracy(trained_digits_model, digits):

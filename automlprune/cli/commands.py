@@ -152,14 +152,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    """``--macs 0.5,0.3`` as fractions in (0, 1), or one sentence saying what is wrong."""
+def _fractions(text: str, option: str = "--macs", of: str = "of the unpruned MACs") -> tuple[float, ...]:
+    """``--macs 0.5,0.3`` (or another ``option``) as fractions in (0, 1), or one sentence saying what is wrong."""
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
     if not values or not all(0 < v < 1 for v in values):
-        raise ConfigError(f"--macs {text!r} must list fractions of the unpruned MACs between 0 and 1, e.g. 0.5,0.3")
+        raise ConfigError(f"{option} {text!r} must list fractions {of} between 0 and 1, e.g. 0.5,0.3")
     return values
 
 
@@ -176,6 +176,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         report = run_criteria_benchmark(args.env, out, resolve_device(args.device), **targets, finetune_steps=steps,
                                         criteria=names, overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'criteria.md'}")
+        return 0
+    if args.suite == "sparsity":
+        from automlprune.benchmarks.sparsity import run_sparsity_benchmark
+
+        if args.evals < 1 or args.finetune_epochs < 0:
+            raise ConfigError("--evals must be at least 1 and --finetune-epochs cannot be negative")
+        sizes = _fractions(args.sizes, "--sizes", "of the float32 size") if args.sizes else (0.25, 0.125, 0.0625)
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+        report = run_sparsity_benchmark(args.env, out, sizes, arms, args.evals, args.finetune_epochs, args.overrides,
+                                        args.device, progress=not args.json)
+        _emit(args, report, f"wrote {out / 'report.md'}")
         return 0
     if args.candidates is not None and args.candidates < 1:
         raise ConfigError("--candidates must be at least 1")

@@ -101,20 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
                                          "the importance criteria, or the coverage of torchvision CNN families")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals"], default="engine", help="which benchmark (default %(default)s)")
+    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity"], default="engine",
+                   help="which benchmark (default %(default)s)")
     p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
-    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria and signals suites (default %(default)s)")
+    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria, signals and sparsity suites (default %(default)s)")
     p.add_argument("--signals", help="signals suite: comma-separated evaluation settings (default: all)")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="criteria and signals suites: SGD steps of the identical fine-tune (default 50 and 300)")
     p.add_argument("--criteria", help="criteria suite: comma-separated criteria (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="criteria and signals suites: override a task setting, e.g. --set evaluation.bn_batches=40")
+                   help="criteria, signals and sparsity suites: override a task setting, e.g. --set evaluation.bn_batches=40")
     p.add_argument("--out", help="report folder (default: results/runs/benchmark-<suite>)")
     p.add_argument("--candidates", type=int, default=None,
                    help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3; "
                         "signals suite: random allocations per budget beside the allocators', default 8)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
+    p.add_argument("--sizes", help="sparsity suite: comma-separated fractions of the float32 size (default 0.25,0.125,0.0625)")
+    p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, joint)")
+    p.add_argument("--evals", type=int, default=40, help="sparsity suite: evaluations per search (default %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="sparsity suite: epochs of the identical fine-tune (default %(default)s)")
     p.add_argument("--macs", help="criteria and signals suites: comma-separated MACs fractions to prune to "
                                   "(default 0.7,0.5,0.3 and 0.5,0.3)")
     return parser

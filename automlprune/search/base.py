@@ -31,7 +31,7 @@ from automlprune.proposal import Proposal, as_proposal
 from automlprune.search.budget import Budget, BoundBudget
 from automlprune.search.repair import repair_to_budget
 from automlprune.search.screening import Screening
-from automlprune.search.warm_start import DEFAULT as WARM_START_DEFAULT, parse_warm_start
+from automlprune.search.warm_start import default_for, parse_warm_start
 from automlprune.search.store import Artifacts, RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
@@ -100,7 +100,7 @@ class Strategy:
         self.check_options(options)
         self.repair = self.repairs and bool(options.get("repair", True))
         """Whether the loop repairs this strategy's proposals to the budget."""
-        self.warm_start = parse_warm_start(options.get("warm_start", WARM_START_DEFAULT)) if self.repairs else []
+        self.warm_start = parse_warm_start(options.get("warm_start", default_for(context.space))) if self.repairs else []
         """One-shot strategies whose answers this search evaluates first (:mod:`automlprune.search.warm_start`)."""
         self.options = {k: v for k, v in options.items() if k not in ("repair", "warm_start")}
         self.history: list[EvalResult] = []

@@ -7,7 +7,8 @@ can only do better. :func:`warm_start_candidates` asks each named one-shot strat
 space and context; the repairing strategies (random, the Optuna samplers) evaluate them first,
 counted in their evaluation budget (Optuna enqueues them as its first trials, so the sampler
 learns from them), and evaluated exactly as the allocators answered (never repaired). Option ``warm_start``: a comma-separated list of those strategies
-(default :data:`DEFAULT`), or ``none``.
+(default :func:`default_for`: :data:`DEFAULT`, and ``global-magnitude`` in a space that searches
+unstructured weight densities), or ``none``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from automlprune.proposal import as_proposal
 from automlprune.space import Candidate
 
 DEFAULT = "uniform,global,prunenet"
-ONE_SHOT = ("uniform", "global", "prunenet", "tp-local", "tp-global")
+ONE_SHOT = ("uniform", "global", "prunenet", "tp-local", "tp-global", "global-magnitude")
 """Strategies a search may start from: one proposal each, from the cost model and the weights."""
+
+
+def default_for(space: Any) -> str:
+    """The default warm start in ``space``: :data:`DEFAULT`, plus ``global-magnitude`` where the
+    space searches unstructured weight densities (the classic sparsity allocation)."""
+    unstructured = any(p.name == "unstructured" for options in space.layer_patterns.values() for p in options)
+    return DEFAULT + (",global-magnitude" if unstructured else "")
 
 
 def parse_warm_start(value: str) -> list[str]:

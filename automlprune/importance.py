@@ -338,8 +338,8 @@ class Similarity(FeatureCriterion):
 
 
 class Hessian(DataCriterion):
-    """Covariance-scaled importance (Cai et al., 'Exploring Weight Importance and Hessian Bias in
-    Model Pruning', 2020): with the Gauss-Newton / input-covariance approximation of the Hessian
+    """Covariance-scaled importance (Li, Sattar, Thrampoulidis and Oymak, 'Exploring Weight
+    Importance and Hessian Bias in Model Pruning', 2020): with the Gauss-Newton / input-covariance approximation of the Hessian
     of a linear layer, removing input channel c changes the loss by about
     1/2 * sum over outputs and kernel taps of W[o, c, k]^2 * E[x_c^2] (diagonal of the input
     covariance). Computed at every layer that reads the group's channels, from a few batches."""

@@ -82,6 +82,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         flag = f" (pinned: {g['unprunable']})" if "unprunable" in g else " (pinned)" if g["pinned"] else ""
         unit = f" in units of {g['unit']}" if g["unit"] > 1 else ""
         lines.append(f"  {g['name']:<{width}} {g['channels']:>5} ch{unit}  {len(g['layers']):>3} layers{flag}")
+    if info["sparsity_patterns"]:
+        lines.append(f"{len(info['sparsity_patterns'])} layers searched for weight sparsity (densities "
+                     f"{', '.join(f'{d:g}' for d in space.config.densities)}):")
+        lines += [f"  {layer:<{width}} {', '.join(patterns)}" for layer, patterns in info["sparsity_patterns"].items()]
     _emit(args, info, "\n".join(lines))
     return 0
 
@@ -140,10 +144,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from automlprune.tasks import list_configs
 
     from automlprune.search import STRATEGIES
+    from automlprune.cost.formats import FORMATS
+    from automlprune.sparsity.criteria import WEIGHT_CRITERIA
 
-    if args.what in ("models", "datasets", "criteria", "strategies"):
-        registry = {"models": MODELS, "datasets": DATASETS, "criteria": CRITERIA, "strategies": STRATEGIES}[args.what]
-        rows = {name: registry.metadata(name).get("description", "") for name in registry.names()}
+    if args.what in ("models", "datasets", "criteria", "weight-criteria", "formats", "strategies"):
+        registry = {"models": MODELS, "datasets": DATASETS, "criteria": CRITERIA, "weight-criteria": WEIGHT_CRITERIA,
+                    "formats": FORMATS, "strategies": STRATEGIES}[args.what]
+        names = registry.ordered_names() if args.what == "formats" else registry.names()
+        rows = {name: registry.metadata(name).get("description", "") for name in names}
         if args.what == "models":
             rows["torchvision:<name>"] = "any torchvision classification model, adapted to the task's channels and classes"
     else:

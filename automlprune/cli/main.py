@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
 
     p = sub.add_parser("list", help="list models, datasets, criteria, strategies, envs or spaces")
-    p.add_argument("what", choices=["models", "datasets", "criteria", "strategies", "envs", "spaces"])
+    p.add_argument("what", choices=["models", "datasets", "criteria", "weight-criteria", "formats", "strategies", "envs", "spaces"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "

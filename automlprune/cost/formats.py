@@ -86,8 +86,9 @@ class Format:
 FORMATS: Registry[Format] = Registry("storage format")
 
 
-def register(fmt: Format) -> Format:
-    FORMATS.register(fmt.name, fmt)
+def register(fmt: Format, description: str) -> Format:
+    """Add ``fmt`` to :data:`FORMATS`; ``description`` says what it stores (``automlprune list formats``)."""
+    FORMATS.register(fmt.name, fmt, description=description)
     return fmt
 
 
@@ -113,7 +114,7 @@ def _dense_unpack(arrays, layout):
     return np.ones_like(values, dtype=bool), values
 
 
-register(Format("dense", lambda l: l.weights * l.bits, _always, _dense_pack, _dense_unpack))
+register(Format("dense", lambda l: l.weights * l.bits, _always, _dense_pack, _dense_unpack), "every weight at its bits: N b")
 
 
 # ---- bitmask ----------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ def _bitmask_unpack(arrays, layout):
     return mask, values
 
 
-register(Format("bitmask", lambda l: l.weights + l.kept * l.bits, _always, _bitmask_pack, _bitmask_unpack))
+register(Format("bitmask", lambda l: l.weights + l.kept * l.bits, _always, _bitmask_pack, _bitmask_unpack),
+         "one bit per weight, then the kept values: N + k b")
 
 
 # ---- csr --------------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ def _csr_unpack(arrays, layout):
     return mask, values
 
 
-register(Format("csr", _csr_size, _always, _csr_pack, _csr_unpack))
+register(Format("csr", _csr_size, _always, _csr_pack, _csr_unpack),
+         "row pointers, column indices and values at minimal widths: (R + 1) w(k + 1) + k (w(C) + b)")
 
 
 # ---- n:m --------------------------------------------------------------------------------------
@@ -179,7 +182,8 @@ def _nm_unpack(arrays, layout):
     return mask.reshape(layout.rows, layout.columns), values.reshape(layout.rows, layout.columns)
 
 
-register(Format("n:m", lambda l: l.kept * (index_bits(l.run) + l.bits), lambda l: l.run is not None, _nm_pack, _nm_unpack, True))
+register(Format("n:m", lambda l: l.kept * (index_bits(l.run) + l.bits), lambda l: l.run is not None, _nm_pack, _nm_unpack, True),
+         "each kept value with its position in its run of M (N:M masks): k (w(M) + b)")
 
 
 # ---- block formats ----------------------------------------------------------------------------
@@ -245,9 +249,11 @@ def _is_block(layout: Layout) -> bool:
     return layout.block is not None
 
 
-register(Format("bsr", _bsr_size, _is_block, _bsr_pack, _bsr_unpack, True))
+register(Format("bsr", _bsr_size, _is_block, _bsr_pack, _bsr_unpack, True),
+         "block row pointers, block columns and the kept r x c blocks' values (block masks)")
 register(Format("block-bitmask", lambda l: l.weights // (l.block[0] * l.block[1]) + l.blocks * l.block[0] * l.block[1] * l.bits,
-                _is_block, _block_bitmask_pack, _block_bitmask_unpack, True))
+                _is_block, _block_bitmask_pack, _block_bitmask_unpack, True),
+         "one bit per r x c block, then the kept blocks' values (block masks)")
 
 
 def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:

@@ -358,6 +358,7 @@ class SearchSpace:
                         "layers": sorted({m.layer for m in g.members}),
                         "out_layers": g.out_layers} for g in self.groups],
             "quantizable_layers": self.quantizable,
+            "sparsity_patterns": {layer: [p.name for p in patterns] for layer, patterns in self.layer_patterns.items()},
             "dimensions": self.ndim,
         }
 

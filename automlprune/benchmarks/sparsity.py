@@ -14,9 +14,9 @@ the report gives that file's size beside the cost model's bytes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,15 +38,21 @@ ARMS: dict[str, dict[str, Any]] = {
 the strategies run in it, and what it searches."""
 
 
-def _cli(argv: list[str]) -> tuple[int, dict[str, Any] | None, str]:
-    """Run one automlprune command with ``--json``; (exit code, its JSON output, its error text)."""
-    from automlprune.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*argv, "--json"])
-    text = out.getvalue().strip()
-    return code, (json.loads(text) if code == 0 and text else None), err.getvalue().strip()
+def _cli(argv: list[str], progress: bool = False) -> tuple[int, dict[str, Any] | None, str]:
+    """Run one automlprune command as its own process (exactly what a user would run): with
+    ``--json`` unless ``progress``, when its progress lines are relayed instead; (exit code, its
+    JSON output or None, its last line on stderr: the error sentence when it failed)."""
+    process = subprocess.Popen([sys.executable, "-m", "automlprune", *argv, *([] if progress else ["--json"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = ""
+    for line in process.stderr:
+        if line.strip():
+            last = line.strip()
+        if progress:
+            print(line, end="", file=sys.stderr, flush=True)
+    text = process.stdout.read().strip()
+    code = process.wait()
+    return code, (json.loads(text) if code == 0 and text and not progress else None), last
 
 
 def _space_argument(arm: str, spec: Any, out_dir: Path) -> str:
@@ -82,10 +88,10 @@ def run_sparsity_benchmark(env: str, out_dir: Path, sizes: Sequence[float] = (0.
                 print(f"sparsity benchmark: {arm} at {size:g} of the float32 size", flush=True)
             code, _, error = _cli(["compare", env, "--space", space, "--strategies", ",".join(spec["strategies"]),
                                    "--budgets", budget, "--evals", str(evals), "--finetune-epochs", str(finetune_epochs),
-                                   "--run-dir", str(run_dir), "--device", device, *sets])
+                                   "--run-dir", str(run_dir), "--device", device, *sets], progress)
             row: dict[str, Any] = {"arm": arm, "axes": spec["axes"], "size": size, "run_dir": str(run_dir)}
             if code != 0:
-                row["unreachable"] = (error.splitlines()[-1].removeprefix("automlprune: error: ") if error else f"compare exited {code}")
+                row["unreachable"] = error.removeprefix("automlprune: error: ") if error else f"compare exited {code}"
                 rows.append(row)
                 continue
             results = json.loads((run_dir / "results.json").read_text())["rows"]

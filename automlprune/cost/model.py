@@ -94,12 +94,15 @@ class Costs(Mapping[str, float]):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Costs":
         """Inverse of :meth:`to_dict`; other keys are ignored (stored results written before
-        the registry named latency ``latency_ms``)."""
+        the registry named latency ``latency_ms``; results stored before weight sparsity existed
+        were dense, so their ``macs_nnz`` is their ``macs``)."""
         names = {m.name for m in all_metrics()}
         values = {k: float(v) for k, v in data.items() if k in names and isinstance(v, (int, float))}
         legacy = data.get("latency_ms")
         if "latency" not in values and isinstance(legacy, (int, float)):
             values["latency"] = float(legacy)
+        if "macs_nnz" not in values and "macs" in values:
+            values["macs_nnz"] = values["macs"]
         return cls(values)
 
 

@@ -121,13 +121,21 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
                "training_images": statistics.fmean([(r.spent or {}).get("training_images", 0.0) for r in mine]) if mine else 0,
                "finetune_images": statistics.fmean([r.finetune.get("images", 0) for r in answered if r.finetune]) if any(r.finetune for r in answered) else 0}
         for metric in analytic_metrics():
-            row[metric] = statistics.fmean([r.answer[metric] for r in answered]) if answered else float("nan")
-            row[f"{metric}_fraction"] = statistics.fmean([r.answer["relative"][metric] for r in answered]) if answered else float("nan")
+            row[metric] = statistics.fmean([_amount(r.answer, metric) for r in answered]) if answered else float("nan")
+            row[f"{metric}_fraction"] = statistics.fmean([_amount(r.answer["relative"], metric) for r in answered]) if answered else float("nan")
         for b in map(str, latency_batch_sizes):
             lats = [r.latency_ms[b] for r in answered if r.latency_ms and b in r.latency_ms]
             row[f"latency_ms_b{b}"] = statistics.fmean(lats) if lats else float("nan")
         rows.append(row)
     return rows
+
+
+def _amount(costs: dict[str, Any], metric: str) -> float:
+    """``metric`` of a stored answer's costs (absolute or relative); an answer stored before
+    ``macs_nnz`` existed was dense, so its theoretical MACs are its MACs."""
+    if metric in costs:
+        return costs[metric]
+    return costs["macs"] if metric == "macs_nnz" else float("nan")
 
 
 def _evaluations_text(row: dict[str, Any]) -> str:
@@ -181,7 +189,8 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     pct = lambda x: f"{100 * x:.2f}" if x == x else "–"  # noqa: E731  (NaN -> dash)
     spread = lambda m, s: f"{pct(m)} ± {100 * s:.2f}" if s == s and s > 0 else pct(m)  # noqa: E731
     latency = lambda ms, ratio: f"{ms:.3f} ({ratio:.2f})" if ratio == ratio else f"{ms:.3f}"  # noqa: E731
-    metrics = [METRICS.get(m) for m in analytic_metrics()]
+    metrics = [METRICS.get(m) for m in analytic_metrics()
+               if m != "macs_nnz" or any(r.get("macs_nnz_fraction") != r.get("macs_fraction") for r in rows)]  # sparse answers only
     header = (["strategy", "budget", "val acc", "test acc"] + [m.unit for m in metrics]
               + [f"latency b{b} (ms)" for b in batches] + ["hypervolume", "evals", "evals/min", "search time (s)", "training (s)",
                  "images trained (k)", "scoring (s)"])

@@ -297,3 +297,31 @@ def test_rl_density_mode_meets_a_bytes_budget_in_every_episode(space_and_model, 
     plain = SearchSpace(model, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ConfigError, match="mode density searches weight densities"):
         LayerWidthEnv(None, "bytes=0.5", mode="density", reward_source=score, space=plain, cost_model=CostModel(plain, model))
+
+
+# ---- movement pruning -------------------------------------------------------------------------------------
+def test_cubic_schedule_follows_the_official_shape():
+    from automlprune.search.movement import cubic_density
+
+    total = 100
+    assert cubic_density(5, total, 0.1, 0.1, 0.2) == 1.0 and cubic_density(80, total, 0.1, 0.1, 0.2) == 0.1
+    halfway = cubic_density(45, total, 0.1, 0.1, 0.2)  # progress 0.5 -> 0.1 + 0.9 / 8
+    assert halfway == pytest.approx(0.1 + 0.9 * 0.5 ** 3)
+    values = [cubic_density(t, total, 0.1, 0.1, 0.2) for t in range(total)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_movement_trains_scores_and_hands_back_exactly_sparse_weights(tmp_path, trained_digits_model, digits):
+    from conftest import run_search
+
+    space = SearchSpace(trained_digits_model, digits.example_input(),
+                        SpaceConfig(ratios=(1.0,), densities=(0.1, 0.5, 1.0), patterns=("unstructured",)))
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, "movement", budget="bytes=0.3",
+                                                  max_evals=2, options={"epochs": 3, "batch_size": 32})
+    answer = outcome.answer
+    assert answer.trained and evaluator.cost_model(answer.candidate)["bytes"] <= 0.3 * evaluator.cost_model.base["bytes"] + 1e-6
+    proposal = store.proposal(answer.to_dict() | {"weights": store.records(study)[0].result.weights}, trained_digits_model)
+    for layer, density in answer.candidate.density_map.items():
+        weight = proposal.weights.model.get_submodule(layer).weight
+        assert int((weight != 0).sum()) == round(density * weight.numel())  # the trained zeros are the mask
+    assert answer.accuracy > 0.5

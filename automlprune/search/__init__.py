@@ -28,6 +28,7 @@ for _name, _entry, _desc in [
     ("resrep", "automlprune.search.resrep:ResRepStrategy", "ResRep: compactors with gradient resetting and group lasso, masks under the budget, folded (Ding et al., 2021)"),
     ("gate-decorator", "automlprune.search.gate_decorator:GateDecoratorStrategy", "Gate Decorator: BN gates, Taylor scores in Ticks, L1 in Tocks, global group pruning to the budget (You et al., 2019)"),
     ("greg1", "automlprune.search.greg:GRegStrategy", "GReg-1: growing L2 penalty on filters picked once by L1, trained weights (Wang et al., 2021)"),
+    ("movement", "automlprune.search.movement:MovementStrategy", "movement pruning: learned scores, top-k masks on a cubic schedule while training (Sanh et al., 2020)"),
     ("greg2", "automlprune.search.greg:GReg2Strategy", "GReg-2: uniform growing penalty reveals the filters to go, then GReg-1 (Wang et al., 2021)"),
 ]:
     STRATEGIES.register(_name, _entry, description=_desc)

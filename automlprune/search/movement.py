@@ -1,0 +1,187 @@
+"""Movement pruning (Sanh, Wolf and Rush, NeurIPS 2020), hard top-k variant, for CNN weights.
+
+Each sparsified layer gets a score per weight, S (zeros at the start). The layer computes with
+W' = M ⊙ W, M the top-k mask of S (k = the layer's current kept count), and the mask's
+gradient passes straight through to S (``TopKBinarizer`` of the official code,
+huggingface/transformers ``examples/research_projects/movement-pruning``), so
+dL/dS = dL/dW' ⊙ W: weights moving away from zero gain score. The kept fraction follows the
+official cubic schedule (``schedule_threshold``): 1.0 for the first ``warmup`` of the steps,
+then d + (1 - d)(1 - progress)^3 down to the layer's final density d, reached ``cooldown``
+before the end and held. At the end the masks are applied (removed weights become exactly zero)
+and the trained network is proposed with its densities; the evaluator keeps its nonzero weights
+(``weight_criterion`` magnitude: the top-k by |w| of a layer with k nonzero weights is exactly them).
+
+Choices of this implementation, where the official code (for BERT) leaves them open or differs:
+
+* The final densities are one density for every layer the space sparsifies (unstructured), the
+  largest that meets the budget; the official code uses one threshold for all layers too (or a
+  global top-k).
+* The scores are updated by plain SGD at ``scores_lr`` without momentum or weight decay, the
+  literal accumulation S = -lr Σ dL/dW' ⊙ W of the paper's analysis; the official script
+  updates them with AdamW (lr 1e-2) in the weights' optimizer. Weights use the Trainer's SGD.
+* Unstructured masks only (the mask is the top-k of S over the whole layer); channels and bits
+  are left as they are (a sparsity-only method).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from automlprune.cost import largest_within
+from automlprune.errors import ConfigError
+from automlprune.search.training import TrainingSettings, TrainingStrategy
+from automlprune.space import Candidate
+from automlprune.train import FitHistory, Recipe, Trainer
+from automlprune.train.trainer import Callback
+
+
+class TopK(torch.autograd.Function):
+    """The mask of the ``kept`` largest scores; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, kept: int) -> torch.Tensor:
+        mask = torch.zeros_like(scores)
+        mask.view(-1)[torch.topk(scores.reshape(-1), kept, sorted=False).indices] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class MovementMask(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: the layer sees ``TopK(scores) ⊙ weight``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.scores = nn.Parameter(torch.zeros_like(weight))
+        self.kept = weight.numel()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.kept >= weight.numel():
+            return weight
+        return weight * TopK.apply(self.scores, self.kept)
+
+
+def cubic_density(step: int, total: int, final: float, warmup: float, cooldown: float) -> float:
+    """The kept fraction at ``step`` of ``total``: 1 during the first ``warmup`` fraction of the
+    steps, then final + (1 - final)(1 - progress)^3, reaching ``final`` when the last
+    ``cooldown`` fraction begins (the official ``schedule_threshold``, as a fraction kept)."""
+    start, end = warmup * total, (1.0 - cooldown) * total
+    if step <= start:
+        return 1.0
+    if step >= end:
+        return final
+    return final + (1.0 - final) * (1.0 - (step - start) / max(end - start, 1e-9)) ** 3
+
+
+class MovementPruning(Callback):
+    """The training side of :class:`MovementStrategy`: parametrizes the layers, gives the scores
+    their own optimizer group, moves every layer's kept count along the cubic schedule, and at
+    the end folds the final masks into the weights."""
+
+    def __init__(self, densities: dict[str, float], settings: "MovementSettings") -> None:
+        self.densities, self.s = densities, settings
+        self.masks: dict[str, MovementMask] = {}
+
+    def on_start(self, trainer: Trainer) -> None:
+        for layer in self.densities:
+            module = trainer.model.get_submodule(layer)
+            mask = MovementMask(module.weight.detach())
+            parametrize.register_parametrization(module, "weight", mask)
+            self.masks[layer] = mask
+        self._schedule(trainer)
+
+    def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        scores = {id(m.scores) for m in self.masks.values()}
+        out = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in scores]
+            if rest:
+                out.append({**group, "params": rest})
+        out.append({"params": [m.scores for m in self.masks.values()], "lr": self.s.scores_lr, "momentum": 0.0,
+                    "weight_decay": 0.0, "nesterov": False})
+        return out
+
+    def _schedule(self, trainer: Trainer) -> None:
+        for layer, mask in self.masks.items():
+            fraction = cubic_density(trainer.step, trainer.total_steps, self.densities[layer], self.s.warmup, self.s.cooldown)
+            mask.kept = max(1, round(fraction * mask.scores.numel()))
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._schedule(trainer)
+        if trainer.step % 50 == 0:
+            trainer.log.update(density=sum(m.kept for m in self.masks.values()) / sum(m.scores.numel() for m in self.masks.values()))
+
+    def on_end(self, trainer: Trainer) -> None:
+        for layer, mask in self.masks.items():
+            mask.kept = max(1, round(self.densities[layer] * mask.scores.numel()))  # the final masks, however training ended
+            module = trainer.model.get_submodule(layer)
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+@dataclass(frozen=True)
+class MovementSettings(TrainingSettings):
+    """epochs of SGD at ``lr`` (cosine decay, ``momentum``, ``weight_decay`` on the weights);
+    ``scores_lr``: the scores' learning rate; ``warmup`` / ``cooldown``: fractions of the steps
+    before the schedule starts and after it reaches the final densities. ``groups`` and
+    ``widths`` of the base do not apply (no channel is removed)."""
+
+    epochs: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scores_lr: float = 0.01
+    warmup: float = 0.1
+    cooldown: float = 0.2
+    steps_per_epoch: int | None = None
+
+
+class MovementStrategy(TrainingStrategy):
+    """Movement pruning (see the module docstring)."""
+
+    name = "movement"
+    settings_class = MovementSettings
+    evaluation = {"weight_criterion": "magnitude"}
+    option_ranges = {"warmup": ((lambda v: 0 <= v < 1), "must be in [0, 1)"), "cooldown": ((lambda v: 0 <= v < 1), "must be in [0, 1)")}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.settings.warmup + self.settings.cooldown >= 1:
+            raise ConfigError("movement warmup + cooldown must leave some steps for the schedule (their sum below 1)")
+        self.patterns = {l: next(p for p in options if p.fixed_density is None)
+                         for l, options in self.space.layer_patterns.items() if any(p.name == "unstructured" for p in options)}
+        if not self.patterns:
+            raise ConfigError("movement pruning needs a space that searches unstructured weight densities (e.g. --space sparse)")
+
+    def widths(self) -> Candidate:
+        """Every channel kept; one unstructured density for the sparsified layers, the largest
+        that meets the budget (bisection on the cost model)."""
+        at = lambda d: Candidate.make(None, None, {l: d for l in self.patterns}, {l: "unstructured" for l in self.patterns})  # noqa: E731
+        if self.feasible(at(1.0)):
+            return self.space.canonical(at(1.0))
+        if not self.feasible(at(1e-6)):
+            raise ConfigError(f"movement pruning cannot meet {self.budget.label} with weight sparsity alone; raise the budget")
+        return self.space.canonical(at(largest_within(lambda d: self.feasible(at(d)), 1e-6, 1.0, 30)))
+
+    def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
+        s = self.settings
+        densities = {layer: candidate.density_map.get(layer, 1.0) for layer in self.patterns}
+        recipe = Recipe(s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, "cosine", steps_per_epoch=s.steps_per_epoch,
+                        seed=self.seed)
+        callback = MovementPruning(densities, s)
+        trainer = Trainer(net, self.context.data, self.device, recipe, [callback], description=f"{self.name} {self.budget.label}",
+                          validate=False, checkpoint=self.checkpoint_path())
+        history = trainer.fit()
+        self.resumed_from = trainer.resumed_from
+        self.history_log.append({"final_density": {l: float((net.get_submodule(l).weight != 0).float().mean()) for l in densities}})
+        return [history]
+
+    def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
+        return {}

@@ -31,6 +31,9 @@ from automlprune.sparsity.patterns import Geometry, from_matrix, matrix_view, pa
 #   2:4 int8: 18,432 kept x (2 position bits + 8) = 184,320 bits = 23,040 B; fp16: x 18 = 41,472 B.
 #   1x4 blocks, 10 % of 9,216 blocks = 922: BSR 65 x w(923) = 10 -> 650 + 922 x w(144) = 8 -> 7,376
 #       + 922 x 4 x 32 = 118,016 -> 126,042 bits; block bitmask 9,216 + 118,016 = 127,232 bits.
+#   PCONV, 8 patterns, 50 % of the 4,096 kernels kept (density 2/9): library 8 x 9 = 72 bits, per-row counts
+#       64 x w(65) = 7 -> 448, per kernel w(64) = 6 + w(8) = 3 + 4 x 32 -> 2,048 x 137 = 280,576; 281,096 bits
+#       (the reference notes' 35,128 B = 281,024 bits, plus our 72-bit library).
 # (The dense-vs-CSR figures match the reference table in sparsity-methods-and-competitors.md, B1.)
 HAND_SIZES = [
     (Layout(64, 576, 18432, 32), {"dense": 36864 * 32, "bitmask": 626688, "csr": 775119}, "bitmask"),
@@ -40,6 +43,7 @@ HAND_SIZES = [
     (Layout(64, 576, 18432, 16, run=4), {"n:m": 41472 * 8, "bitmask": 36864 + 18432 * 16}, "n:m"),
     (Layout(64, 576, 9216, 8, run=4), {"n:m": 9216 * 10, "bitmask": 36864 + 9216 * 8}, "n:m"),  # 1:4: 2.5 vs 3 bits per weight
     (Layout(64, 576, 3688, 32, block=(1, 4), blocks=922), {"bsr": 126042, "block-bitmask": 127232}, "bsr"),
+    (Layout(64, 576, 8192, 32, library=8, kernels=2048), {"pconv": 281096, "bitmask": 36864 + 8192 * 32}, "pconv"),
 ]
 
 
@@ -68,7 +72,7 @@ def _random_mask(pattern, geometry, density, seed=0):
 
 
 @pytest.mark.parametrize("text,density", [("unstructured", 0.3), ("unstructured", 0.02), ("2:4", 0.5), ("1:8", 0.125),
-                                          ("block:1x4", 0.25), ("block:4x4", 0.1)])
+                                          ("block:1x4", 0.25), ("block:4x4", 0.1), ("pconv", 0.3), ("pconv:4", 0.05)])
 def test_every_format_packs_and_unpacks_exactly_at_its_size(text, density):
     pattern, geometry = parse_pattern(text), Geometry(16, 32, 9)
     mask, _ = _random_mask(pattern, geometry, density)
@@ -99,8 +103,21 @@ def test_patterns_keep_the_highest_scores_in_their_shapes():
     assert torch.equal(matrix_view(weight)[:, :3], weight[:, :, 0, 0])  # channels-last: consecutive columns are input channels
 
 
+def test_pconv_keeps_four_entry_library_patterns_with_the_centre_and_whole_kernels():
+    pattern = parse_pattern("pconv:4")
+    scores = torch.rand(8, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = from_matrix(pattern.mask(matrix_view(scores), 2 / 9), scores.shape)  # half the kernels
+    kernels = mask.reshape(48, 9)
+    kept = kernels.any(dim=1)
+    assert int(kept.sum()) == 24 and (kernels[kept].sum(dim=1) == 4).all() and kernels[kept][:, 4].all()
+    assert len({tuple(k.tolist()) for k in kernels[kept]}) <= 4
+    with pytest.raises(CandidateError, match="at most 0.4444"):
+        Candidate.make(None, None, {"c": 0.5}, {"c": "pconv"})
+    assert "3 x 3 kernels" in pattern.why_not(Geometry(8, 6, 1))
+
+
 @pytest.mark.parametrize("bad,message", [("4:4", "1 <= N < M"), ("0:4", "1 <= N < M"), ("blocky", "unknown sparsity pattern"),
-                                         ("block:1x1", "at least two weights")])
+                                         ("block:1x1", "at least two weights"), ("pconv:0", "library of 1 to 56")])
 def test_bad_patterns_are_refused_in_one_sentence(bad, message):
     with pytest.raises(CandidateError, match=message):
         parse_pattern(bad)
@@ -201,6 +218,21 @@ def test_hessian_scores_are_weights_squared_times_im2col_moments():
 
 
 # ---- evaluation, fine-tuning and export -------------------------------------------------------------
+def test_pconv_layers_export_in_their_kernel_layout(trained_digits_model, digits, tmp_path):
+    space = SearchSpace(trained_digits_model, digits.example_input(),
+                        SpaceConfig(ratios=(1.0,), densities=(0.2, 1.0), patterns=("pconv",), bit_choices=(8, 32)))
+    evaluator = Evaluator(trained_digits_model, space, digits, EvalSettings(bn_batches=2))
+    candidate = space.smallest()
+    storage = evaluator.cost_model.storage(candidate)
+    assert {storage[l]["format"] for l in space.layer_patterns} == {"pconv"}
+    net = evaluator.network(candidate)
+    path = save_packed(net, tmp_path / "pconv.qpt")
+    statistics = sum(b.numel() * b.element_size() for b in net.buffers())
+    assert evaluator.cost_model(candidate)["bytes"] <= path.stat().st_size <= evaluator.cost_model(candidate)["bytes"] + statistics + 4096
+    x = torch.randn(4, 1, 8, 8)
+    assert (load_packed(path, trained_digits_model)(x) - net(x)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "lap", "hessian"])
 def test_export_is_the_reported_size_and_computes_the_same(space_and_model, digits, criterion, tmp_path):
     space, model = space_and_model

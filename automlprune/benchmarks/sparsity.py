@@ -32,6 +32,9 @@ ARMS: dict[str, dict[str, Any]] = {
             "strategies": ["optuna-tpe"], "axes": "densities (2:4)"},
     "block:1x4": {"space": {"ratios": [1.0], "sparsity": {"densities": SPARSE_DENSITIES, "patterns": ["block:1x4"]}},
                   "strategies": ["uniform", "optuna-tpe"], "axes": "densities (1x4 blocks)"},
+    "pconv": {"space": {"ratios": [1.0], "sparsity": {"densities": [d for d in SPARSE_DENSITIES if d <= 0.4] + [4 / 9, 1.0],
+                                                      "patterns": ["pconv"]}},
+              "strategies": ["uniform", "optuna-tpe"], "axes": "densities (PCONV kernel patterns)"},
     "joint": {"space": "joint", "strategies": ["optuna-tpe", "ddpg"], "axes": "widths + densities + bits"},
 }
 """Arm -> its search space (a shipped name, or the settings of a space file the benchmark writes),

@@ -20,6 +20,10 @@ format                    bits                                                  
 ``bsr``                   (R/r + 1) w(K + 1) + K w(C/c) + K r c b for K kept r x c  block masks
                           blocks (block row pointers, block columns, values)
 ``block-bitmask``         (R/r)(C/c) + K r c b                                    block masks
+``pconv``                 9 L + R w(I + 1) + K' (w(I) + w(L) + 4 b) for a library   PCONV masks
+                          of L kernel patterns, I inputs per row, K' kept kernels
+                          (per row its kernel count; per kernel its input channel,
+                          pattern id and 4 values: PatDNN's FKW layout)
 ========================  ======================================================  ===========
 
 Break-even densities follow: the bitmask beats dense below density 1 - 1/b (0.97 at float32,
@@ -52,7 +56,8 @@ def index_bits(values: int) -> int:
 class Layout:
     """What a format's size depends on: ``rows`` x ``columns`` weights, ``kept`` of them, at
     ``bits`` bits each; ``run``: M of an N:M mask; ``block``: (r, c) and ``blocks``: kept blocks of
-    a block mask (None when the mask is not of that kind)."""
+    a block mask; ``library``: the kernel-pattern library size of a PCONV mask and ``kernels``
+    its kept 3 x 3 kernels (None / 0 when the mask is not of that kind)."""
 
     rows: int
     columns: int
@@ -61,6 +66,8 @@ class Layout:
     run: Optional[int] = None
     block: Optional[tuple[int, int]] = None
     blocks: int = 0
+    library: Optional[int] = None
+    kernels: int = 0
 
     @property
     def weights(self) -> int:
@@ -256,11 +263,64 @@ register(Format("block-bitmask", lambda l: l.weights // (l.block[0] * l.block[1]
          "one bit per r x c block, then the kept blocks' values (block masks)")
 
 
+# ---- pconv (PCONV kernel patterns + connectivity) ------------------------------------------------
+def _pconv_size(l: Layout) -> int:
+    inputs = l.columns // 9
+    return 9 * l.library + l.rows * index_bits(inputs + 1) + l.kernels * (index_bits(inputs) + index_bits(l.library) + 4 * l.bits)
+
+
+def _kernel_view(array: np.ndarray, layout: Layout) -> np.ndarray:
+    """(rows, columns) channels-last -> (rows, inputs, 9) per-kernel entries."""
+    return array.reshape(layout.rows, 3, 3, -1).transpose(0, 3, 1, 2).reshape(layout.rows, -1, 9)
+
+
+def _pconv_pack(mask, values, layout):
+    kernels = _kernel_view(mask, layout)
+    kept = kernels.any(axis=2)
+    codes = (kernels.astype(np.int64) << np.arange(9)).sum(axis=2)
+    library = sorted(set(codes[kept].tolist()))
+    if len(library) > layout.library or any(bin(c).count("1") != 4 for c in library):
+        raise ValueError(f"the mask is not a PCONV mask of {layout.library} 4-entry kernel patterns")
+    library += [0] * (layout.library - len(library))
+    rows, inputs = np.nonzero(kept)
+    ids = np.searchsorted(np.array(library[: len(set(codes[kept].tolist()))]), codes[rows, inputs]) if len(rows) else np.zeros(0, int)
+    kernel_values = _kernel_view(values, layout)[rows, inputs]  # (K', 9)
+    chosen = _kernel_view(mask, layout)[rows, inputs]
+    return {"library": _packed(library, 9), "counts": _packed(kept.sum(axis=1), index_bits(kept.shape[1] + 1)),
+            "inputs": _packed(inputs, index_bits(kept.shape[1])), "patterns": _packed(ids, index_bits(layout.library)),
+            "values": _packed(kernel_values[chosen], layout.bits)}
+
+
+def _pconv_unpack(arrays, layout):
+    inputs = layout.columns // 9
+    library = _read(arrays["library"], 9, layout.library)
+    counts = _read(arrays["counts"], index_bits(inputs + 1), layout.rows)
+    kept = int(counts.sum())
+    columns = _read(arrays["inputs"], index_bits(inputs), kept)
+    ids = _read(arrays["patterns"], index_bits(layout.library), kept)
+    rows = np.repeat(np.arange(layout.rows), counts)
+    shapes = ((library[ids][:, None] >> np.arange(9)) & 1).astype(bool)  # (K', 9)
+    mask = np.zeros((layout.rows, inputs, 9), dtype=bool)
+    mask[rows, columns] = shapes
+    values = np.zeros((layout.rows, inputs, 9), dtype=np.int64)
+    block = np.zeros((kept, 9), dtype=np.int64)
+    block[shapes] = _read(arrays["values"], layout.bits, int(shapes.sum()))
+    values[rows, columns] = block
+    back = lambda a: a.reshape(layout.rows, inputs, 3, 3).transpose(0, 2, 3, 1).reshape(layout.rows, layout.columns)  # noqa: E731
+    return back(mask), back(values)
+
+
+register(Format("pconv", _pconv_size, lambda l: l.library is not None, _pconv_pack, _pconv_unpack, True),
+         "PCONV: a library of 4-entry 3x3 kernel patterns, per row its kernel count, per kernel its input, pattern id and 4 values")
+
+
 def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:
     """The :class:`Layout` of a layer of ``geometry`` (:class:`~automlprune.sparsity.patterns.Geometry`)
     sparsified with ``pattern`` at ``density``, its values at ``bits`` bits."""
     blocks = pattern.kept_blocks(geometry, density) if pattern.block else 0
-    return Layout(geometry.rows, geometry.columns, pattern.kept(geometry, density), int(bits), pattern.run, pattern.block, blocks)
+    kernels = pattern.kept_kernels(geometry, density) if pattern.library else 0
+    return Layout(geometry.rows, geometry.columns, pattern.kept(geometry, density), int(bits), pattern.run, pattern.block, blocks,
+                  pattern.library, kernels)
 
 
 def smallest(layout: Layout, sparse: bool = True) -> tuple[str, int]:

@@ -190,7 +190,7 @@ class LayerWidthEnv(gym.Env):
         return table / np.maximum(table.max(axis=0), 1e-12)
 
     def _candidate(self, ratios: dict[str, float], bits: dict[str, int], densities: dict[str, float] | None = None) -> Candidate:
-        densities = {l: d for l, d in (densities or {}).items() if d < 1}
+        densities = {l: self.patterns[l].clip(d) for l, d in (densities or {}).items() if d < 1}
         return Candidate.make(ratios, bits, densities, {l: self.patterns[l].name for l in densities})
 
     def _cost(self, ratios: dict[str, float], bits: dict[str, int], densities: dict[str, float] | None = None) -> float:

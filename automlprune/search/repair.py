@@ -80,14 +80,14 @@ def repair_to_budget(candidate: Candidate, space: SearchSpace, cost_model: CostM
 class _Shape:
     """The parts of a proposal repair keeps or scales besides its widths: bits as proposed; the
     densities of the layers whose pattern allows any density (unstructured, block; a dense layer
-    in its first such pattern), scaled with the widths' factor (at most 1, at least
-    :data:`MIN_DENSITY`); N:M layers and layers the space keeps dense as proposed."""
+    in its first such pattern), scaled with the widths' factor (at most 1, or the pattern's
+    maximum, at least :data:`MIN_DENSITY`); N:M layers and layers the space keeps dense as proposed."""
 
     def __init__(self, candidate: Candidate, space: SearchSpace, groups: list[str]) -> None:
         self.bits = candidate.bit_map
         sparsity = candidate.sparsity()
         self.fixed = {l: v for l, v in sparsity.items() if l not in space.layer_patterns}
-        self.layers, self.patterns, proposed = [], {}, []
+        self.layers, self.patterns, self.caps, proposed = [], {}, {}, []
         for layer, options in space.layer_patterns.items():
             name, density = sparsity.get(layer, (None, 1.0))
             pattern = next((p for p in options if p.name == name), None) if name else next(
@@ -97,7 +97,7 @@ class _Shape:
                     self.fixed[layer] = (name, density)
                 continue
             self.layers.append(layer)
-            self.patterns[layer] = pattern.name
+            self.patterns[layer], self.caps[layer] = pattern.name, pattern
             proposed.append(density)
         self.proposed = np.array(proposed, dtype=np.float64)
 
@@ -106,7 +106,7 @@ class _Shape:
         patterns = {l: p for l, (p, _) in self.fixed.items()}
         for layer, d in zip(self.layers, np.clip(self.proposed * scale, MIN_DENSITY, 1.0)):
             if d < 1.0:
-                densities[layer], patterns[layer] = float(d), self.patterns[layer]
+                densities[layer], patterns[layer] = self.caps[layer].clip(float(d)), self.patterns[layer]
         return Candidate.make({g: float(r) for g, r in zip(groups, ratios)}, self.bits or None, densities, patterns)
 
 

@@ -64,6 +64,9 @@ class Candidate:
             if pattern.fixed_density is not None and abs(density - pattern.fixed_density) > 1e-9:
                 raise CandidateError(f"pattern {pattern.name} keeps {pattern.fixed_density:g} of the weights of layer '{layer}', "
                                      f"not the density {density:g} given; drop the density or match it")
+            if density > pattern.max_density + 1e-12:
+                raise CandidateError(f"pattern {pattern.name} keeps at most {pattern.max_density:.4g} of a layer's weights, "
+                                     f"not the density {density:g} given for layer '{layer}'")
             clean_densities[str(layer)] = pattern.fixed_density or density
             if pattern.name != "unstructured":
                 clean_patterns[str(layer)] = pattern.name

@@ -291,11 +291,11 @@ class SearchSpace:
 
     def uniform(self, ratio: float, bits: int | None = None, density: float | None = None) -> Candidate:
         """Every prunable group at keep ratio ``ratio`` (and every bit-searchable layer at ``bits``,
-        every sparsity-searchable layer at ``density`` in its first pattern, or that pattern's own
-        density for an N:M one)."""
+        every sparsity-searchable layer at ``density`` in its first pattern, as that pattern can
+        have it: an N:M pattern's own density, at most 4/9 for PCONV)."""
         sparse = {l: self.patterns_of(l)[0] for l in self.layer_patterns} if density is not None and density < 1 else {}
         return Candidate.make({g: ratio for g in self.prunable}, {l: bits for l in self.bit_searchable} if bits else None,
-                              {l: p.fixed_density or density for l, p in sparse.items()}, {l: p.name for l, p in sparse.items()})
+                              {l: p.clip(density) for l, p in sparse.items()}, {l: p.name for l, p in sparse.items()})
 
     def smallest(self) -> Candidate:
         """The cheapest candidate of the space: lowest grid ratio, fewest bits and (in each layer's
@@ -303,8 +303,8 @@ class SearchSpace:
         bits = {l: min(self.config.bit_choices) for l in self.bit_searchable}
         densities, patterns = {}, {}
         for layer, options in self.layer_patterns.items():
-            pattern = min(options, key=lambda p: p.fixed_density or self.config.densities[0])
-            densities[layer], patterns[layer] = pattern.fixed_density or self.config.densities[0], pattern.name
+            pattern = min(options, key=lambda p: p.clip(self.config.densities[0]))
+            densities[layer], patterns[layer] = pattern.clip(self.config.densities[0]), pattern.name
         return Candidate.make({g: self.config.ratios[0] for g in self.prunable}, bits, densities, patterns)
 
     # ---- encoding --------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class SearchSpace:
         for layer in [l for l, d in densities.items() if d < 1]:
             pattern = patterns.get(layer, self.patterns_of(layer)[0])
             sparse_patterns[layer] = pattern.name
-            densities[layer] = pattern.fixed_density or densities[layer]
+            densities[layer] = pattern.clip(densities[layer])
         return Candidate.make(ratios, bits, densities, sparse_patterns)
 
     def describe(self) -> dict:

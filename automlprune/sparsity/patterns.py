@@ -16,6 +16,15 @@ Families (a pattern is written as in a candidate or a space file):
 * ``block:RxC`` (e.g. ``block:1x4``): whole R x C blocks of the matrix, those with the highest
   summed score; round(d x blocks) blocks kept (at least one). The rows (kept output channels)
   must be a multiple of R and the input channels per group a multiple of C.
+* ``pconv`` (``pconv:K``, K = 8 by default): PCONV's kernel patterns and connectivity pruning
+  (Ma et al., AAAI 2020) for 3 x 3 convolutions. Every kept kernel keeps 4 of its 9 weights in
+  one of K patterns, the layer's library: the K most frequent "centre plus the 3 highest-scoring
+  others" shapes of its kernels (the library rule of the third-party PatDNN code, per layer
+  here, where PatDNN builds one library for the network); each kernel takes the library
+  pattern with the highest summed score, and whole kernels are removed (connectivity pruning),
+  those whose pattern scores lowest, so that round(d x 9/4 x kernels) kernels stay. The
+  density is at most 4/9. No official PCONV code exists; its ADMM training is not implemented
+  (masked fine-tuning is what automlprune runs).
 
 Every kept count depends only on the layer's shape and density, never on the weights, so the
 cost model knows a candidate's storage exactly before any network is built
@@ -80,8 +89,18 @@ class Pattern:
     name: str
     family: str
     fixed_density: Optional[float] = None
+    max_density: float = 1.0
     run: Optional[int] = None
     block: Optional[tuple[int, int]] = None
+    library: Optional[int] = None
+
+    def clip(self, density: float) -> float:
+        """``density`` as the pattern can have it: its fixed density, or at most its maximum."""
+        return self.fixed_density if self.fixed_density is not None else min(density, self.max_density)
+
+    def kept_kernels(self, geometry: "Geometry", density: float) -> int:
+        """Kernels kept (kernel-pattern families only)."""
+        raise NotImplementedError
 
     def why_not(self, geometry: Geometry) -> Optional[str]:
         """Why the pattern cannot apply to a layer of this geometry (None when it can)."""
@@ -197,11 +216,57 @@ class Block(Pattern):
         return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
 
 
-FAMILIES = ("unstructured", "n:m", "block")
+class PConv(Pattern):
+    """PCONV kernel patterns with connectivity pruning (see the module docstring)."""
+
+    family = "pconv"
+    ENTRIES = 4
+    CENTRE = 4  # index of the centre in a row-major 3 x 3 kernel
+
+    def __init__(self, library: int = 8) -> None:
+        self.library, self.name, self.max_density = library, ("pconv" if library == 8 else f"pconv:{library}"), 4 / 9
+
+    def why_not(self, geometry):
+        return None if geometry.kernel == 9 else f"PCONV patterns need 3 x 3 kernels, it has {geometry.kernel} weights per kernel"
+
+    def kept_kernels(self, geometry, density):
+        return _count(min(1.0, density * 9 / self.ENTRIES), geometry.rows * geometry.inputs)
+
+    def kept(self, geometry, density):
+        return self.ENTRIES * self.kept_kernels(geometry, density)
+
+    def mask(self, scores, density):
+        rows, columns = scores.shape
+        inputs = columns // 9
+        kernels = scores.double().reshape(rows, 3, 3, inputs).permute(0, 3, 1, 2).reshape(rows * inputs, 9)
+        library = self.library_of(kernels)
+        fit = kernels @ library.T.double()  # (kernels, K): summed score of each library pattern
+        best, choice = fit.max(dim=1)
+        keep = _top(best, self.kept_kernels(Geometry(rows, inputs, 9), density))
+        masks = library[choice] & keep[:, None]
+        return masks.reshape(rows, inputs, 3, 3).permute(0, 2, 3, 1).reshape(rows, columns)
+
+    def library_of(self, kernels: torch.Tensor) -> torch.Tensor:
+        """The K most frequent centre-plus-top-3 shapes of ``kernels`` (n, 9) as a (K', 9) boolean
+        tensor (K' <= K; ties: the lower shape code first)."""
+        others = kernels.clone()
+        others[:, self.CENTRE] = -torch.inf
+        shapes = torch.zeros_like(kernels, dtype=torch.bool)
+        shapes[:, self.CENTRE] = True
+        shapes.scatter_(1, torch.topk(others, self.ENTRIES - 1, dim=1).indices, True)
+        codes = (shapes.long() << torch.arange(9)).sum(1)
+        unique, counts = torch.unique(codes, return_counts=True)
+        order = sorted(range(len(unique)), key=lambda i: (-int(counts[i]), int(unique[i])))[: self.library]
+        chosen = unique[order]
+        return ((chosen[:, None] >> torch.arange(9)) & 1).bool()
+
+
+FAMILIES = ("unstructured", "n:m", "block", "pconv")
 """The pattern families, as a space's ``sparsity.patterns`` may list them (``N:M`` and ``block:RxC`` with their sizes)."""
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK = re.compile(r"^\s*block\s*:\s*(\d+)\s*x\s*(\d+)\s*$")
+_PCONV = re.compile(r"^\s*pconv\s*(?::\s*(\d+))?\s*$")
 
 
 def parse_pattern(text: object) -> Pattern:
@@ -222,7 +287,14 @@ def parse_pattern(text: object) -> Pattern:
         if r < 1 or c < 1 or r * c < 2:
             raise CandidateError(f"sparsity pattern '{text}' needs blocks of at least two weights, such as block:1x4")
         return Block(r, c)
-    raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4) or block:RxC (such as block:1x4)")
+    match = _PCONV.match(spelled)
+    if match:
+        library = int(match.group(1) or 8)
+        if not 1 <= library <= 56:  # C(8, 3) = 56 centre-plus-3 shapes exist
+            raise CandidateError(f"sparsity pattern '{text}' needs a library of 1 to 56 kernel patterns, such as pconv:8")
+        return PConv(library)
+    raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4), block:RxC (such as block:1x4) "
+                         "or pconv")
 
 
 def check_density(density: object, where: str) -> float:

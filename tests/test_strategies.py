@@ -111,3 +111,14 @@ def test_searches_over_weight_densities_meet_a_bytes_budget(strategy, options, t
     assert not answer.ratios and any(r.candidate.densities for r in outcome.history)  # densities searched (bits too)
     assert evaluator.cost_model(answer)["bytes"] <= 0.25 * evaluator.cost_model.base["bytes"] * (1 + 1e-9)
     assert evaluator.cost_model(answer)["macs"] == evaluator.cost_model.base["macs"]  # PyTorch still runs every weight
+
+
+def test_uniform_keeps_the_widths_a_space_fixes(tmp_path, trained_digits_model, digits):
+    from automlprune.space import SearchSpace
+    from automlprune.space.config import SpaceConfig
+
+    space = SearchSpace(trained_digits_model, digits.example_input(), SpaceConfig(ratios=(1.0,), bit_choices=(2, 4, 8, 32)))
+    outcome, _, _, evaluator = run_search(tmp_path, trained_digits_model, space, digits, "uniform", "bytes=0.2")
+    answer = outcome.answer.candidate
+    assert not answer.ratios and set(answer.bit_map.values()) == {4}  # 8 bits: 25 % of float32 plus scales; 4 bits fits
+    assert evaluator.cost_model(answer)["bytes"] <= 0.2 * evaluator.cost_model.base["bytes"]

@@ -42,7 +42,8 @@ class UniformStrategy(OneShotStrategy):
     bisection on the continuous ratio (the common baseline). One evaluation. In a space that
     searches weight densities but not widths (one keep ratio, e.g. ``--space sparse``), one
     density for every sparsity-searchable layer instead (in its first pattern), the largest
-    that meets the budget.
+    that meets the budget; in one that searches bits but not widths (``--space bits-only``),
+    the most bits, one choice for every layer, that meet the budget (channels stay whole).
 
     Options: ``bits``: every bit-searchable layer at these weight bits (one of the space's bit
     choices; e.g. uniform 4-bit), the ratio (or density) then the largest that still meets the
@@ -63,8 +64,21 @@ class UniformStrategy(OneShotStrategy):
             raise ConfigError(f"uniform density={density!r} needs a space that searches weight densities (e.g. --space joint)")
         if self.space.layer_patterns and len(self.space.config.ratios) == 1 and density is None:
             return self.space.uniform(1.0, bits, uniform_density_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits))
+        if len(self.space.config.ratios) == 1 and self.space.bit_searchable and bits is None:
+            return self._uniform_bits()
         ratio = uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits, density=density)
         return self.space.uniform(ratio, bits, density)
+
+
+    def _uniform_bits(self) -> Candidate:
+        """In a space that fixes the widths (one keep ratio) and searches bits: the most bits, one
+        choice for every bit-searchable layer, that meet the budget (uniform quantization)."""
+        for b in sorted(self.space.config.bit_choices, reverse=True):
+            candidate = self.space.uniform(1.0, b)
+            if self.feasible(candidate):
+                return candidate
+        raise ConfigError(f"budget {self.budget.label} is below what uniform {min(self.space.config.bit_choices)}-bit weights reach "
+                          "with every channel kept; raise the budget or use a space that prunes channels")
 
 
 class GlobalMagnitudeStrategy(OneShotStrategy):

@@ -205,7 +205,6 @@ def _untile(tiles: np.ndarray, layout: Layout) -> np.ndarray:
 
 
 def _block_values(values, layout, kept_tiles):
-    r, c = layout.block
     return _packed(_tiles(values, layout)[kept_tiles].reshape(-1), layout.bits)
 
 
@@ -278,12 +277,12 @@ def _pconv_pack(mask, values, layout):
     kernels = _kernel_view(mask, layout)
     kept = kernels.any(axis=2)
     codes = (kernels.astype(np.int64) << np.arange(9)).sum(axis=2)
-    library = sorted(set(codes[kept].tolist()))
-    if len(library) > layout.library or any(bin(c).count("1") != 4 for c in library):
+    used = sorted(set(codes[kept].tolist()))
+    if len(used) > layout.library or any(bin(c).count("1") != 4 for c in used):
         raise ValueError(f"the mask is not a PCONV mask of {layout.library} 4-entry kernel patterns")
-    library += [0] * (layout.library - len(library))
+    library = used + [0] * (layout.library - len(used))
     rows, inputs = np.nonzero(kept)
-    ids = np.searchsorted(np.array(library[: len(set(codes[kept].tolist()))]), codes[rows, inputs]) if len(rows) else np.zeros(0, int)
+    ids = np.searchsorted(np.array(used, dtype=np.int64), codes[rows, inputs])
     kernel_values = _kernel_view(values, layout)[rows, inputs]  # (K', 9)
     chosen = _kernel_view(mask, layout)[rows, inputs]
     return {"library": _packed(library, 9), "counts": _packed(kept.sum(axis=1), index_bits(kept.shape[1] + 1)),

@@ -119,7 +119,8 @@ class CostModel:
         self.space = space
         layers = space.layers
         self.layer_names = [l.name for l in layers]
-        index = {name: i for i, name in enumerate(self.layer_names)}
+        self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        index = self.layer_index
         n_layers, n_groups = len(layers), len(space.groups)
         self.out_full = np.array([l.out_channels for l in layers], dtype=np.float64)
         self.in_full = np.array([l.in_channels for l in layers], dtype=np.float64)
@@ -188,9 +189,8 @@ class CostModel:
         format's name for each sparse layer (a pattern that cannot apply at the kept widths raises
         :class:`CandidateError`)."""
         kept, stored, formats = np.array(weights, dtype=np.float64), np.array(weights * bits, dtype=np.float64), {}
-        index = {name: i for i, name in enumerate(self.layer_names)}
         for layer, (pattern, density) in sparsity.items():
-            i = index[layer]
+            i = self.layer_index[layer]
             is_dw = bool(self.is_dw[i])
             geometry = self.space.geometry(layer, inputs=int(round(out_k[i] if is_dw else in_k[i])), rows=int(round(out_k[i])))
             pattern.check(layer, geometry)

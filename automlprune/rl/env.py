@@ -95,8 +95,8 @@ class LayerWidthEnv(gym.Env):
         self._baseline: float | None = None
         self.groups = list(self.space.prunable) if mode in ("channels", "joint") else []
         self.bit_layers = list(self.space.bit_searchable) if mode in ("bits", "joint") else []
-        self.patterns = {l: next(p for p in options if p.fixed_density is None) for l, options in self.space.layer_patterns.items()
-                         if mode in ("density", "joint") and any(p.fixed_density is None for p in options)}
+        free = {l: self.space.free_pattern(l) for l in self.space.layer_patterns} if mode in ("density", "joint") else {}
+        self.patterns = {l: p for l, p in free.items() if p is not None}
         """Layer -> the pattern its density decisions use."""
         self.density_layers = list(self.patterns)
         if mode == "density" and not self.density_layers:

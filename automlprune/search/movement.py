@@ -155,15 +155,15 @@ class MovementStrategy(TrainingStrategy):
         super().__init__(*args, **kwargs)
         if self.settings.warmup + self.settings.cooldown >= 1:
             raise ConfigError("movement warmup + cooldown must leave some steps for the schedule (their sum below 1)")
-        self.patterns = {l: next(p for p in options if p.fixed_density is None)
-                         for l, options in self.space.layer_patterns.items() if any(p.name == "unstructured" for p in options)}
-        if not self.patterns:
+        self.layers = [l for l, options in self.space.layer_patterns.items() if any(p.name == "unstructured" for p in options)]
+        """The layers movement sparsifies: those the space lets take unstructured densities."""
+        if not self.layers:
             raise ConfigError("movement pruning needs a space that searches unstructured weight densities (e.g. --space sparse)")
 
     def widths(self) -> Candidate:
         """Every channel kept; one unstructured density for the sparsified layers, the largest
         that meets the budget (bisection on the cost model)."""
-        at = lambda d: Candidate.make(None, None, {l: d for l in self.patterns}, {l: "unstructured" for l in self.patterns})  # noqa: E731
+        at = lambda d: Candidate.make(None, None, {l: d for l in self.layers}, {l: "unstructured" for l in self.layers})  # noqa: E731
         if self.feasible(at(1.0)):
             return self.space.canonical(at(1.0))
         if not self.feasible(at(1e-6)):
@@ -172,7 +172,7 @@ class MovementStrategy(TrainingStrategy):
 
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
         s = self.settings
-        densities = {layer: candidate.density_map.get(layer, 1.0) for layer in self.patterns}
+        densities = {layer: candidate.density_map.get(layer, 1.0) for layer in self.layers}
         recipe = Recipe(s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, "cosine", steps_per_epoch=s.steps_per_epoch,
                         seed=self.seed)
         callback = MovementPruning(densities, s)

@@ -90,8 +90,7 @@ class _Shape:
         self.layers, self.patterns, self.caps, proposed = [], {}, {}, []
         for layer, options in space.layer_patterns.items():
             name, density = sparsity.get(layer, (None, 1.0))
-            pattern = next((p for p in options if p.name == name), None) if name else next(
-                (p for p in options if p.fixed_density is None), None)
+            pattern = next((p for p in options if p.name == name), None) if name else space.free_pattern(layer)
             if pattern is None or pattern.fixed_density is not None:
                 if name:
                     self.fixed[layer] = (name, density)

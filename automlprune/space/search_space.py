@@ -155,6 +155,11 @@ class SearchSpace:
         """The sparsity patterns the search may give ``layer`` (empty: it stays dense)."""
         return self.layer_patterns.get(layer, ())
 
+    def free_pattern(self, layer: str) -> Pattern | None:
+        """``layer``'s first pattern that allows any density (not N:M), or None: the pattern a
+        density chosen alone (RL's density steps, repair's scaling) is given."""
+        return next((p for p in self.patterns_of(layer) if p.fixed_density is None), None)
+
     def feature_layers(self, group: ChannelGroup) -> list[GroupMember]:
         """The out-members whose outputs are ``group``'s feature maps: for each multiply-accumulate
         output layer, its batch norm (a layer without weights) if one follows in the group, else

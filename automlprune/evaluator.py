@@ -32,7 +32,7 @@ from automlprune.settings import EvalSettings, FinetuneSettings
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import Resolved, SearchSpace
 from automlprune.sparsity.criteria import WEIGHT_CRITERIA, weight_scores
-from automlprune.sparsity.masks import KeepSparse
+from automlprune.sparsity.masks import KeepSparse, realized_masks
 from automlprune.train import Trainer
 from automlprune.train.callbacks import Distillation, QuantizationAware
 
@@ -223,7 +223,7 @@ class Evaluator:
         start = time.perf_counter()
         net = self.network(proposal, resolved, fidelity)
         if cached is None:
-            costs = self.cost_model(resolved)
+            costs = self.cost_model(resolved, realized_masks(net))
             acc = accuracy(net, self.batches(fidelity)[0], self.topk)
             result = EvalResult(resolved.candidate, acc[1], acc.get(5), costs, relative_costs(costs, self.cost_model.base),
                                 time.perf_counter() - start, weights=proposal.describe(), key=key, fidelity=fidelity)

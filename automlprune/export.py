@@ -204,8 +204,8 @@ def _pack_weight(weight: torch.Tensor, quantized: dict[str, Any] | None, scheme:
         values, bits = float_bits(weight), 32
     geometry = Geometry.of(weight)
     if sparse is not None:
-        layout = layout_of(parse_pattern(sparse["pattern"]), geometry, sparse["density"], bits)
         mask = matrix_view(sparse["mask"].bool()).numpy()
+        layout = layout_of(parse_pattern(sparse["pattern"]), geometry, sparse["density"], bits, mask)
         if int(mask.sum()) != layout.kept:
             raise ConfigError(f"a sparse layer keeps {int(mask.sum())} weights but its pattern {sparse['pattern']} at density "
                               f"{sparse['density']:g} keeps {layout.kept}; export a network automlprune materialized")

@@ -35,6 +35,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "pconv": {"space": {"ratios": [1.0], "sparsity": {"densities": [d for d in SPARSE_DENSITIES if d <= 0.4] + [4 / 9, 1.0],
                                                       "patterns": ["pconv"]}},
               "strategies": ["uniform", "optuna-tpe"], "axes": "densities (PCONV kernel patterns)"},
+    "darb": {"space": {"ratios": [1.0], "sparsity": {"densities": SPARSE_DENSITIES, "patterns": ["darb"]}},
+             "strategies": ["uniform", "optuna-tpe"], "axes": "densities (DARB blocks)"},
     "joint": {"space": "joint", "strategies": ["optuna-tpe", "ddpg"], "axes": "widths + densities + bits"},
 }
 """Arm -> its search space (a shipped name, or the settings of a space file the benchmark writes),

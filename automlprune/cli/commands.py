@@ -458,7 +458,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from automlprune.report.collect import collect
     from automlprune.search import STRATEGIES
     from automlprune.search.budget import parse_budget
-    from automlprune.sparsity.masks import sparsity_record
+    from automlprune.sparsity.masks import realized_masks, sparsity_record
 
     run_dir = Path(args.run_dir)
     store, config, task = _run_context(run_dir, args.storage)
@@ -487,7 +487,7 @@ def cmd_export(args: argparse.Namespace) -> int:
              f"{_pct(best.answer['relative']['macs'])} MACs)"]
     sparse = sparsity_record(network)
     if fmt == "packed":
-        reported = evaluator.cost_model(proposal.candidate)["bytes"]
+        reported = evaluator.cost_model(proposal.candidate, realized_masks(network))["bytes"]
         payload.update(file_bytes=path.stat().st_size, reported_bytes=reported)
         human.append(f"  the file holds {path.stat().st_size:,} bytes: the reported {reported:,.0f} bytes of parameters plus "
                      "batch-norm statistics and metadata")

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "signals suite: random allocations per budget beside the allocators', default 8)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     p.add_argument("--sizes", help="sparsity suite: comma-separated fractions of the float32 size (default 0.25,0.125,0.0625)")
-    p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, pconv, joint)")
+    p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, pconv, darb, joint)")
     p.add_argument("--evals", type=int, default=40, help="sparsity suite: evaluations per search (default %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="sparsity suite: epochs of the identical fine-tune (default %(default)s)")
     p.add_argument("--macs", help="criteria and signals suites: comma-separated MACs fractions to prune to "

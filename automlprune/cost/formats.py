@@ -24,6 +24,11 @@ format                    bits                                                  
                           of L kernel patterns, I inputs per row, K' kept kernels
                           (per row its kernel count; per kernel its input channel,
                           pattern id and 4 values: PatDNN's FKW layout)
+``darb``                  K b + O + R w(|B|) for the layer's limits K (kept        DARB masks
+                          weights) and O (offset bits) and |B| block sizes: per
+                          row its block size, per kept weight its offset in its
+                          block (ceil(log2 b_i) bits) and value; the file holds
+                          the realized sizes, at most this
 ========================  ======================================================  ===========
 
 Break-even densities follow: the bitmask beats dense below density 1 - 1/b (0.97 at float32,
@@ -57,7 +62,9 @@ class Layout:
     """What a format's size depends on: ``rows`` x ``columns`` weights, ``kept`` of them, at
     ``bits`` bits each; ``run``: M of an N:M mask; ``block``: (r, c) and ``blocks``: kept blocks of
     a block mask; ``library``: the kernel-pattern library size of a PCONV mask and ``kernels``
-    its kept 3 x 3 kernels (None / 0 when the mask is not of that kind)."""
+    its kept 3 x 3 kernels; ``largest_block``: a DARB mask's largest block and ``offsets`` its
+    offset-bit limit (None / 0 when the mask is not of that kind). For DARB ``kept`` is a limit the
+    mask stays within."""
 
     rows: int
     columns: int
@@ -68,6 +75,8 @@ class Layout:
     blocks: int = 0
     library: Optional[int] = None
     kernels: int = 0
+    largest_block: Optional[int] = None
+    offsets: int = 0
 
     @property
     def weights(self) -> int:
@@ -313,13 +322,70 @@ register(Format("pconv", _pconv_size, lambda l: l.library is not None, _pconv_pa
          "PCONV: a library of 4-entry 3x3 kernel patterns, per row its kernel count, per kernel its input, pattern id and 4 values")
 
 
-def layout_of(pattern: Any, geometry: Any, density: float, bits: int) -> Layout:
+# ---- darb (density-adaptive regular blocks) --------------------------------------------------------
+def _darb_sizes(layout: Layout) -> int:
+    """How many block sizes a row may take (1, 2, 4, ... up to the layout's largest block)."""
+    return layout.largest_block.bit_length()
+
+
+def _darb_size(l: Layout) -> int:
+    return l.kept * l.bits + l.offsets + l.rows * index_bits(_darb_sizes(l))
+
+
+def _darb_pack(mask, values, layout):
+    columns = layout.columns
+    counts = mask.sum(axis=1)
+    exponents = np.zeros(layout.rows, dtype=np.int64)
+    offsets: dict[int, list[np.ndarray]] = {}
+    for row in range(layout.rows):
+        exponent = next((e for e in range(_darb_sizes(layout)) if -(-columns // (1 << e)) == counts[row]), None)
+        kept = np.nonzero(mask[row])[0]
+        size = 1 << (exponent or 0)
+        if exponent is None or not np.array_equal(kept // size, np.arange(len(kept))):
+            raise ValueError("the mask is not a DARB mask: every row keeps one weight in each of its blocks")
+        exponents[row] = exponent
+        if exponent:
+            offsets.setdefault(exponent, []).append(kept % size)
+    arrays = {"sizes": _packed(exponents, index_bits(_darb_sizes(layout)))}
+    for exponent, parts in sorted(offsets.items()):
+        arrays[f"offsets{exponent}"] = _packed(np.concatenate(parts), exponent)
+    arrays["values"] = _packed(values[mask], layout.bits)
+    return arrays
+
+
+def _darb_unpack(arrays, layout):
+    columns = layout.columns
+    exponents = _read(arrays["sizes"], index_bits(_darb_sizes(layout)), layout.rows)
+    counts = -(-columns // (1 << exponents))
+    mask = np.zeros((layout.rows, columns), dtype=bool)
+    for exponent in np.unique(exponents):
+        rows = np.nonzero(exponents == exponent)[0]
+        per_row = -(-columns // (1 << int(exponent)))
+        offsets = (_read(arrays[f"offsets{exponent}"], int(exponent), len(rows) * per_row).reshape(len(rows), per_row)
+                   if exponent else np.zeros((len(rows), per_row), dtype=np.int64))
+        mask[rows[:, None], np.arange(per_row) * (1 << int(exponent)) + offsets] = True
+    values = np.zeros(mask.shape, dtype=np.int64)
+    values[mask] = _read(arrays["values"], layout.bits, int(counts.sum()))
+    return mask, values
+
+
+register(Format("darb", _darb_size, lambda l: l.largest_block is not None, _darb_pack, _darb_unpack, True),
+         "DARB: per row its block size, per kept weight its offset in its block and its value (at most the layer's limits)")
+
+
+def layout_of(pattern: Any, geometry: Any, density: float, bits: int, mask: Optional[torch.Tensor] = None) -> Layout:
     """The :class:`Layout` of a layer of ``geometry`` (:class:`~automlprune.sparsity.patterns.Geometry`)
-    sparsified with ``pattern`` at ``density``, its values at ``bits`` bits."""
+    sparsified with ``pattern`` at ``density``, its values at ``bits`` bits. For a pattern whose
+    kept count is a limit (DARB), the layout holds the limits, or, given the layer's realized
+    ``mask`` (the (rows, columns) pattern matrix), what that mask really keeps."""
     blocks = pattern.kept_blocks(geometry, density) if pattern.block else 0
     kernels = pattern.kept_kernels(geometry, density) if pattern.library else 0
-    return Layout(geometry.rows, geometry.columns, pattern.kept(geometry, density), int(bits), pattern.run, pattern.block, blocks,
-                  pattern.library, kernels)
+    darb = pattern.largest_block is not None
+    kept, offsets = pattern.kept(geometry, density), pattern.offset_budget(geometry, density) if darb else 0
+    if mask is not None and not pattern.exact_count:
+        kept, offsets = pattern.realized(torch.as_tensor(mask))
+    return Layout(geometry.rows, geometry.columns, kept, int(bits), pattern.run, pattern.block, blocks,
+                  pattern.library, kernels, pattern.largest_for(geometry.columns) if darb else None, offsets)
 
 
 def smallest(layout: Layout, sparse: bool = True) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from automlprune.errors import ConfigError, UnsupportedLayerError
 from automlprune.quantization import per_channel, scale_bytes_per_entry
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import Resolved, SearchSpace
+from automlprune.sparsity.patterns import matrix_view
 
 
 class MissingMetric(ConfigError, KeyError):
@@ -150,14 +151,16 @@ class CostModel:
             self.verify(model)
 
     # ---- formulas --------------------------------------------------------------------------
-    def from_kept(self, kept: Any, weight_bits: Any = None, sparsity: Mapping[str, tuple[Any, float]] | None = None) -> dict[str, Any]:
+    def from_kept(self, kept: Any, weight_bits: Any = None, sparsity: Mapping[str, tuple[Any, float]] | None = None,
+                  masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Costs from kept channels per group (array of shape (groups,)), weight bits per layer
         (shape (layers,), default 32) and sparse layers (layer -> (pattern, density), NumPy
         only). Works on NumPy arrays and on torch tensors (differentiable, for relaxed widths);
         returns every analytic metric's total by name, ``"per_layer"`` ({metric: per-layer
         values}), the per-layer ``"kept_in"`` / ``"kept_out"``, ``"weights"``, ``"kept_weights"``
         and ``"stored_weight_bits"``, and ``"formats"`` (the storage format of each sparse layer's
-        weight, by name)."""
+        weight, by name). ``masks`` (layer -> realized weight mask) turn the limits of patterns
+        whose kept count depends on the weights (DARB) into what the masks really keep."""
         a = self._arrays_like(kept)
         removed = a["group_channels"] - kept
         out_k = a["out_full"] - a["removed_out"] @ removed
@@ -169,7 +172,7 @@ class CostModel:
         quantized = conv_like * (bits < 32) if not isinstance(bits, torch.Tensor) else conv_like * (bits < 32).to(out_k.dtype)
         kept_weights, stored_bits, formats = weights, weights * bits, {}
         if sparsity:
-            kept_weights, stored_bits, formats = self._sparse_storage(sparsity, out_k, in_k, weights, bits)
+            kept_weights, stored_bits, formats = self._sparse_storage(sparsity, out_k, in_k, weights, bits, masks or {})
         quantities = LayerQuantities(
             weights=weights, inputs=in_k, outputs=out_k, positions=a["positions"], biases=conv_like * a["has_bias"] * out_k,
             norm_params=a["is_bn"] * a["has_bias"] * 2 * out_k, bits=bits, quantized=quantized,
@@ -184,7 +187,8 @@ class CostModel:
                 "kept_in": a["is_dw"] * out_k + (1 - a["is_dw"]) * in_k, "kept_out": out_k}
 
     def _sparse_storage(self, sparsity: Mapping[str, tuple[Any, float]], out_k: np.ndarray, in_k: np.ndarray,
-                        weights: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+                        weights: np.ndarray, bits: np.ndarray, masks: Mapping[str, torch.Tensor]
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """Per layer: weights kept by its pattern, bits of its smallest honest format, and the
         format's name for each sparse layer (a pattern that cannot apply at the kept widths raises
         :class:`CandidateError`)."""
@@ -194,7 +198,8 @@ class CostModel:
             is_dw = bool(self.is_dw[i])
             geometry = self.space.geometry(layer, inputs=int(round(out_k[i] if is_dw else in_k[i])), rows=int(round(out_k[i])))
             pattern.check(layer, geometry)
-            layout = layout_of(pattern, geometry, density, int(bits[i]))
+            mask = masks.get(layer)
+            layout = layout_of(pattern, geometry, density, int(bits[i]), None if mask is None else matrix_view(mask))
             formats[layer], stored[i] = smallest(layout)
             kept[i] = layout.kept
         return kept, stored, formats
@@ -219,10 +224,12 @@ class CostModel:
         return np.array([bits.get(name, 32) for name in self.layer_names], dtype=np.float64)
 
     # ---- candidates ------------------------------------------------------------------------
-    def __call__(self, candidate: Candidate | Resolved) -> Costs:
-        """Costs of the network ``candidate`` describes (validated against the space)."""
+    def __call__(self, candidate: Candidate | Resolved, masks: Mapping[str, torch.Tensor] | None = None) -> Costs:
+        """Costs of the network ``candidate`` describes (validated against the space). Without
+        ``masks`` a DARB layer is charged its limits (an upper bound); with the materialized
+        network's masks (:func:`~automlprune.sparsity.masks.realized_masks`) what it really stores."""
         resolved = self.space.resolve(candidate)
-        out = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits), resolved.sparsity)
+        out = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits), resolved.sparsity, masks)
         values = {name: float(out[name]) for name in analytic_metrics()}
         if self.latency_table is not None:
             values["latency"] = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
@@ -244,13 +251,13 @@ class CostModel:
         per_layer = self.from_kept(resolved.kept.astype(np.float64), self._bits_vector(resolved.bits), resolved.sparsity)["per_layer"]
         return {n: {m: float(values[i]) for m, values in per_layer.items()} for i, n in enumerate(self.layer_names)}
 
-    def storage(self, candidate: Candidate | Resolved) -> dict[str, dict[str, Any]]:
+    def storage(self, candidate: Candidate | Resolved, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
         """How each Conv2d/Linear weight of ``candidate`` is stored: {layer: {"format", "bits"
         (value bits), "density" (kept weights / weights), "pattern" (None when dense), "bytes"
-        (the weight alone, in that format)}}."""
+        (the weight alone, in that format)}}; ``masks`` as in :meth:`__call__`."""
         resolved = self.space.resolve(candidate)
         bits = self._bits_vector(resolved.bits)
-        out = self.from_kept(resolved.kept.astype(np.float64), bits, resolved.sparsity)
+        out = self.from_kept(resolved.kept.astype(np.float64), bits, resolved.sparsity, masks)
         rows = {}
         for i, name in enumerate(self.layer_names):
             if self.is_bn[i]:

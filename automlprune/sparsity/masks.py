@@ -27,6 +27,12 @@ def sparsity_record(model: nn.Module) -> dict[str, dict]:
     return getattr(model, SPARSITY_ATTRIBUTE, {})
 
 
+def realized_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer: its weight mask} of ``model``'s sparse layers, for costs of what they really keep
+    (:meth:`automlprune.cost.CostModel.__call__`)."""
+    return {layer: info["mask"] for layer, info in sparsity_record(model).items()}
+
+
 @torch.no_grad()
 def sparsify_(model: nn.Module, sparsity: Mapping[str, tuple[Pattern, float]], scores: Mapping[str, torch.Tensor] | None = None) -> None:
     """In place: each layer of ``sparsity`` (layer -> (pattern, density)) keeps the weights its

@@ -25,14 +25,35 @@ Families (a pattern is written as in a candidate or a space file):
   those whose pattern scores lowest, so that round(d x 9/4 x kernels) kernels stay. The
   density is at most 4/9. No official PCONV code exists; its ADMM training is not implemented
   (masked fine-tuning is what automlprune runs).
+* ``darb`` (``darb:B``, B = 64 by default): DARB, density-adaptive regular blocks (Ren et al.,
+  AAAI 2020). Each row i gets a block size b_i, a power of two up to B (and up to the row's
+  length), and keeps the highest-scoring weight of each of its ceil(C / b_i) blocks of b_i
+  consecutive columns (block-max weight masking, BMWM); a kept weight stores only its offset in
+  its block, ceil(log2 b_i) bits. The block sizes follow the rows' densities in a reference
+  mask, the unstructured top round(d x weights) of the same scores (the paper's irregular
+  reference mask): starting from the largest block everywhere, the row whose reference density
+  is highest relative to its current density 1/b_i has its block halved, again and again, while
+  the layer stays within its two limits below: b_i ~ 1 / (s d_i) for a common scale s, the
+  paper's "block size adapted to row density, scaled to the budget". No official DARB code
+  exists; this rule, the power-of-two sizes and the reference mask are our reading of the
+  paper (arXiv 1911.08020), and its iterative prune / retrain schedule is replaced by one masked
+  fine-tune.
 
-Every kept count depends only on the layer's shape and density, never on the weights, so the
-cost model knows a candidate's storage exactly before any network is built
-(:mod:`automlprune.cost.formats`).
+Every kept count except DARB's depends only on the layer's shape and density, never on the
+weights, so the cost model knows a candidate's storage exactly before any network is built
+(:mod:`automlprune.cost.formats`). DARB's block sizes depend on the weights, so its layers have
+shape-only *limits* instead: at most K = max(round(d x weights), rows x ceil(C / largest block))
+weights kept, and at most max(K max(1, ceil(log2(weights / K))), rows x ceil(C / largest
+block) x log2(largest block)) offset bits in all (the limits of uniform block-max masking at
+block weights / K, which the rows' blocks trade between them); the cost model charges those limits (kept weights and
+storage are upper bounds, exact when the limits are met), and the exported file is at most that
+size.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -93,6 +114,9 @@ class Pattern:
     run: Optional[int] = None
     block: Optional[tuple[int, int]] = None
     library: Optional[int] = None
+    largest_block: Optional[int] = None
+    exact_count: bool = True
+    """False when :meth:`kept` is an upper bound the mask may stay below (DARB)."""
 
     def clip(self, density: float) -> float:
         """``density`` as the pattern can have it: its fixed density, or at most its maximum."""
@@ -119,6 +143,14 @@ class Pattern:
 
     def kept_blocks(self, geometry: Geometry, density: float) -> int:
         """Blocks kept (block patterns only)."""
+        raise NotImplementedError
+
+    def offset_budget(self, geometry: Geometry, density: float) -> int:
+        """Offset bits a DARB layer may use in all (DARB only)."""
+        raise NotImplementedError
+
+    def realized(self, mask: torch.Tensor) -> tuple[int, int]:
+        """(weights kept, offset bits) of a mask of a pattern whose count is a limit (DARB only)."""
         raise NotImplementedError
 
     def mask(self, scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -261,12 +293,103 @@ class PConv(Pattern):
         return ((chosen[:, None] >> torch.arange(9)) & 1).bool()
 
 
-FAMILIES = ("unstructured", "n:m", "block", "pconv")
+def block_max(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Block-max weight masking: in each row i of the (rows, columns) ``scores``, the
+    highest-scoring entry of each of its ceil(columns / sizes[i]) blocks of ``sizes[i]``
+    consecutive columns (the last block may be shorter; ties: the first)."""
+    rows, columns = scores.shape
+    keep = torch.zeros(rows, columns, dtype=torch.bool, device=scores.device)
+    for size in torch.unique(sizes).tolist():
+        members = torch.nonzero(sizes == size).flatten()
+        blocks = -(-columns // size)
+        padded = torch.full((len(members), blocks * size), -torch.inf, dtype=torch.float64, device=scores.device)
+        padded[:, :columns] = scores[members].double()
+        best = padded.reshape(len(members), blocks, size).argmax(dim=-1) + torch.arange(blocks, device=scores.device) * size
+        rows_keep = torch.zeros(len(members), columns, dtype=torch.bool, device=scores.device)
+        rows_keep.scatter_(1, best, True)
+        keep[members] = rows_keep
+    return keep
+
+
+def offset_bits(size: int) -> int:
+    """Bits of a kept weight's offset in a DARB block of ``size`` columns: ceil(log2 size) (0 for 1)."""
+    return (int(size) - 1).bit_length()
+
+
+class DARB(Pattern):
+    """Density-adaptive regular blocks with block-max weight masking (see the module docstring)."""
+
+    family = "darb"
+    exact_count = False
+
+    def __init__(self, largest: int = 64) -> None:
+        self.largest_block, self.name = largest, ("darb" if largest == 64 else f"darb:{largest}")
+
+    def largest_for(self, columns: int) -> int:
+        """The layer's largest block: B, or the largest power of two within a row of ``columns``."""
+        return min(self.largest_block, 1 << (max(columns, 1).bit_length() - 1))
+
+    def sizes(self, columns: int) -> list[int]:
+        """The block sizes a row may take: powers of two up to :meth:`largest_for`."""
+        return [1 << e for e in range(self.largest_for(columns).bit_length())]
+
+    def _floor(self, geometry: Geometry) -> tuple[int, int]:
+        """(weights, offset bits) of the sparsest allocation, every row at the largest block."""
+        largest = self.largest_for(geometry.columns)
+        per_row = -(-geometry.columns // largest)
+        return geometry.rows * per_row, geometry.rows * per_row * offset_bits(largest)
+
+    def kept(self, geometry, density):
+        return max(_count(density, geometry.weights), self._floor(geometry)[0])
+
+    def offset_budget(self, geometry, density):
+        kept = self.kept(geometry, density)
+        return max(kept * max(1, offset_bits(math.ceil(geometry.weights / kept))), self._floor(geometry)[1])
+
+    def allocate(self, scores: torch.Tensor, density: float) -> torch.Tensor:
+        """Each row's block size (a (rows,) long tensor) for the (rows, columns) ``scores``."""
+        rows, columns = scores.shape
+        geometry = Geometry(rows, columns)
+        limit, offsets = self.kept(geometry, density), self.offset_budget(geometry, density)
+        reference = Unstructured().mask(scores, min(1.0, limit / geometry.weights)).sum(dim=1).double() / columns
+        size = [self.largest_for(columns)] * rows
+        kept = [-(-columns // s) for s in size]
+        used_kept, used_offsets = sum(kept), sum(k * offset_bits(s) for k, s in zip(kept, size))
+        # max-heap on reference density x current block (how far the row is below its reference)
+        heap = [(-float(reference[i]) * size[i], i) for i in range(rows) if size[i] > 1]
+        heapq.heapify(heap)
+        while heap:
+            _, i = heapq.heappop(heap)
+            half = size[i] // 2
+            more = -(-columns // half)
+            grown_kept = used_kept + more - kept[i]
+            grown_offsets = used_offsets + more * offset_bits(half) - kept[i] * offset_bits(size[i])
+            if grown_kept > limit or grown_offsets > offsets:
+                continue  # this row cannot grow within the limits; the others may
+            size[i], kept[i], used_kept, used_offsets = half, more, grown_kept, grown_offsets
+            if half > 1:
+                heapq.heappush(heap, (-float(reference[i]) * half, i))
+        return torch.tensor(size, dtype=torch.long)
+
+    def mask(self, scores, density):
+        return block_max(scores, self.allocate(scores, density).to(scores.device))
+
+    def realized(self, mask: torch.Tensor) -> tuple[int, int]:
+        """(weights kept, offset bits) of a DARB ``mask`` (rows, columns): what its layer really
+        stores, within the limits :meth:`kept` and :meth:`offset_budget`."""
+        columns = mask.shape[1]
+        counts = mask.sum(dim=1).tolist()
+        by_count = {-(-columns // size): size for size in self.sizes(columns)}
+        return int(sum(counts)), int(sum(k * offset_bits(by_count.get(k, 1)) for k in counts))
+
+
+FAMILIES = ("unstructured", "n:m", "block", "pconv", "darb")
 """The pattern families, as a space's ``sparsity.patterns`` may list them (``N:M`` and ``block:RxC`` with their sizes)."""
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK = re.compile(r"^\s*block\s*:\s*(\d+)\s*x\s*(\d+)\s*$")
 _PCONV = re.compile(r"^\s*pconv\s*(?::\s*(\d+))?\s*$")
+_DARB = re.compile(r"^\s*darb\s*(?::\s*(\d+))?\s*$")
 
 
 def parse_pattern(text: object) -> Pattern:
@@ -293,8 +416,14 @@ def parse_pattern(text: object) -> Pattern:
         if not 1 <= library <= 56:  # C(8, 3) = 56 centre-plus-3 shapes exist
             raise CandidateError(f"sparsity pattern '{text}' needs a library of 1 to 56 kernel patterns, such as pconv:8")
         return PConv(library)
-    raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4), block:RxC (such as block:1x4) "
-                         "or pconv")
+    match = _DARB.match(spelled)
+    if match:
+        largest = int(match.group(1) or 64)
+        if largest < 2 or largest & (largest - 1):
+            raise CandidateError(f"sparsity pattern '{text}' needs its largest block to be a power of two of at least 2, such as darb:64")
+        return DARB(largest)
+    raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4), block:RxC (such as block:1x4), "
+                         "pconv or darb")
 
 
 def check_density(density: object, where: str) -> float:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18's benchmark: at 1/4, 1/8 and 1/16 of the float32 size, the best network of channels
-# only, weight sparsity only (unstructured, 2:4, 1x4 blocks), bits only and all three jointly,
+# only, weight sparsity only (unstructured, 2:4, 1x4 blocks, PCONV, DARB), bits only and all three jointly,
 # after the same 1-epoch fine-tune, with measured CPU latency and the packed file's size.
 # Same baseline as the training-time benchmark. Resumable: run it again after a stop (finished
 # searches and fine-tunes are served from each arm's run store). Needs: apt-get install dataset-fashion-mnist.

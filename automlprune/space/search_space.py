@@ -296,9 +296,11 @@ class SearchSpace:
 
     def uniform(self, ratio: float, bits: int | None = None, density: float | None = None) -> Candidate:
         """Every prunable group at keep ratio ``ratio`` (and every bit-searchable layer at ``bits``,
-        every sparsity-searchable layer at ``density`` in its first pattern, as that pattern can
-        have it: an N:M pattern's own density, at most 4/9 for PCONV)."""
-        sparse = {l: self.patterns_of(l)[0] for l in self.layer_patterns} if density is not None and density < 1 else {}
+        every sparsity-searchable layer at ``density`` in its :meth:`free_pattern`, or its first
+        pattern when it has only N:M ones, as that pattern can have it: an N:M pattern's own
+        density, at most 4/9 for PCONV)."""
+        sparse = ({l: self.free_pattern(l) or self.patterns_of(l)[0] for l in self.layer_patterns}
+                  if density is not None and density < 1 else {})
         return Candidate.make({g: ratio for g in self.prunable}, {l: bits for l in self.bit_searchable} if bits else None,
                               {l: p.clip(density) for l, p in sparse.items()}, {l: p.name for l, p in sparse.items()})
 

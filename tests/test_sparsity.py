@@ -402,3 +402,41 @@ def test_movement_trains_scores_and_hands_back_exactly_sparse_weights(tmp_path, 
         weight = proposal.weights.model.get_submodule(layer).weight
         assert int((weight != 0).sum()) == round(density * weight.numel())  # the trained zeros are the mask
     assert answer.accuracy > 0.5
+
+
+def test_soft_movement_thresholds_its_scores_and_projects_to_the_budget(tmp_path, trained_digits_model, digits):
+    from conftest import run_search
+    from automlprune.search.movement import MovementMask
+
+    mask = MovementMask(torch.ones(10, 100))
+    mask.threshold = 0.5
+    with torch.no_grad():
+        mask.scores[0, :3] = 2.0  # sigmoid 0.88: three pass; the floor is int(0.005 x 1000) + 1 = 6
+        mask.scores[1, :10] = 1.0
+    kept = mask(torch.ones(10, 100))
+    assert int(kept.sum()) == 13 and mask.density() == pytest.approx(0.013)
+    mask.scores.data[1, :10] = -1.0
+    assert int(mask(torch.ones(10, 100)).sum()) == 6  # the official floor: the top 0.5 % + 1
+
+    space = SearchSpace(trained_digits_model, digits.example_input(),
+                        SpaceConfig(ratios=(1.0,), densities=(0.1, 0.5, 1.0), patterns=("unstructured",)))
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, "movement", budget="bytes=0.3",
+                                                  max_evals=2, options={"epochs": 3, "batch_size": 32, "method": "soft"})
+    answer = outcome.answer
+    assert answer.trained and evaluator.cost_model(answer.candidate)["bytes"] <= 0.3 * evaluator.cost_model.base["bytes"] + 1e-6
+    proposal = store.proposal(answer.to_dict() | {"weights": store.records(study)[0].result.weights}, trained_digits_model)
+    for layer, density in answer.candidate.density_map.items():
+        weight = proposal.weights.model.get_submodule(layer).weight
+        assert int((weight != 0).sum()) == round(density * weight.numel())
+    assert answer.accuracy > 0.5
+
+
+@pytest.mark.parametrize("options,message", [({"method": "hard"}, "topk or soft"), ({"method": "soft", "cooldown": 0.0}, "cooldown > 0"),
+                                             ({"scores_optimizer": "rmsprop"}, "sgd or adam")])
+def test_bad_movement_options_are_refused(checkpoint, capsys, tmp_path, options, message):
+    argv = ["search", "digits-cnn", "--space", "sparse", "--strategy", "movement", "--budget", "bytes=0.3", "--evals", "1",
+            "--set", f"checkpoint={checkpoint}", "--run-dir", str(tmp_path / "run")]
+    for key, value in options.items():
+        argv += ["--option", f"{key}={value}"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -440,3 +440,32 @@ def test_bad_movement_options_are_refused(checkpoint, capsys, tmp_path, options,
         argv += ["--option", f"{key}={value}"]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pconv_admm_pulls_weights_to_the_patterns_and_hands_back_pconv_masks(tmp_path, trained_digits_model, digits):
+    from conftest import run_search
+    from automlprune.search.pconv_admm import PConvProjection
+
+    weight = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    projection = PConvProjection(parse_pattern("pconv:4"), weight, kept=16)
+    patterned = projection.patterns(weight)
+    kernels = patterned.permute(0, 1, 2, 3).reshape(32, 9)
+    assert ((kernels != 0).sum(dim=1) == 4).all() and (kernels[:, 4] != 0).all()  # every kernel: 4 entries, centre in
+    connected = projection.connectivity(weight).reshape(32, 9)
+    assert int(connected.ne(0).any(dim=1).sum()) == 16  # whole kernels: the 16 of largest norm
+    assert torch.equal(projection.patterns(patterned), patterned)  # a projection is idempotent
+
+    space = SearchSpace(trained_digits_model, digits.example_input(),
+                        SpaceConfig(ratios=(1.0,), densities=(0.1, 0.3, 1.0), patterns=("pconv",)))
+    outcome, store, study, evaluator = run_search(tmp_path, trained_digits_model, space, digits, "pconv-admm", budget="bytes=0.6",
+                                                  max_evals=1, options={"epochs": 3, "batch_size": 32, "admm_steps": 10})
+    answer = outcome.answer
+    assert answer.trained and evaluator.cost_model(answer.candidate)["bytes"] <= 0.6 * evaluator.cost_model.base["bytes"] + 1e-6
+    spent = study.user_attrs["spent"]
+    assert spent["admm_updates"] >= 10 and spent["admm_residual_last"] < spent["admm_residual_first"]  # W nears its projections
+    proposal = store.proposal(answer.to_dict() | {"weights": store.records(study)[0].result.weights}, trained_digits_model)
+    net = evaluator.network(proposal)
+    for layer, density in answer.candidate.density_map.items():
+        trained = proposal.weights.model.get_submodule(layer).weight
+        assert torch.equal(trained != 0, sparsity_record(net)[layer]["mask"])  # the evaluator keeps the retrained masks
+    assert answer.accuracy > 0.5

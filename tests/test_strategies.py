@@ -14,11 +14,12 @@ SHORT_TRAINING = {**{name: dict(batch_size=64, update_interval=2, reg_steps=40, 
                     for name in ("greg1", "greg2")},
                   "resrep": dict(epochs=3, batch_size=64, mask_interval=4, before_mask_steps=8, granularity=16),
                   "gate-decorator": dict(batch_size=64, p=0.1, tock_epochs=1, tock_steps=4, tick_steps=3),
-                  "movement": dict(epochs=2, batch_size=64)}
+                  "movement": dict(epochs=2, batch_size=64), "pconv-admm": dict(epochs=1, retrain_epochs=1, batch_size=64, admm_steps=3, steps_per_epoch=8)}
 """Training-time methods run the contract with a few dozen steps (tests/test_greg.py trains them longer)."""
 CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]
 BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
-SPARSE_ONLY = dict.fromkeys(("global-magnitude", "movement"), {"macs=0.5": "bytes=0.4", "params=0.3": "bytes=0.2"})
+SPARSE_ONLY = {**dict.fromkeys(("global-magnitude", "movement"), {"macs=0.5": "bytes=0.4", "params=0.3": "bytes=0.2"}),
+               "pconv-admm": {"macs=0.5": "bytes=0.7", "params=0.3": "bytes=0.55", "bytes=0.2": "bytes=0.5"}}  # PCONV reaches only the two 3x3 inner convs
 """Weight-sparsity methods: on a densities space, budgets in bytes."""
 
 
@@ -27,7 +28,7 @@ def sparse_space(trained_digits_model, digits):
     from automlprune.space import SearchSpace
     from automlprune.space.config import SpaceConfig
 
-    config = SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "block:1x4"),
+    config = SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "block:1x4", "pconv"),
                          bit_choices=(4, 8, 32), pin_first_last_bits=8)
     return SearchSpace(trained_digits_model, digits.example_input(), config)
 

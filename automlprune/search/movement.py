@@ -50,10 +50,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from automlprune.cost import largest_within
 from automlprune.errors import ConfigError
 from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
+from automlprune.sparsity.patterns import Unstructured
 from automlprune.train import FitHistory, Recipe, Trainer
 from automlprune.train.trainer import Callback
 
@@ -261,12 +261,7 @@ class MovementStrategy(TrainingStrategy):
     def widths(self) -> Candidate:
         """Every channel kept; one unstructured density for the sparsified layers, the largest
         that meets the budget (bisection on the cost model)."""
-        at = lambda d: Candidate.make(None, None, {l: d for l in self.layers}, {l: "unstructured" for l in self.layers})  # noqa: E731
-        if self.feasible(at(1.0)):
-            return self.space.canonical(at(1.0))
-        if not self.feasible(at(1e-6)):
-            raise ConfigError(f"movement pruning cannot meet {self.budget.label} with weight sparsity alone; raise the budget")
-        return self.space.canonical(at(largest_within(lambda d: self.feasible(at(d)), 1e-6, 1.0, 30)))
+        return self.uniform_density(self.layers, Unstructured())
 
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
         s = self.settings

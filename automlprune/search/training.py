@@ -201,6 +201,17 @@ class TrainingStrategy(Strategy):
         steps = math.ceil(math.log2(1e6))
         return self.space.canonical(at(largest_within(lambda r: self.feasible(at(r)), 1e-6, 1.0, steps + 8)))
 
+    def uniform_density(self, layers: list[str], pattern: Any) -> Candidate:
+        """Every channel kept and one density in ``pattern`` (a :class:`~automlprune.sparsity.patterns.Pattern`)
+        for ``layers``, the largest (up to the pattern's maximum) that meets the budget
+        (bisection on the cost model); for sparsity methods."""
+        at = lambda d: Candidate.make(None, None, {l: pattern.clip(d) for l in layers}, {l: pattern.name for l in layers})  # noqa: E731
+        if self.feasible(Candidate.make()):
+            return self.space.canonical(Candidate.make())
+        if not self.feasible(at(1e-6)):
+            raise ConfigError(f"{self.name} cannot meet {self.budget.label} with {pattern.name} weight sparsity alone; raise the budget")
+        return self.space.canonical(at(largest_within(lambda d: self.feasible(at(d)), 1e-6, pattern.clip(1.0), 30)))
+
     def checkpoint_path(self):
         """The epoch checkpoint of this search in the run's artifacts (None without a run directory)."""
         if self.context.artifacts is None:

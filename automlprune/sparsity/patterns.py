@@ -267,20 +267,36 @@ class PConv(Pattern):
     def kept(self, geometry, density):
         return self.ENTRIES * self.kept_kernels(geometry, density)
 
+    @staticmethod
+    def kernels(matrix: torch.Tensor) -> torch.Tensor:
+        """A (rows, columns) pattern matrix of a 3 x 3 layer as its (rows x inputs, 9) kernels, row-major."""
+        rows, columns = matrix.shape
+        return matrix.reshape(rows, 3, 3, columns // 9).permute(0, 3, 1, 2).reshape(rows * (columns // 9), 9)
+
+    @staticmethod
+    def from_kernels(kernels: torch.Tensor, rows: int) -> torch.Tensor:
+        """Inverse of :meth:`kernels`."""
+        inputs = kernels.shape[0] // rows
+        return kernels.reshape(rows, inputs, 3, 3).permute(0, 2, 3, 1).reshape(rows, inputs * 9)
+
     def mask(self, scores, density):
         rows, columns = scores.shape
         inputs = columns // 9
-        kernels = scores.double().reshape(rows, 3, 3, inputs).permute(0, 3, 1, 2).reshape(rows * inputs, 9)
+        kernels = self.kernels(scores.double())
         library = self.library_of(kernels)
         fit = kernels @ library.T.double()  # (kernels, K): summed score of each library pattern
         best, choice = fit.max(dim=1)
         keep = _top(best, self.kept_kernels(Geometry(rows, inputs, 9), density))
-        masks = library[choice] & keep[:, None]
-        return masks.reshape(rows, inputs, 3, 3).permute(0, 2, 3, 1).reshape(rows, columns)
+        return self.from_kernels(library[choice] & keep[:, None], rows)
 
     def library_of(self, kernels: torch.Tensor) -> torch.Tensor:
         """The K most frequent centre-plus-top-3 shapes of ``kernels`` (n, 9) as a (K', 9) boolean
-        tensor (K' <= K; ties: the lower shape code first)."""
+        tensor (K' <= K; ties: the lower shape code first). Kernels scoring zero everywhere (removed
+        ones) have no shape and are not counted, so a network already pruned to PCONV masks gets its
+        own library back."""
+        nonzero = kernels.ne(0).any(dim=1)
+        if nonzero.any():
+            kernels = kernels[nonzero]
         others = kernels.clone()
         others[:, self.CENTRE] = -torch.inf
         shapes = torch.zeros_like(kernels, dtype=torch.bool)

@@ -23,8 +23,9 @@ Families (a pattern is written as in a candidate or a space file):
   here, where PatDNN builds one library for the network); each kernel takes the library
   pattern with the highest summed score, and whole kernels are removed (connectivity pruning),
   those whose pattern scores lowest, so that round(d x 9/4 x kernels) kernels stay. The
-  density is at most 4/9. No official PCONV code exists; its ADMM training is not implemented
-  (masked fine-tuning is what automlprune runs).
+  density is at most 4/9. No official PCONV code exists. The pattern is cut from trained
+  weights here; the ``pconv-admm`` strategy (:mod:`automlprune.search.pconv_admm`) trains the
+  weights towards it by ADMM first.
 * ``darb`` (``darb:B``, B = 64 by default): DARB, density-adaptive regular blocks (Ren et al.,
   AAAI 2020). Each row i gets a block size b_i, a power of two up to B (and up to the row's
   length), and keeps the highest-scoring weight of each of its ceil(C / b_i) blocks of b_i
@@ -45,9 +46,10 @@ weights, so the cost model knows a candidate's storage exactly before any networ
 shape-only *limits* instead: at most K = max(round(d x weights), rows x ceil(C / largest block))
 weights kept, and at most max(K max(1, ceil(log2(weights / K))), rows x ceil(C / largest
 block) x log2(largest block)) offset bits in all (the limits of uniform block-max masking at
-block weights / K, which the rows' blocks trade between them); the cost model charges those limits (kept weights and
-storage are upper bounds, exact when the limits are met), and the exported file is at most that
-size.
+block weights / K, which the rows' blocks trade between them). Before the weights are known the
+cost model charges those limits (upper bounds); the evaluator and the export charge what the
+materialized masks keep (:func:`automlprune.cost.formats.layout_of` with a mask), so a
+network's reported size is its file's.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ class Pattern:
 
     def mask(self, scores: torch.Tensor, density: float) -> torch.Tensor:
         """Boolean mask (the shape of the (rows, columns) matrix ``scores``): True = kept;
-        exactly :meth:`kept` entries are True, the highest-scoring ones the pattern allows."""
+        exactly :meth:`kept` entries are True (at most, when ``exact_count`` is False), the
+        highest-scoring ones the pattern allows."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

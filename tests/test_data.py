@@ -116,3 +116,22 @@ def test_imagefolder_reads_images(tmp_path):
 def test_unknown_dataset_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown dataset 'mnist3d'"):
         load_dataset("mnist3d")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augmented_batches_are_channels_first(channels):
+    """A one-channel crop cut from a channels-last view used to keep channels-last strides, so every
+    convolution ran NHWC, where oneDNN's 1x1 stride-2 backward-weights kernel hangs for fewer than 8
+    input channels (the narrow pruned shortcuts); batches must come out channels-first."""
+    from dataclasses import replace
+
+    from automlprune.data.base import Augmentation, DataSplits, ImageTensors
+
+    images = torch.randint(0, 255, (16, channels, 8, 8), dtype=torch.uint8)
+    split = ImageTensors(images, torch.zeros(16, dtype=torch.long))
+    data = replace(load_dataset("digits"), train=split, mean=(0.5,) * channels, std=(0.5,) * channels,
+                   augmentation=Augmentation(crop_padding=2, hflip=True))
+    x, _ = next(iter(iterate_batches(split, data, 8, augment=True, shuffle=True)))
+    assert x.stride() == torch.empty(x.shape).stride()
+    out = torch.nn.Conv2d(channels, 4, 3, padding=1)(x)
+    assert out.stride() == torch.empty(out.shape).stride()  # the network runs NCHW

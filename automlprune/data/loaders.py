@@ -28,7 +28,7 @@ def _random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> t
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
 def _augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
@@ -40,14 +40,29 @@ def _augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> 
     return x
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a contiguous (B, C, H, W) tensor. A one-channel batch cut from
+    a channels-last view is "contiguous" in both formats (its channel stride does not matter), but
+    PyTorch reads its strides as channels-last and runs every convolution of the network in NHWC;
+    oneDNN's AVX2 1x1 stride-2 backward-weights kernel then hangs (or, on other machines, returns
+    wrong gradients) for layers with fewer than 8 input channels (uxlfoundation/oneDNN issue 6035),
+    exactly the narrow shortcut convolutions pruning makes. Batches are therefore always handed out
+    channels-first."""
+    if x.dim() == 4 and x.stride() != torch.empty(x.shape, device="meta").stride():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 def iterate_batches(split: Split, data: DataSplits, batch_size: int, device: torch.device | str = "cpu",
                     shuffle: bool = False, augment: bool = False, seed: int = 0,
                     max_batches: int | None = None, drop_last: bool = False) -> Iterator[Batch]:
     """Yield (inputs, labels) on ``device``: inputs float32 (B, C, H, W) normalised with the
-    dataset's mean/std, labels int64 (B,). Same seed, same batches."""
+    dataset's mean/std, channels-first strides (:func:`channels_first`), labels int64 (B,). Same
+    seed, same batches."""
     device = torch.device(device)
     if isinstance(split, ImageTensors):
-        yield from _tensor_batches(split, data, batch_size, device, shuffle, augment, seed, max_batches, drop_last)
+        for x, y in _tensor_batches(split, data, batch_size, device, shuffle, augment, seed, max_batches, drop_last):
+            yield channels_first(x), y
         return
     generator = torch.Generator().manual_seed(seed)
     workers = min(8, os.cpu_count() or 1) if len(split) > 4 * batch_size else 0
@@ -56,7 +71,7 @@ def iterate_batches(split: Split, data: DataSplits, batch_size: int, device: tor
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield channels_first(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
 
 def _tensor_batches(split: ImageTensors, data: DataSplits, batch_size: int, device: torch.device, shuffle: bool,

@@ -125,7 +125,7 @@ def test_augmented_batches_are_channels_first(channels):
     input channels (the narrow pruned shortcuts); batches must come out channels-first."""
     from dataclasses import replace
 
-    from automlprune.data.base import Augmentation, DataSplits, ImageTensors
+    from automlprune.data.base import Augmentation, ImageTensors
 
     images = torch.randint(0, 255, (16, channels, 8, 8), dtype=torch.uint8)
     split = ImageTensors(images, torch.zeros(16, dtype=torch.long))

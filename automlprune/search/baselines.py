@@ -41,7 +41,7 @@ class UniformStrategy(OneShotStrategy):
     """One keep ratio for every prunable group: the largest that meets the budget, found by
     bisection on the continuous ratio (the common baseline). One evaluation. In a space that
     searches weight densities but not widths (one keep ratio, e.g. ``--space sparse``), one
-    density for every sparsity-searchable layer instead (in its first pattern), the largest
+    density for every sparsity-searchable layer instead (in its free pattern: SearchSpace.uniform), the largest
     that meets the budget; in one that searches bits but not widths (``--space bits-only``),
     the most bits, one choice for every layer, that meet the budget (channels stay whole).
 
@@ -68,7 +68,6 @@ class UniformStrategy(OneShotStrategy):
             return self._uniform_bits()
         ratio = uniform_ratio_for_budget(self.cost_model, self.budget.metric, self.limit, bits=bits, density=density)
         return self.space.uniform(ratio, bits, density)
-
 
     def _uniform_bits(self) -> Candidate:
         """In a space that fixes the widths (one keep ratio) and searches bits: the most bits, one

@@ -62,7 +62,7 @@ def test_latency_budget_search_answers_within_the_predicted_budget(tmp_path, cap
                  "--set", f"checkpoint={checkpoint}", "--no-export", "--json"])
     out, err = capsys.readouterr()
     if code == 2:  # on a machine where dispatch dominates even more, the budget may be impossible: said clearly
-        assert "impossible" in err
+        assert "impossible" in err and "Traceback" not in err
         return
     answer = json.loads(out)["answers"][0]["answer"]
     assert answer["relative"]["latency"] <= 0.97 + 1e-9 and answer["latency"] > 0

@@ -111,3 +111,22 @@ def test_optuna_evaluates_the_allocators_exact_answers_first(tmp_path, trained_d
     strategy = STRATEGIES.get("random")(_context(evaluator, study, trained_digits_model, digits), parse_budget("macs=0.5"))
     warm = [c.key for c in warm_start_candidates(strategy, ["uniform", "global", "prunenet"])]
     assert [r.candidate.key for r in outcome.history[:len(warm)]] == warm
+
+
+def test_an_allocator_without_an_answer_is_skipped_and_the_search_starts_from_the_others(
+        tmp_path, trained_digits_model, digits_space, digits, monkeypatch, capsys):
+    from automlprune.search.warm_start import warm_start_candidates
+
+    _, _, study, evaluator = run_search(tmp_path, trained_digits_model, digits_space, digits, "random",
+                                        budget="macs=0.5", max_evals=1)
+    strategy = STRATEGIES.get("random")(_context(evaluator, study, trained_digits_model, digits), parse_budget("macs=0.5"))
+    both = warm_start_candidates(strategy, ["uniform", "prunenet"])
+    assert len(both) == 2
+
+    def no_answer(self):
+        raise ConfigError("no single keep ratio fits")
+
+    monkeypatch.setattr(STRATEGIES.get("uniform"), "propose", no_answer)
+    capsys.readouterr()
+    assert warm_start_candidates(strategy, ["uniform", "prunenet"]) == both[-1:]
+    assert "warm start: uniform is skipped: no single keep ratio fits" in capsys.readouterr().err

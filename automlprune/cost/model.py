@@ -306,29 +306,33 @@ def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, 
                              bits: int | None = None, density: float | None = None) -> float:
     """The largest keep ratio r such that every prunable group at r (and every bit-searchable
     layer at ``bits``, every sparsity-searchable layer at ``density``, when given) costs at most
-    ``budget`` (absolute units of ``metric``), by bisection on r in (0, 1]. Raises ConfigError
-    when even the space's minimum widths exceed the budget."""
+    ``budget`` (absolute units of ``metric``), by bisection on r between the space's lowest grid
+    ratio and 1 (the floor :func:`~automlprune.search.budget.check_achievable` tests, so a budget it
+    accepts has an answer even where a measured latency table is not monotone below the grid).
+    Raises ConfigError when even the space's minimum widths exceed the budget."""
     space = cost_model.space
-    return _largest_uniform(lambda r: cost_model(space.uniform(r, bits, density))[metric], metric, budget, tolerance, "uniform network")
+    return _largest_uniform(lambda r: cost_model(space.uniform(r, bits, density))[metric], metric, budget, tolerance,
+                            "uniform network", min(space.config.ratios))
 
 
 def uniform_density_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4,
                                bits: int | None = None) -> float:
     """The largest weight density d such that every sparsity-searchable layer at d (in its first
     pattern; every channel kept, every bit-searchable layer at ``bits`` when given) costs at most
-    ``budget``, by bisection on d in (0, 1]."""
+    ``budget``, by bisection on d between the space's lowest grid density and 1."""
     space = cost_model.space
     return _largest_uniform(lambda d: cost_model(space.uniform(1.0, bits, d))[metric], metric, budget, tolerance,
-                            "uniformly sparse network")
+                            "uniformly sparse network", min(space.config.densities))
 
 
-def _largest_uniform(cost: Callable[[float], float], metric: str, budget: float, tolerance: float, what: str) -> float:
+def _largest_uniform(cost: Callable[[float], float], metric: str, budget: float, tolerance: float, what: str,
+                     lo: float) -> float:
     if cost(1.0) <= budget:
         return 1.0
-    lo = 1e-6
     if cost(lo) > budget:
-        raise ConfigError(f"a {metric} budget of {budget:.4g} is below what the narrowest {what} costs ({cost(lo):.4g}); raise the budget")
-    return largest_within(lambda r: cost(r) <= budget, lo, 1.0, math.ceil(math.log2((1.0 - lo) / tolerance)))
+        raise ConfigError(f"a {metric} budget of {budget:.4g} is impossible for a {what}: the narrowest this space "
+                          f"allows costs {cost(lo):.4g}; raise the budget or widen the space's grid")
+    return largest_within(lambda r: cost(r) <= budget, lo, 1.0, max(1, math.ceil(math.log2(max(1.0 - lo, tolerance) / tolerance))))
 
 
 def largest_within(fits: Callable[[float], bool], lo: float, hi: float, steps: int) -> float:

@@ -13,6 +13,7 @@ unstructured weight densities), or ``none``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -43,7 +44,9 @@ def parse_warm_start(value: str) -> list[str]:
 
 
 def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> list[tuple[str, Candidate]]:
-    """(name, canonical candidate) of each one-shot strategy in ``names`` for ``budget``. Each
+    """(name, canonical candidate) of each one-shot strategy in ``names`` for ``budget`` (one that
+    cannot answer this budget, e.g. ``uniform`` where no single keep ratio fits, is skipped with a
+    line on stderr). Each
     allocates by its own criterion's channel scores (prunenet by its reconstruction loss, through
     ``context.scores_under``; the context's scores when it has none), so the allocation is the
     one that strategy answers; whoever evaluates it does so with their own settings."""
@@ -55,7 +58,11 @@ def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> 
         cls = STRATEGIES.get(name)
         criterion = cls.evaluation.get("criterion")
         scores = context.scores_under(criterion) if criterion and context.scores_under else context.channel_scores
-        asked = cls(replace(context, channel_scores=scores), budget, seed=seed, max_evals=1).ask()
+        try:
+            asked = cls(replace(context, channel_scores=scores), budget, seed=seed, max_evals=1).ask()
+        except ConfigError as error:  # this allocator has no answer here; the search itself still can
+            print(f"warm start: {name} is skipped: {error}", file=sys.stderr, flush=True)
+            continue
         if asked is not None:
             out.append((name, context.space.canonical(as_proposal(asked).candidate)))
     return out

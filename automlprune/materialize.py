@@ -107,14 +107,24 @@ def mask(model: nn.Module, candidate: Candidate | Resolved, space: SearchSpace,
     order = channel_order(model, space, criterion) if isinstance(criterion, str) else criterion
     kept = kept_channels_by_group(space, resolved, order)
     masked = _prepared_copy(model, kept, reconstruction)
-    for name, keep in kept.items():
-        group = space.group_by_name[name]
-        dropped = torch.as_tensor(sorted(set(range(group.channels)) - set(keep.tolist())), dtype=torch.long)
-        for member in group.members:
-            module = masked.get_submodule(member.layer)
-            layer_types.of(module).zero_(module, member.dim, torch.as_tensor(member.index_map)[dropped].flatten())
+    zero_dropped_(masked, space, kept)
     _quantize(masked, resolved, space)
     return masked
+
+
+@torch.no_grad()
+def zero_dropped_(model: nn.Module, space: SearchSpace, kept: Mapping[str, torch.Tensor]) -> None:
+    """Zero, in place, the channels each group of ``kept`` (group -> kept channel indices; groups
+    absent stay whole) drops, on every coupled layer: producers' filters and biases, batch-norm
+    affine, and the weight columns of plain conv/linear readers (:mod:`automlprune.nn.layer_types`)."""
+    for name, keep in kept.items():
+        group = space.group_by_name[name]
+        dropped = torch.as_tensor(sorted(set(range(group.channels)) - set(torch.as_tensor(keep).tolist())), dtype=torch.long)
+        if not len(dropped):
+            continue
+        for member in group.members:
+            module = model.get_submodule(member.layer)
+            layer_types.of(module).zero_(module, member.dim, torch.as_tensor(member.index_map)[dropped].flatten())
 
 
 def _quantize(model: nn.Module, resolved: Resolved, space: SearchSpace) -> None:

@@ -30,6 +30,8 @@ for _name, _entry, _desc in [
     ("greg1", "automlprune.search.greg:GRegStrategy", "GReg-1: growing L2 penalty on filters picked once by L1, trained weights (Wang et al., 2021)"),
     ("movement", "automlprune.search.movement:MovementStrategy", "movement pruning: learned scores, top-k masks on a cubic schedule while training (Sanh et al., 2020)"),
     ("greg2", "automlprune.search.greg:GReg2Strategy", "GReg-2: uniform growing penalty reveals the filters to go, then GReg-1 (Wang et al., 2021)"),
+    ("l0-anneal", "automlprune.search.l0_anneal:L0AnnealStrategy", "annealing with L0 control: channel counts annealed to the budget on FSA's schedule while training, the rest held at zero (Guo et al., 2021)"),
+    ("prune-while-training", "automlprune.search.prune_while_training:PruneWhileTrainingStrategy", "filters pruned at intervals while training by L1, mean activation or at random (Roy et al., 2020)"),
     ("pconv-admm", "automlprune.search.pconv_admm:PConvADMMStrategy", "PCONV kernel patterns and connectivity pruning by ADMM, then masked retraining (Ma et al., 2020)"),
 ]:
     STRATEGIES.register(_name, _entry, description=_desc)

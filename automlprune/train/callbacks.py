@@ -56,31 +56,53 @@ class QuantizationAware(Callback):
 
 
 class KeepDropped(Callback):
-    """Keeps removed channels removed while training a full-shape network: after every step (and
-    at the start) the dropped channels of each group are zeroed on every coupled layer (producers'
-    filters and biases, batch-norm affine, readers' weight columns: :mod:`automlprune.nn.layer_types`),
-    so the network always computes what its materialized version does. ``kept``: group -> kept
-    channel indices (groups absent are whole)."""
+    """Keeps removed channels removed while training a full-shape network: at the start and after
+    every step the dropped channels of each group are zeroed on every coupled layer (producers'
+    filters and biases, batch-norm affine, readers' weight columns:
+    :func:`automlprune.materialize.zero_dropped_`), and so are the optimizer's momentum buffers
+    at those entries, so a dropped weight stays exactly zero (no momentum pushes it back between
+    steps) and the network always computes what its materialized version does. ``kept``: group
+    -> kept channel indices (groups absent are whole); :meth:`set_kept` changes them (methods
+    that drop channels while they train)."""
 
     def __init__(self, space: object, kept: Mapping[str, torch.Tensor]) -> None:
         self.space = space
-        self.dropped = {}
-        for name, keep in kept.items():
-            group = space.group_by_name[name]
-            gone = torch.ones(group.channels, dtype=torch.bool)
-            gone[torch.as_tensor(keep, dtype=torch.long)] = False
-            if gone.any():
-                self.dropped[name] = torch.nonzero(gone).flatten()
+        self.set_kept(kept)
+
+    def set_kept(self, kept: Mapping[str, torch.Tensor]) -> None:
+        """Drop every channel outside ``kept`` from now on (takes effect at the next zeroing)."""
+        self.kept = {name: torch.as_tensor(keep, dtype=torch.long) for name, keep in kept.items()
+                     if len(keep) < self.space.group_by_name[name].channels}
+        self._masks: dict[nn.Parameter, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def zero_(self, model: nn.Module) -> None:
-        for name, channels in self.dropped.items():
-            for member in self.space.group_by_name[name].members:
-                module = model.get_submodule(member.layer)
-                layer_types.of(module).zero_(module, member.dim, torch.as_tensor(member.index_map)[channels].flatten())
+    def masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+        """Parameter -> 0/1 tensor of its shape (0 where a dropped channel's entry lies), for the
+        parameters the dropped channels touch; found by zeroing a field of ones."""
+        if self._masks is None:
+            from automlprune.materialize import zero_dropped_
+
+            layers = {m.layer for name in self.kept for m in self.space.group_by_name[name].members}
+            params = [p for layer in sorted(layers) for p in model.get_submodule(layer).parameters(recurse=False)]
+            saved = [p.detach().clone() for p in params]
+            for p in params:
+                p.fill_(1)
+            zero_dropped_(model, self.space, self.kept)
+            self._masks = {p: p.detach().clone() for p in params if not bool(p.all())}
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        return self._masks
+
+    @torch.no_grad()
+    def zero_(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        for param, mask in self.masks(model).items():
+            param.mul_(mask)
+            buffer = optimizer.state.get(param, {}).get("momentum_buffer") if optimizer is not None else None
+            if buffer is not None:
+                buffer.mul_(mask)
 
     def on_start(self, trainer: Trainer) -> None:
         self.zero_(trainer.model)
 
     def after_step(self, trainer: Trainer) -> None:
-        self.zero_(trainer.model)
+        self.zero_(trainer.model, trainer.optimizer)

@@ -282,11 +282,12 @@ class EZCrop(FeatureCriterion):
         return (1 - inner / total).mean(0)
 
 
-class FeatureRelevance(FeatureCriterion):
-    """Feature relevance in the sense of Gradual Channel Pruning while Training (Aketi et al.,
-    2020): how much a channel contributes to the discriminative power of the layer's output. We
-    compute its Fisher ratio: the between-class variance of the channel's spatially averaged
-    activation over its within-class variance, on the batches' labels."""
+class FisherRatio(FeatureCriterion):
+    """How well a channel separates the classes: its Fisher ratio, the between-class variance of
+    the channel's spatially averaged activation over its within-class variance, on the batches'
+    labels. (Registered as ``feature_relevance`` until this release, a name that credited it to
+    Aketi et al.'s feature relevance score, which is layer-wise relevance propagation instead; the
+    old name is a deprecated alias for one release.)"""
 
     def channel_stat(self, outputs, labels):
         feats = _maps(outputs).mean((2, 3))  # (N, C)
@@ -373,7 +374,8 @@ class Hessian(DataCriterion):
 CRITERIA.register("taylor", Taylor(), needs_data=True, description="first-order Taylor: |activation x gradient| (Molchanov 2019, Gate Decorator 2019)")
 CRITERIA.register("hrank", HRank(), needs_data=True, description="average rank of the feature maps (HRank, 2020)")
 CRITERIA.register("ezcrop", EZCrop(), needs_data=True, description="spectral energy outside the central low-frequency zone (EZCrop, 2021)")
-CRITERIA.register("feature_relevance", FeatureRelevance(), needs_data=True, description="Fisher ratio of the channel across classes (Gradual Channel Pruning, 2020)")
+CRITERIA.register("fisher_ratio", FisherRatio(), needs_data=True, description="Fisher ratio: between-class over within-class variance of the channel's mean activation")
+CRITERIA.alias("feature_relevance", "fisher_ratio", "it computes a Fisher ratio, not Aketi et al.'s feature relevance score")
 CRITERIA.register("similarity", Similarity(), needs_data=True, description="hierarchical clustering of similar feature maps; one representative kept (2019)")
 CRITERIA.register("prunenet", "automlprune.reconstruction:RECONSTRUCTION_IMPORTANCE", needs_data=True,
                   description="cumulative least-squares reconstruction loss of the reading layers under backward elimination (PruneNet strategy)")

@@ -23,6 +23,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T | str] = {}
         self._metadata: dict[str, dict[str, Any]] = {}
+        self._aliases: dict[str, tuple[str, str]] = {}
 
     def register(self, name: str, obj: T | str | None = None, **metadata: Any) -> Callable[[T], T] | T | str:
         """Register ``obj`` under ``name`` (or use as a decorator when ``obj`` is None).
@@ -41,13 +42,30 @@ class Registry(Generic[T]):
         self._metadata[name] = dict(metadata)
         return obj
 
+    def alias(self, old: str, new: str, why: str) -> None:
+        """Keep the retired name ``old`` working for one release: it resolves to ``new`` with a
+        FutureWarning that says ``why`` and to use ``new``; it is not listed in :meth:`names`."""
+        self._aliases[old] = (new, why)
+
+    def resolve(self, name: str) -> str:
+        """The registered name ``name`` stands for (itself, or what a retired alias became, with a warning)."""
+        if name in self._aliases and name not in self._entries:
+            import warnings
+
+            new, why = self._aliases[name]
+            warnings.warn(f"{self.kind} '{name}' is deprecated and will be removed in the next release: {why}; use '{new}'",
+                          FutureWarning, stacklevel=3)
+            return new
+        return name
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (plugins and tests that register temporary entries)."""
         self._entries.pop(name, None)
         self._metadata.pop(name, None)
 
     def get(self, name: str) -> T:
-        """The entry named ``name``, importing it first if it is lazy."""
+        """The entry named ``name`` (or by a retired alias, :meth:`alias`), importing it first if it is lazy."""
+        name = self.resolve(name)
         if name not in self._entries:
             raise ConfigError(
                 f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._entries))}"
@@ -61,7 +79,7 @@ class Registry(Generic[T]):
 
     def metadata(self, name: str) -> dict[str, Any]:
         self.get(name)
-        return dict(self._metadata[name])
+        return dict(self._metadata[self.resolve(name)])
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -71,7 +89,7 @@ class Registry(Generic[T]):
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
 
 def import_object(reference: str, search: tuple[Path, ...] = ()) -> Any:

@@ -79,7 +79,7 @@ def test_data_criteria_need_batches_and_combine_is_checked(trained_digits_model,
 
 
 def test_registry_holds_the_issue_criteria():
-    assert {"l1", "l2", "bn_scale", "fpgm", "taylor", "hrank", "ezcrop", "feature_relevance", "similarity", "hessian",
+    assert {"l1", "l2", "bn_scale", "fpgm", "taylor", "hrank", "ezcrop", "fisher_ratio", "similarity", "hessian",
             "lookahead", "random"} <= set(CRITERIA.names())
 
 
@@ -99,3 +99,15 @@ def test_combine_modes_differ_on_a_residual_group(resnet):
     means = channel_scores(model, space, "l1", combine="mean")["conv1"]
     layers = sum(1 for m in space.group_by_name["conv1"].members if m.dim == "out" and "bn" not in m.layer and "shortcut.1" not in m.layer)
     assert torch.allclose(sums, means * layers, rtol=1e-5) and not torch.allclose(maxes, means)
+
+
+def test_the_fisher_ratio_is_named_for_what_it_computes_and_its_old_name_warns_for_one_release(
+        trained_digits_model, digits_space, digits):
+    from automlprune.data import cached_batches
+
+    assert "feature_relevance" not in CRITERIA.names() and "feature_relevance" in CRITERIA
+    batches = cached_batches(digits.train, digits, 64, "cpu", max_samples=256)
+    new = channel_scores(trained_digits_model, digits_space, "fisher_ratio", batches)
+    with pytest.warns(FutureWarning, match="'feature_relevance' is deprecated .* computes a Fisher ratio.*use 'fisher_ratio'"):
+        old = channel_scores(trained_digits_model, digits_space, "feature_relevance", batches)
+    assert all(torch.equal(new[g], old[g]) for g in new)

@@ -9,6 +9,7 @@ import torch
 
 from automlprune.errors import ConfigError
 from automlprune.search.gradual import annealed_fraction, linear_fraction
+from automlprune.search.gradual_frs import GradualFRSStrategy
 from automlprune.search.l0_anneal import L0AnnealStrategy
 from automlprune.search.prune_while_training import PruneWhileTrainingStrategy
 from automlprune.train import Callback
@@ -90,7 +91,7 @@ def test_gradual_methods_meet_the_budget_on_trained_weights_with_dropped_channel
     assert watches[0].checked > 0  # channels were dropped while training, and stayed zero every step after
     # the schedule went down step by step to the targets, which are the planned widths
     log = strategy.history_log
-    assert [e["kept"] for e in log] == sorted((e["kept"] for e in log), reverse=True) and log[-1]["kept"] == log[-1]["target"]
+    assert [e["kept"] for e in log] == sorted((e["kept"] for e in log), reverse=True) and log[-1]["kept"] == sum(strategy.pruning.targets.values())
     assert answer.candidate == strategy.widths()
     # judged on the trained weights: the stored proposal's network is the evaluated one, not the original's
     trained = store.proposal(answer.to_dict(), trained_digits_model)
@@ -115,7 +116,7 @@ def test_l0_anneal_reaches_the_target_at_half_the_run(tmp_path, trained_digits_m
     strategy, *_ = _search(tmp_path, L0AnnealStrategy, trained_digits_model, digits_space, digits, "macs=0.5", prune_every=2)
     total = strategy.spent["training_steps"]
     last = strategy.history_log[-1]
-    assert last["kept"] == last["target"] and last["step"] <= total / 2 + 2  # fraction 0 at e = N/2 (rounded counts may get there first)
+    assert last["kept"] == sum(strategy.pruning.targets.values()) and last["step"] <= total / 2 + 2  # fraction 0 at e = N/2 (rounded counts may get there first)
     assert len(strategy.history_log) >= 5
 
 
@@ -130,7 +131,8 @@ def test_gradual_methods_refuse_bad_options(tmp_path, trained_digits_model, digi
         _search(tmp_path, L0AnnealStrategy, trained_digits_model, digits_space, digits, "macs=0.5", schedule="wavy")
 
 
-@pytest.mark.parametrize("cls,options", [(L0AnnealStrategy, {}), (PruneWhileTrainingStrategy, {"criterion": "mean_activation"})])
+@pytest.mark.parametrize("cls,options", [(L0AnnealStrategy, {}), (PruneWhileTrainingStrategy, {"criterion": "mean_activation"}),
+                                         (GradualFRSStrategy, {"score_samples": 128})])
 def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(cls, options, tmp_path, trained_digits_model,
                                                                       digits_space, digits, monkeypatch):
     from automlprune.search import gradual
@@ -146,3 +148,57 @@ def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(cls, opti
     assert outcome.answer.accuracy == whole_outcome.answer.accuracy
     for group, kept in again.pruning.kept.items():
         assert torch.equal(kept, whole.pruning.kept[group])
+
+
+def test_gradual_frs_prunes_globally_by_relevance_in_equal_cost_steps_to_the_budget(tmp_path, trained_digits_model,
+                                                                                   digits_space, digits):
+    strategy, outcome, evaluator, store = _search(tmp_path, GradualFRSStrategy, trained_digits_model, digits_space, digits,
+                                                  "macs=0.5", epochs=4, score_samples=256)
+    answer = outcome.answer
+    assert answer.trained and answer.relative["macs"] <= 0.5 + 1e-9
+    log = strategy.history_log
+    assert len(log) == strategy.settings.events and strategy.spent["cut_after_training"] == 0.0
+    for event in log:  # each event's cost at most its share of the way from the full network to the budget
+        assert event["cost_fraction"] <= 0.5 + (1 - 0.5) * event["fraction_left"] + 1e-9
+    # global: the groups end at different keep ratios (internal groups only, by default)
+    ratios = answer.candidate.ratio_map
+    assert set(ratios) <= set(strategy.pruned_groups()) and len(set(ratios.values())) > 1
+    trained = store.proposal(answer.to_dict(), trained_digits_model)
+    x = digits.example_input().repeat(8, 1, 1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(evaluator.network(trained)(x), evaluator.network(answer.candidate)(x))
+
+
+def test_feature_relevance_scores_follow_the_official_formula(tmp_path, trained_digits_model, digits_space, digits):
+    """One event's scores recomputed by hand: class weights sigmoid(1 / normalized accuracy), the
+    per-class relevance sums over N'_k = images + batches, L2-normalized per group."""
+    import copy
+
+    from automlprune.data import iterate_batches
+    from automlprune.lrp import Relevance
+    from automlprune.search.gradual import GradualPruning
+    from automlprune.search.gradual_frs import spatial_mean
+
+    strategy, *_ = _search(tmp_path, GradualFRSStrategy, trained_digits_model, digits_space, digits, "macs=0.5",
+                           epochs=1, score_samples=128, score_batch_size=64)
+    net = copy.deepcopy(trained_digits_model)
+    strategy.pruning = GradualPruning(strategy, strategy.pruning_targets(None))
+    strategy.scored_events = 0
+    scores = strategy.feature_relevance(net)
+    group = next(iter(strategy.pruning.targets))
+    (layer, index), = strategy.measured_layers(group)
+    relevance, classes = Relevance(net), digits.num_classes
+    net.eval()
+    confusion, f, batches = torch.zeros(classes, classes), torch.zeros(classes, len(index)), 0
+    for x, y in iterate_batches(digits.train, digits, 64, "cpu", shuffle=True, augment=True, seed=0, max_batches=2):
+        batches += 1
+        with torch.no_grad():
+            for t, p in zip(y, net(x).argmax(1)):
+                confusion[t, p] += 1
+        r = spatial_mean(relevance.at_outputs(x, y, [layer])[layer])[:, index]
+        for k in range(classes):
+            f[k] += r[y == k].sum(0)
+    accuracy = confusion.diag() / confusion.sum(1).clamp_min(1)
+    s = torch.sigmoid(1 / (accuracy / accuracy.max()))
+    frs = ((s[:, None] * f / (confusion.sum(1) + batches)[:, None]).sum(0) / classes).abs()
+    assert torch.allclose(scores[group], frs / (frs.norm() + 1e-9), atol=1e-6)

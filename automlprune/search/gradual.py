@@ -72,11 +72,6 @@ class GradualPruning(Callback):
         self.strategy.load_method_state(state["method"])
         self.keep.set_kept(self.kept)
 
-    def count(self, group: str, fraction_left: float) -> int:
-        """Channels ``group`` keeps when ``fraction_left`` of the way to its target remains."""
-        full, target = self.strategy.space.group_by_name[group].channels, self.targets[group]
-        return target + round((full - target) * min(1.0, max(0.0, fraction_left)))
-
     def on_start(self, trainer: Trainer) -> None:
         self.strategy.on_train_start(trainer)
 
@@ -91,23 +86,19 @@ class GradualPruning(Callback):
     @torch.no_grad()
     def prune(self, trainer: Trainer, fraction_left: float | None = None) -> None:
         """One pruning event: every group down to its count for ``fraction_left`` (None: the schedule's)."""
-        left = self.strategy.fraction_left(trainer.step, trainer.total_steps) if fraction_left is None else fraction_left
-        removed = 0
-        for group, kept in self.kept.items():
-            count = self.count(group, left)
-            if count >= len(kept):
-                continue
-            scores = self.strategy.scores(trainer.model, group)[kept]
-            order = torch.argsort(scores.cpu(), descending=True, stable=True)
-            self.kept[group] = kept[order[:count]].sort().values
-            removed += len(kept) - count
-        if removed:
+        strategy = self.strategy
+        left = strategy.fraction_left(trainer.step, trainer.total_steps) if fraction_left is None else fraction_left
+        before = sum(len(k) for k in self.kept.values())
+        self.kept = strategy.select(trainer.model, self.kept, min(1.0, max(0.0, left)))
+        kept = sum(len(k) for k in self.kept.values())
+        if kept < before:
             self.keep.set_kept(self.kept)
-            entry = {"step": trainer.step, "fraction_left": left, "removed": removed,
-                     "kept": sum(len(k) for k in self.kept.values()), "target": sum(self.targets.values())}
-            self.strategy.history_log.append(entry)
-            trainer.log.update(kept=entry["kept"])
-        self.strategy.after_prune(trainer)
+            widths = strategy.widths_of(self.kept)
+            entry = {"step": trainer.step, "fraction_left": left, "removed": before - kept, "kept": kept,
+                     "cost_fraction": strategy.budget.cost_fraction(strategy.cost_model(widths))}
+            strategy.history_log.append(entry)
+            trainer.log.update(kept=kept)
+        strategy.after_prune(trainer)
 
 
 class GradualStrategy(TrainingStrategy):
@@ -132,6 +123,30 @@ class GradualStrategy(TrainingStrategy):
     def scores(self, net: nn.Module, group: str) -> torch.Tensor:
         """One score per channel of ``group`` (higher: more worth keeping)."""
         raise NotImplementedError
+
+    def select(self, net: nn.Module, kept: dict[str, torch.Tensor], fraction_left: float) -> dict[str, torch.Tensor]:
+        """The channels each group keeps after a pruning event with ``fraction_left`` of the way to
+        go (a subset of ``kept``). Here per group: its count k + round((M - k) x fraction_left),
+        the highest :meth:`scores` among those still kept."""
+        out = {}
+        for group, channels in kept.items():
+            full, target = self.space.group_by_name[group].channels, self.pruning.targets[group]
+            count = target + round((full - target) * fraction_left)
+            if count >= len(channels):
+                out[group] = channels
+                continue
+            order = torch.argsort(self.scores(net, group)[channels].cpu(), descending=True, stable=True)
+            out[group] = channels[order[:count]].sort().values
+        return out
+
+    def reached(self, kept: dict[str, torch.Tensor]) -> bool:
+        """Whether ``kept`` is the answer's size (every group at its target)."""
+        return all(len(k) == self.pruning.targets[g] for g, k in kept.items())
+
+    def pruning_targets(self, planned: Candidate) -> dict[str, int]:
+        """Group -> channels it ends with (here the planned widths' counts, for the groups they shrink)."""
+        kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(planned).tolist()))
+        return {g: int(kept[g]) for g in self.space.prunable if kept[g] < self.space.group_by_name[g].channels}
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Hook: training starts (e.g. register forward hooks)."""
@@ -166,16 +181,14 @@ class GradualStrategy(TrainingStrategy):
 
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
         s = self.settings
-        kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(candidate).tolist()))
-        targets = {g: int(kept[g]) for g in self.space.prunable if kept[g] < self.space.group_by_name[g].channels}
-        self.pruning = GradualPruning(self, targets)
+        self.pruning = GradualPruning(self, self.pruning_targets(candidate))
         recipe = Recipe(s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, s.schedule,
                         steps_per_epoch=s.steps_per_epoch, seed=self.seed)
         trainer = Trainer(net, self.context.data, self.device, recipe, [self.pruning],
                           description=f"{self.name} {self.budget.label}", validate=False, checkpoint=self.checkpoint_path())
         history = trainer.fit()
         self.resumed_from = trainer.resumed_from
-        self.cut_at_end = any(len(k) != self.pruning.targets[g] for g, k in self.pruning.kept.items())
+        self.cut_at_end = not self.reached(self.pruning.kept)
         if self.cut_at_end:  # training ended before the schedule did (too few steps): to the targets at once
             self.pruning.prune(trainer, fraction_left=0.0)
             self.pruning.keep.zero_(net)
@@ -183,6 +196,18 @@ class GradualStrategy(TrainingStrategy):
 
     def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
         return {g: k.cpu() for g, k in self.pruning.kept.items()}
+
+    def widths_of(self, kept: dict[str, torch.Tensor]) -> Candidate:
+        """The candidate keeping ``len(kept[g])`` channels of each group."""
+        return self.space.canonical(Candidate.make({g: len(k) / self.space.group_by_name[g].channels for g, k in kept.items()}))
+
+    def measured_layers(self, group: str) -> list[tuple[str, torch.Tensor]]:
+        """(layer, channel index in group order) whose outputs stand for ``group``'s channels: its
+        batch norms, or its producers when it has none."""
+        members = [m for m in self.space.group_by_name[group].members if m.dim == "out"]
+        norms = [m for m in members if self.space.layer_by_name[m.layer].kind == "bn"]
+        chosen = norms or [m for m in members if m.layer in self.producers(group)]
+        return [(m.layer, torch.as_tensor(m.index_map[:, 0])) for m in chosen]
 
     def training_report(self) -> dict[str, float]:
         events = [e for e in self.history_log if "removed" in e]

@@ -79,13 +79,6 @@ class PruneWhileTrainingStrategy(GradualStrategy):
         return self.activation_sums[group] / max(self.activation_batches, 1)
 
     # ---- mean activation: forward hooks on the measured layers ---------------------------------
-    def measured(self, group: str) -> list[tuple[str, torch.Tensor]]:
-        """(layer, channel index in group order) whose outputs measure ``group``: its batch norms,
-        or its producers when it has none."""
-        members = [m for m in self.space.group_by_name[group].members if m.dim == "out"]
-        norms = [m for m in members if self.space.layer_by_name[m.layer].kind == "bn"]
-        chosen = norms or [m for m in members if m.layer in self.producers(group)]
-        return [(m.layer, torch.as_tensor(m.index_map[:, 0])) for m in chosen]
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self.settings.criterion != "mean_activation":
@@ -93,7 +86,7 @@ class PruneWhileTrainingStrategy(GradualStrategy):
         self._hooks.append(trainer.model.register_forward_pre_hook(self._count_batch))
         for group in self.pruning.targets:
             self.activation_sums.setdefault(group, torch.zeros(self.space.group_by_name[group].channels))
-            layers = self.measured(group)
+            layers = self.measured_layers(group)
             for layer, index in layers:
                 self._hooks.append(trainer.model.get_submodule(layer).register_forward_hook(self._recorder(group, index, len(layers))))
 

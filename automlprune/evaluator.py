@@ -29,6 +29,7 @@ from automlprune.proposal import Proposal, as_proposal
 from automlprune.quantization import ActivationFakeQuant
 from automlprune.reconstruction import Reconstruction
 from automlprune.settings import EvalSettings, FinetuneSettings
+from automlprune.snapshot_ensemble import SnapshotEnsemble
 from automlprune.space.candidate import Candidate
 from automlprune.space.search_space import Resolved, SearchSpace
 from automlprune.sparsity.criteria import WEIGHT_CRITERIA, weight_scores
@@ -275,14 +276,22 @@ class Evaluator:
         proposal = as_proposal(proposal)
         resolved = self.space.resolve(proposal.candidate)
         start = time.perf_counter()
-        net = self.network(proposal, resolved)
         callbacks = [KeepSparse(), QuantizationAware(resolved.bits, self.space.config.bit_scheme)]
-        if s.distill:
-            callbacks.append(Distillation(self.model, s.distill_alpha, s.distill_temperature))
-        history = Trainer(net, self.data, self.device, s.recipe(), callbacks, description="finetune", progress=progress).fit()
+        earlier: list = []
+        if s.method == "snapshot_ensemble":  # rounds of pruning and retraining first, then the distillation below
+            rounds = SnapshotEnsemble(self, proposal, resolved, s)
+            rounds.run(progress)
+            net, recipe, earlier = self.network(rounds.proposal(), resolved), rounds.distill_recipe(), rounds.histories
+            callbacks.append(rounds.distillation())
+        else:
+            net, recipe = self.network(proposal, resolved), s.recipe()
+            if s.distill:
+                callbacks.append(Distillation(self.model, s.distill_alpha, s.distill_temperature))
+        history = Trainer(net, self.data, self.device, recipe, callbacks, description="finetune", progress=progress).fit()
+        histories = earlier + [history]
         return FinetuneResult(resolved.candidate, split_accuracy(net, self.data.val, self.data, self.device),
                               split_accuracy(net, self.data.test, self.data, self.device), s.epochs,
-                              time.perf_counter() - start, net, history.steps, history.images)
+                              time.perf_counter() - start, net, sum(h.steps for h in histories), sum(h.images for h in histories))
 
 
 def _cache_key(key: str, fidelity: float) -> str:

@@ -91,10 +91,19 @@ class EvalSettings:
                             "reconstruction": (lambda v: v in ("none", "least_squares"), "must be none or least_squares")})
 
 
+FINETUNE_METHODS = ("standard", "snapshot_ensemble")
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Fine-tuning of a materialized network: SGD with cosine decay, optional distillation from
-    the unpruned network (loss = (1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T)."""
+    """Fine-tuning of a materialized network. ``method``: ``standard`` (SGD with cosine decay,
+    optional distillation from the unpruned network: loss = (1 - alpha) CE + alpha T^2
+    KL(teacher || student) at temperature T) or ``snapshot_ensemble`` (Le & Hua's KESI,
+    :mod:`automlprune.snapshot_ensemble`: ``snapshot_rounds`` rounds of pruning towards the answer's
+    widths, each retrained with a one-cycle schedule up to ``snapshot_lr``, then the answer
+    distilled from the snapshots and the unpruned network with Adam up to ``snapshot_distill_lr`` at
+    temperature ``snapshot_temperature``; the same ``epochs`` of images in all, split evenly over
+    the rounds and the distillation)."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -106,11 +115,19 @@ class FinetuneSettings:
     distill_temperature: float = 4.0
     seed: int = 0
     steps_per_epoch: int | None = None  # cap on batches per epoch (None = the whole training split)
+    method: str = "standard"
+    snapshot_rounds: int = 5
+    snapshot_lr: float = 0.1
+    snapshot_distill_lr: float = 1e-3
+    snapshot_temperature: float = 5.0
 
     def __post_init__(self) -> None:
         check_ranges(self, {"epochs": NOT_NEGATIVE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE, "momentum": FRACTION,
                             "weight_decay": NOT_NEGATIVE, "distill_alpha": UNIT, "distill_temperature": POSITIVE,
-                            "seed": NOT_NEGATIVE, "steps_per_epoch": AT_LEAST_ONE})
+                            "seed": NOT_NEGATIVE, "steps_per_epoch": AT_LEAST_ONE, "snapshot_rounds": AT_LEAST_ONE,
+                            "snapshot_lr": POSITIVE, "snapshot_distill_lr": POSITIVE, "snapshot_temperature": POSITIVE})
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
 
     def recipe(self) -> Recipe:
         return Recipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, "cosine", 0.0,

@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from automlprune.nn import layer_types
 from automlprune.quantization import RECORD_ATTRIBUTE, WeightFakeQuant, quantize_weights_
 from automlprune.train.trainer import Callback, Trainer
 
 
 class Distillation(Callback):
-    """Knowledge distillation from ``teacher`` (Hinton et al. 2015): the loss becomes
-    (1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || student) at temperature T."""
+    """Knowledge distillation from ``teacher`` (Hinton et al. 2015), or from the mean of the
+    distillation losses of several teachers (a list): the loss becomes (1 - alpha) x cross-entropy
+    + alpha x T^2 x KL(teacher || student) at temperature T. ``reduction``: ``batchmean`` (the
+    true KL per image) or ``mean`` (averaged over images and classes, as the snapshot-ensemble
+    official code does, a loss 1/classes as large)."""
 
-    def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0) -> None:
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+    def __init__(self, teacher: nn.Module | Sequence[nn.Module], alpha: float = 0.5, temperature: float = 4.0,
+                 reduction: str = "batchmean") -> None:
+        self.teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"distillation reduction must be batchmean or mean, got {reduction!r}")
+        self.alpha, self.temperature, self.reduction = alpha, temperature, reduction
 
     def on_start(self, trainer: Trainer) -> None:
-        self.teacher.to(trainer.device).eval()
+        for teacher in self.teachers:
+            teacher.to(trainer.device).eval()
 
     def loss(self, trainer, x, y, logits, loss):
         t = self.temperature
+        student = F.log_softmax(logits / t, dim=1)
+        kd = 0.0
         with torch.no_grad():
-            soft = F.log_softmax(self.teacher(x) / t, dim=1)
-        kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, log_target=True, reduction="batchmean") * t ** 2
-        return (1 - self.alpha) * loss + self.alpha * kd
+            targets = [F.log_softmax(teacher(x) / t, dim=1) for teacher in self.teachers]
+        for soft in targets:
+            pointwise = soft.exp() * (soft - student)  # KL(teacher || student) per image and class
+            kd = kd + pointwise.sum() / (pointwise.numel() if self.reduction == "mean" else len(pointwise)) * t ** 2
+        kd = kd / len(self.teachers)
+        return kd if self.alpha == 1 else (1 - self.alpha) * loss + self.alpha * kd
 
 
 class QuantizationAware(Callback):

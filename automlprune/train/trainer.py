@@ -47,6 +47,7 @@ from automlprune.errors import ConfigError
 from automlprune.progress import Progress
 
 SCHEDULES = ("cosine", "onecycle", "constant", "triangular")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class Recipe:
     positive, unless ``nesterov`` is False) and ``weight_decay``; the learning rate follows ``schedule`` (cosine decay,
     one-cycle, constant, or triangular: linear from ``lr_min`` up to ``lr`` over the first half
     of the steps and back down over the second) over all steps; cross-entropy with ``label_smoothing``; ``seed`` fixes the data
-    order and any other randomness."""
+    order and any other randomness. ``optimizer``: ``sgd`` as above, or ``adam`` (Adam at ``lr`` with
+    ``weight_decay``; momentum unused). ``onecycle``: the one-cycle schedule's (pct_start,
+    div_factor, final_div_factor), PyTorch's defaults unless given; it cycles SGD's momentum
+    (Adam's beta1) as PyTorch does."""
 
     epochs: int
     batch_size: int
@@ -69,10 +73,14 @@ class Recipe:
     seed: int = 0
     nesterov: bool = True
     lr_min: float = 0.0
+    optimizer: str = "sgd"
+    onecycle: tuple[float, float, float] = (0.3, 25.0, 1e4)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown learning-rate schedule '{self.schedule}'; use one of: {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; use one of: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass
@@ -259,11 +267,16 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         for cb in self.callbacks:
             groups = cb.param_groups(self, groups)
-        self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                         nesterov=r.nesterov and r.momentum > 0)
+        if r.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                             nesterov=r.nesterov and r.momentum > 0)
         if r.schedule == "onecycle":
-            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=[g.get("lr", r.lr) for g in groups],
-                                                                 total_steps=self.total_steps)
+            pct_start, div_factor, final_div_factor = r.onecycle
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=[g.get("lr", r.lr) for g in groups], total_steps=self.total_steps, pct_start=pct_start,
+                div_factor=div_factor, final_div_factor=final_div_factor, cycle_momentum=r.optimizer == "adam" or r.momentum > 0)
         elif r.schedule == "constant":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         elif r.schedule == "triangular":

@@ -232,7 +232,8 @@ class ResRepStrategy(TrainingStrategy):
             self.update_masks(limit=False)
             self.forced = True
         self.log_state(trainer)
-        fold_compactors_(net, self.space, self.compactors)
+        comp = self.compactors
+        fold_compactors_(net, self.space, comp.groups, list(comp.weights), comp.feature_layers)
         data = self.context.data
         batches = cached_batches(data.train, data, s.batch_size, self.device, max_samples=STATISTICS_SAMPLES, seed=self.seed,
                                  shuffle=True)
@@ -253,10 +254,11 @@ class ResRepStrategy(TrainingStrategy):
 
 
 @torch.no_grad()
-def fold_compactors_(model: nn.Module, space: Any, compactors: Compactors) -> None:
-    """In place: fuse each compactor (and the batch norm before it) into the producing layer;
-    the batch norm becomes the identity plus the folded bias (the architecture is unchanged)."""
-    for group, q, feature in zip(compactors.groups, compactors.weights, compactors.feature_layers):
+def fold_compactors_(model: nn.Module, space: Any, groups: list[str], matrices: list[torch.Tensor], feature_layers: list[str]) -> None:
+    """In place: fuse each group's C x C matrix (a compactor, or BWCP's masked whitening), applied
+    after its feature layer (the batch norm, if any, fused first), into the producing layer; the
+    batch norm becomes the identity plus the folded bias (the architecture is unchanged)."""
+    for group, q, feature in zip(groups, matrices, feature_layers):
         producer = next(m.layer for m in space.group_by_name[group].members
                         if m.dim == "out" and space.layer_by_name[m.layer].has_weights)
         conv, norm = model.get_submodule(producer), model.get_submodule(feature)

@@ -1,6 +1,7 @@
 """Gradual channel pruning while training: the base of methods that, at scheduled optimizer
 steps, drop each pruned group's lowest-scored channels towards the budget's widths and hold the
-dropped ones at exactly zero for the rest of training (``l0-anneal``, ``prune-while-training``).
+dropped ones at exactly zero for the rest of training (``l0-anneal``, ``prune-while-training``;
+``gradual-frs`` overrides :meth:`GradualStrategy.select` to choose globally by cost instead).
 
 One search: the budget becomes per-group target counts k_g through the one cost model
 (``widths``: one keep ratio for the pruned groups, or PruneNet's allocation; see
@@ -32,7 +33,6 @@ from automlprune.space import Candidate
 from automlprune.train import Callback, FitHistory, Recipe, Trainer
 from automlprune.train.callbacks import KeepDropped
 from automlprune.train.trainer import SCHEDULES
-
 
 EVENTS_PER_RUN = 40
 """Pruning steps (annealing steps) over a run when ``prune_every`` is not given."""

@@ -182,11 +182,6 @@ class BWCPStrategy(TrainingStrategy):
     name = "bwcp"
     chooses_widths = True
     settings_class = BWCPSettings
-    option_ranges = {"tau": (lambda v: v > 0, "must be positive"), "newton_steps": (lambda v: v >= 1, "must be at least 1"),
-                     "whitening_group": (lambda v: v >= 1, "must be at least 1"),
-                     "whitening_momentum": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                     "lambda1": (lambda v: v >= 0, "cannot be negative"), "lambda2": (lambda v: v >= 0, "cannot be negative"),
-                     "budget_penalty": (lambda v: v >= 0, "cannot be negative")}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -68,9 +68,6 @@ class GradualFRSStrategy(GradualStrategy):
     name = "gradual-frs"
     chooses_widths = True
     settings_class = GradualFRSSettings
-    option_ranges = {"prune_until": (lambda v: 0 < v <= 1, "must be a fraction of the run's steps in (0, 1]"),
-                     "events": (lambda v: v >= 1, "must be at least 1"), "score_samples": (lambda v: v >= 1, "must be at least 1"),
-                     "score_batch_size": (lambda v: v >= 1, "must be at least 1")}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

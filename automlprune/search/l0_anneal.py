@@ -48,7 +48,6 @@ class L0AnnealStrategy(GradualStrategy):
 
     name = "l0-anneal"
     settings_class = L0AnnealSettings
-    option_ranges = {"mu": (lambda v: v >= 0, "cannot be negative")}
 
     def fraction_left(self, step: int, total_steps: int) -> float:
         every = self.prune_interval(total_steps)

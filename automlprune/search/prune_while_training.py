@@ -53,7 +53,6 @@ class PruneWhileTrainingStrategy(GradualStrategy):
 
     name = "prune-while-training"
     settings_class = PruneWhileTrainingSettings
-    option_ranges = {"prune_until": (lambda v: 0 < v <= 1, "must be a fraction of the run's steps in (0, 1]")}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -47,10 +47,12 @@ _FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 SETTING_RANGES: dict[str, Any] = {
     **dict.fromkeys(("batch_size", "epochs", "max_epochs", "steps_per_epoch", "reg_steps", "pick_steps", "update_interval",
                      "mask_interval", "granularity", "min_channels", "tock_every", "tock_steps", "tick_steps", "max_ticks",
-                     "finetune_steps", "prune_every"), _AT_LEAST_ONE),
+                     "finetune_steps", "prune_every", "events", "score_samples", "score_batch_size", "newton_steps",
+                     "whitening_group"), _AT_LEAST_ONE),
     **dict.fromkeys(("weight_decay", "stabilize_steps", "before_mask_steps", "tock_epochs", "finetune_epochs", "lasso",
-                     "sparse_lambda"), _NOT_NEGATIVE),
-    **dict.fromkeys(("lr", "lr_min", "lr_max", "delta", "ceiling", "pick_delta", "pick_ceiling", "mag_ratio_limit"), _POSITIVE),
+                     "sparse_lambda", "mu", "lambda1", "lambda2", "budget_penalty"), _NOT_NEGATIVE),
+    **dict.fromkeys(("lr", "lr_min", "lr_max", "delta", "ceiling", "pick_delta", "pick_ceiling", "mag_ratio_limit", "tau"), _POSITIVE),
+    **dict.fromkeys(("prune_until", "whitening_momentum"), ((lambda v: 0 < v <= 1), "must be in (0, 1]")),
     **dict.fromkeys(("momentum", "compactor_momentum"), _FRACTION),
     "p": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
 }

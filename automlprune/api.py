@@ -172,9 +172,10 @@ def _user_session(model: nn.Module, example_input: torch.Tensor, train: Any, val
         raise ConfigError(f"{kind} needs an nn.Module model, not {type(model).__name__}")
     if evals < 1 or seed < 0:
         raise ConfigError(f"{kind} needs evals of at least 1 and a seed of 0 or more")
+    parsed = [parse_budget(b) for b in budgets]
     for name, options in strategy_options.items():
         STRATEGIES.get(name).check_options(options)
-    parsed = [parse_budget(b) for b in budgets]
+        STRATEGIES.get(name).check_budgets(parsed)
     dev = resolve_device(device)
     classes = _check_model(model, example_input)
     data = user_data(train, val, test, example_input, classes, seed)

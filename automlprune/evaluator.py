@@ -170,6 +170,12 @@ class Evaluator:
             self._scores[criterion] = channel_scores(self.model, self.space, criterion, self.bn_batches, s.criterion_combine, self.seed)
         return self._scores[criterion]
 
+    def validation_accuracy(self, model: nn.Module) -> float:
+        """Top-1 accuracy (a fraction) of ``model`` as it stands, on this evaluator's validation
+        batches: no materialization, no BN re-estimation (for controllers that steer training by
+        accuracy, such as Play and Prune's; not an evaluation, not cached)."""
+        return accuracy(model, self.val_batches)[1]
+
     def prime(self, results: list[EvalResult]) -> None:
         """Put already-measured results (e.g. from a run store) in the cache."""
         for result in results:

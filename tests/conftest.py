@@ -101,6 +101,7 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     from automlprune.search.base import SearchContext, run_strategy
     from automlprune.search.budget import parse_budget
     from automlprune.search.store import RunStore
+    from automlprune.search.tolerance import build_strategy
     from automlprune.tasks import EvalSettings
 
     if evaluator is None:
@@ -110,8 +111,9 @@ def run_search(tmp_path, model, space, data, strategy, budget="macs=0.5", seed=0
     b = parse_budget(budget)
     study = store.study(RunStore.study_name(strategy, b.label, seed), {"strategy": strategy, "budget": b.label, "seed": seed})
     context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, data=data,
-                            scores_under=evaluator.scores_under)
-    instance = STRATEGIES.get(strategy)(context, b, seed=seed, max_evals=max_evals, **(options or {}))
+                            scores_under=evaluator.scores_under, validation=evaluator.validation_accuracy)
+    b = b.with_reference(evaluator.evaluate(space.full()).accuracy) if b.tolerance else b  # the runner's binding
+    instance = build_strategy(STRATEGIES.get(strategy), context, b, seed, max_evals, options or {})
     outcome = run_strategy(instance, evaluator, store, study, max_evals=max_evals)
     return outcome, store, study, evaluator
 
@@ -124,14 +126,17 @@ def search_with(run_dir, cls, model, space, data, budget, max_evals=None, **opti
     from automlprune.search.base import SearchContext, run_strategy
     from automlprune.search.budget import parse_budget
     from automlprune.search.store import RunStore
+    from automlprune.search.tolerance import build_strategy
     from automlprune.tasks import EvalSettings
 
     evaluator = Evaluator(model, space, data, EvalSettings(bn_batches=2, bn_batch_size=64))
     store = RunStore(run_dir)
     study = store.study(f"{cls.name}|{budget}|seed0", {"strategy": cls.name, "budget": budget, "seed": 0})
     context = SearchContext(space, evaluator.cost_model, study, evaluator.scores, model, store.artifacts, data,
-                            scores_under=evaluator.scores_under)
-    strategy = cls(context, parse_budget(budget), **({"max_evals": max_evals} if max_evals else {}), **options)
+                            scores_under=evaluator.scores_under, validation=evaluator.validation_accuracy)
+    parsed = parse_budget(budget)
+    parsed = parsed.with_reference(evaluator.evaluate(space.full()).accuracy) if parsed.tolerance else parsed  # the runner's binding
+    strategy = build_strategy(cls, context, parsed, 0, max_evals or 50, options)
     return strategy, run_strategy(strategy, evaluator, store, study, max_evals=max_evals or 3), evaluator, store
 
 

@@ -116,6 +116,8 @@ BAD = {
     "option of the wrong type": (["--strategy", "greedy", "--option", "probes=abc"], "probes='abc' must be a whole number"),
     "option out of range": (["--strategy", "dmcp", "--option", "search_epochs=-1"], "search_epochs=-1 must be at least 1"),
     "negative seed": (["--seed", "-1"], "--seed -1 is negative"),
+    "tolerance for a search strategy": (["--strategy", "random", "--budget", "accuracy_drop=1"], "cannot answer accuracy_drop=1"),
+    "malformed tolerance": (["--strategy", "uniform", "--budget", "accuracy_drop=lots"], "needs a number of points"),
     "budget above 1": (["--budget", "macs=1.5"], "is above 1"),
     "negative budget": (["--budget", "macs=-1"], "must be positive"),
     "channel agent on a bits-only space": (["--strategy", "ddpg", "--space", "bits-only", "--budget", "bytes=0.5"],
@@ -241,3 +243,21 @@ def test_a_storage_url_whose_driver_is_missing_names_the_driver(checkpoint, tmp_
                         "--storage", "postgresql://user:secret@localhost:1/db")
     assert code == 2 and "needs the database driver 'psycopg'" in err and "automlprune[postgres]" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_compare_under_an_accuracy_tolerance_reports_the_cheapest_answer(checkpoint, tmp_path, capsys):
+    run = tmp_path / "tol"
+    code, out, _ = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform,prunenet", "--budgets", "accuracy_drop=2,macs=0.5",
+                        "--evals", "8", "--finetune-epochs", "0", "--run-dir", run, "--set", f"checkpoint={checkpoint}", "--json")
+    assert code == 0
+    text = (run / "report.md").read_text()
+    table = text.split("Cheapest answer per accuracy tolerance")[1].split("\n\n")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| accuracy_drop=2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rows = {(r["strategy"], r["budget"]): r for r in csv.DictReader(open(run / "results.csv"))}
+    cheapest = min(("uniform", "prunenet"), key=lambda s: float(rows[(s, "accuracy_drop=2")]["macs_fraction"]))
+    assert cells[2] == cheapest and cells[6] == "uniform"  # the cheapest strategy and the cheapest anchor
+    floor = float(cells[1])
+    assert all(float(rows[(s, "accuracy_drop=2")]["val_accuracy"]) * 100 >= floor - 1e-6 for s in ("uniform", "prunenet"))
+    assert "| uniform | accuracy_drop=2 |" in text and "| macs=0.5 |" in text
+    assert_drawn(run / "pareto.png")

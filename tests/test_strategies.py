@@ -15,7 +15,7 @@ SHORT_TRAINING = {**{name: dict(batch_size=64, update_interval=2, reg_steps=40, 
                   "resrep": dict(epochs=3, batch_size=64, mask_interval=4, before_mask_steps=8, granularity=16),
                   "gate-decorator": dict(batch_size=64, p=0.1, tock_epochs=1, tock_steps=4, tick_steps=3),
                   "movement": dict(epochs=2, batch_size=64), **dict.fromkeys(("l0-anneal", "prune-while-training"), dict(epochs=2, batch_size=64)),
-                  "gradual-frs": dict(epochs=2, batch_size=64, score_samples=128),
+                  "gradual-frs": dict(epochs=2, batch_size=64, score_samples=128), "play-and-prune": dict(epochs=2, batch_size=64),
                   "bwcp": dict(epochs=1, batch_size=64, budget_penalty=10.0), "pconv-admm": dict(epochs=1, retrain_epochs=1, batch_size=64, admm_steps=3, steps_per_epoch=8)}
 """Training-time methods run the contract with a few dozen steps (tests/test_greg.py trains them longer)."""
 CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]

@@ -309,6 +309,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
+    STRATEGIES.get(args.strategy).check_budgets(budgets)
     with removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
         return _search(args, budgets, options)
 
@@ -330,6 +331,9 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
             a = outcome.answer
             lines.append(f"{budget.label}: accuracy {_pct(a.accuracy)} at {_pct(a.relative['macs'])} MACs, "
                          f"{_pct(a.relative['params'])} params ({outcome.evaluations} evaluations, {outcome.seconds:.1f}s)")
+            if outcome.budget.tolerance:
+                lines.append(f"  the cheapest in {outcome.budget.metric} within {outcome.budget.accuracy_drop:g} points of the unpruned "
+                             f"network's {_pct(outcome.budget.reference_accuracy)} validation accuracy")
             proposal = session.store.proposal(a.to_dict(), session.model)  # a trained answer keeps its weights
             if args.finetune_epochs:
                 from dataclasses import replace
@@ -380,6 +384,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
     for name in strategies:
         STRATEGIES.get(name).check_options(per_strategy[name])
+        STRATEGIES.get(name).check_budgets(budgets)
     with removed_if_left_empty(_run_dir(args, "compare", "")):
         return _compare(args, strategies, budgets, options, per_strategy, notes)
 

@@ -53,8 +53,9 @@ class SearchRecord:
 
     def feasible(self) -> list[bool]:
         """Whether each evaluation met the budget in a full evaluation (a screening never
-        competes for the answer: :mod:`automlprune.search.screening`)."""
-        return [p.full and self.budget.met_by(p.costs) for p in self.points]
+        competes for the answer: :mod:`automlprune.search.screening`); for an accuracy tolerance,
+        whether it was accurate enough."""
+        return [self.budget.accepts(p) for p in self.points]
 
 
 def _bound_budget(attrs: dict[str, Any], records: list) -> BoundBudget:

@@ -37,7 +37,8 @@ def _colors(strategies: Sequence[str]) -> dict[str, tuple]:
 def plot_pareto(records: list[SearchRecord], path: Path, title: str = "", unpruned: float | None = None) -> Path:
     """Validation accuracy against cost (fraction of the unpruned network) of every evaluation
     (screenings of a multi-fidelity search as faint crosses), one colour per strategy, its Pareto front as a line, each search's answer ringed, each budget
-    as a labelled dashed vertical line, and the unpruned network (``unpruned``: its validation
+    as a labelled dashed vertical line (an accuracy tolerance as a dotted horizontal line at its
+    accuracy floor), and the unpruned network (``unpruned``: its validation
     accuracy) as a black star at cost 1."""
     metric = records[0].metric
     records = [r for r in records if r.metric == metric]
@@ -62,11 +63,16 @@ def plot_pareto(records: list[SearchRecord], path: Path, title: str = "", unprun
                    edgecolors=[color], linewidths=1.8, zorder=3)
     if any(r.answer for r in records):
         ax.scatter([], [], s=90, facecolors="none", edgecolors="black", linewidths=1.8, label="answer (ringed)")
-    for value in sorted({r.budget.value for r in records if r.budget.relative}):
+    for value in sorted({r.budget.value for r in records if r.budget.relative and not r.budget.tolerance}):
         ax.axvline(value, color="grey", linestyle="--", linewidth=0.9)
         ax.annotate(f"{metric}={value:g}", (value, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=8, color="dimgrey")
         right = max(right, value)
+    tolerances = {r.budget.label: r.budget.min_accuracy for r in records if r.budget.tolerance and r.budget.reference_accuracy is not None}
+    for label, floor in sorted(tolerances.items(), key=lambda item: item[1]):  # an accuracy tolerance: its floor
+        ax.axhline(floor, color="grey", linestyle=":", linewidth=0.9)
+        ax.annotate(label, (0.0, floor), xycoords=("axes fraction", "data"), xytext=(3, 3), textcoords="offset points",
+                    fontsize=8, color="dimgrey")
     if unpruned is not None:
         ax.scatter([1.0], [unpruned], marker="*", s=160, color="black", zorder=4, label=f"unpruned ({100 * unpruned:.2f}%)")
         right = 1.0
@@ -114,10 +120,14 @@ def plot_finetuned(rows: list[dict], path: Path, baseline_test: float | None = N
 
 
 def best_so_far(record: SearchRecord) -> list[float]:
-    """Best feasible accuracy after each evaluation (NaN until one meets the budget)."""
-    out, best = [], np.nan
-    for ok, acc in zip(record.feasible(), record.accuracies()):
-        if ok and not acc <= best:  # "not <=" also replaces the initial NaN
+    """Best feasible accuracy after each evaluation (NaN until one meets the budget); under an
+    accuracy tolerance, the accuracy of the cheapest accepted evaluation so far (the answer then)."""
+    out, best, cheapest = [], np.nan, np.inf
+    for ok, acc, cost in zip(record.feasible(), record.accuracies(), record.cost_fractions()):
+        if record.budget.tolerance:
+            if ok and cost < cheapest:
+                best, cheapest = acc, cost
+        elif ok and not acc <= best:  # "not <=" also replaces the initial NaN
             best = acc
         out.append(best)
     return out

@@ -33,6 +33,7 @@ for _name, _entry, _desc in [
     ("l0-anneal", "automlprune.search.l0_anneal:L0AnnealStrategy", "annealing with L0 control: channel counts annealed to the budget on FSA's schedule while training, the rest held at zero (Guo et al., 2021)"),
     ("prune-while-training", "automlprune.search.prune_while_training:PruneWhileTrainingStrategy", "filters pruned at intervals while training by L1, mean activation or at random (Roy et al., 2020)"),
     ("gradual-frs", "automlprune.search.gradual_frs:GradualFRSStrategy", "gradual channel pruning while training by feature relevance scores (LRP), globally to the budget (Aketi et al., 2020)"),
+    ("play-and-prune", "automlprune.search.play_and_prune:PlayAndPruneStrategy", "Play and Prune: an L1 pull on the weakest channels, removed below a threshold while training, at a rate an accuracy controller sets; takes accuracy_drop budgets (Singh et al., 2019)"),
     ("bwcp", "automlprune.search.bwcp:BWCPStrategy", "BWCP: batch whitening with Gumbel channel masks from activation probabilities, a budget term, folded (Shao et al., 2021)"),
     ("pconv-admm", "automlprune.search.pconv_admm:PConvADMMStrategy", "PCONV kernel patterns and connectivity pruning by ADMM, then masked retraining (Ma et al., 2020)"),
 ]:

@@ -48,8 +48,9 @@ class SearchContext:
     the run's artifacts (where a strategy saves what it learned, such as RL agents and
     allocation profiles: :class:`~automlprune.search.store.Artifacts`), the task's data and
     device for strategies that train (DMCP), and ``scores_under`` (criterion -> channel scores,
-    :meth:`Evaluator.scores_under`) for the one-shot allocators a search starts from. Accuracy
-    comes only through ask/tell."""
+    :meth:`Evaluator.scores_under`) for the one-shot allocators a search starts from. A search's
+    results come only through ask/tell; ``validation`` (:meth:`Evaluator.validation_accuracy`)
+    lets a training controller read its network's validation accuracy while it trains."""
 
     space: SearchSpace
     cost_model: CostModel
@@ -60,6 +61,7 @@ class SearchContext:
     data: Any = None
     device: Any = "cpu"
     scores_under: Callable[[str], dict] | None = None
+    validation: Callable[[Any], float] | None = None
 
 
 class Strategy:
@@ -84,6 +86,10 @@ class Strategy:
     evaluated (:mod:`automlprune.search.repair`; option ``repair=false`` switches it off) and
     which start from the one-shot allocators' answers (:mod:`automlprune.search.warm_start`;
     option ``warm_start=none`` switches it off)."""
+    takes_tolerance: ClassVar[str | None] = None
+    """How the strategy answers an accuracy tolerance (``accuracy_drop=...``): ``"native"`` (it
+    steers by it), ``"bisect"`` (a one-shot allocator, bisected over cost budgets) or None (refused);
+    see :mod:`automlprune.search.tolerance`."""
     evaluation: ClassVar[dict[str, Any]] = {}
     """Evaluation settings the strategy's candidates are materialized with, over the task's
     (e.g. its own importance criterion); see :meth:`evaluation_settings`."""
@@ -123,6 +129,15 @@ class Strategy:
         check_option_values(cls.name, {k: v for k, v in options.items() if k in types}, types, cls.option_ranges)
         if cls.repairs and "warm_start" in options:
             parse_warm_start(options["warm_start"])
+
+    @classmethod
+    def check_budgets(cls, budgets: Sequence[Budget]) -> None:
+        """Refuse, in one sentence and before any model loads, an accuracy tolerance this strategy cannot answer."""
+        tolerance = next((b for b in budgets if b.tolerance), None)
+        if tolerance is not None and cls.takes_tolerance is None:
+            raise ConfigError(f"strategy '{cls.name}' maximizes accuracy under a cost budget and cannot answer {tolerance.label}; "
+                              "use play-and-prune or a one-shot allocator (uniform, global, global-magnitude, prunenet, tp-local, "
+                              "tp-global), or give a cost budget such as macs=0.5")
 
     @classmethod
     def evaluation_settings(cls, task_settings: EvalSettings) -> EvalSettings:
@@ -181,11 +196,14 @@ def _is(value: Any, kind: type) -> bool:
 
 def best_feasible(results: Sequence[EvalResult], budget: BoundBudget) -> EvalResult | None:
     """The answer for a budget: the most accurate full-fidelity result meeting it (cheaper first
-    among equals, then the earliest; screenings never answer: :mod:`automlprune.search.screening`).
+    among equals, then the earliest; screenings never answer: :mod:`automlprune.search.screening`);
+    for an accuracy tolerance the cheapest accepted result (more accurate first among equals).
     The search's stored answer is this over the study's results, whichever worker evaluated them."""
-    feasible = [r for r in results if r.full and budget.met_by(r.costs)]
+    feasible = [r for r in results if budget.accepts(r)]
     if not feasible:
         return None
+    if budget.tolerance:
+        return min(feasible, key=lambda r: (r.costs[budget.metric], -r.accuracy))
     return max(feasible, key=lambda r: (r.accuracy, -r.costs[budget.metric]))
 
 
@@ -253,7 +271,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     finally:
         strategy.close()
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
-    if answer is not None and not budget.met_by(answer.costs):
+    if answer is not None and not budget.accepts(answer):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
     if answer is not None:
         study.set_user_attr("answer", answer.to_dict())

@@ -22,6 +22,7 @@ class OneShotStrategy(Strategy):
     """A strategy that computes one candidate from the cost model (and weights) and evaluates it."""
 
     uses_seed = False
+    takes_tolerance = "bisect"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -6,6 +6,15 @@ several at once as ``macs=0.3,0.5,0.7`` (a value without a metric takes the prev
 The metrics are the budgetable ones of the registry (:mod:`automlprune.cost.metrics`).
 Latency budgets use the per-layer latency table (:mod:`automlprune.latency_table`).
 
+An accuracy tolerance is the other kind of budget: ``accuracy_drop=0.5`` asks for the cheapest
+network (in MACs; ``accuracy_drop=0.5@params`` in another metric) whose validation accuracy is at
+most 0.5 points below the unpruned network's, measured by the shared evaluator on validation data
+(never test data). Such a budget has no cost limit; its answer is the cheapest accepted result
+(:meth:`BoundBudget.accepts`, :func:`~automlprune.search.base.best_feasible`), and it is bound to the
+unpruned network's validation accuracy (:meth:`Budget.with_reference`) before a search starts.
+Strategies take it natively (``play-and-prune``) or through a bisection over cost budgets
+(one-shot allocators; :mod:`automlprune.search.tolerance`).
+
 A :class:`Budget` is what the user wrote; bound to the unpruned network's amount of its metric
 (:meth:`Budget.bind`) it becomes a :class:`BoundBudget`, which checks costs on its own and is
 stored as data with every search (so reports never re-parse labels or rebuild the network).
@@ -14,7 +23,7 @@ stored as data with every search (so reports never re-parse labels or rebuild th
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from automlprune.cost import Costs, CostModel, budget_metrics
@@ -24,6 +33,10 @@ from automlprune.errors import ConfigError
 TOLERANCE = 1e-9
 """Relative slack on a budget's limit, so float rounding never rejects a candidate exactly at it."""
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+ACCURACY_DROP = "accuracy_drop"
+"""The budget kind of an accuracy tolerance (points of validation accuracy below the unpruned network)."""
+TOLERANCE_METRIC = "macs"
+"""The cost an accuracy tolerance minimizes unless its label names another (``accuracy_drop=0.5@params``)."""
 _VALUE = re.compile(r"^\s*(?P<num>[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<suffix>ms|[kmg]?)\s*$", re.IGNORECASE)
 
 
@@ -31,14 +44,40 @@ _VALUE = re.compile(r"^\s*(?P<num>[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(?P<s
 class Budget:
     """metric: a budgetable metric of the registry. value: a fraction of the unpruned
     network's cost when ``relative``, else an absolute amount in the metric's units
-    (milliseconds for latency)."""
+    (milliseconds for latency).
+
+    accuracy_drop: for an accuracy tolerance, the points (of %) of validation accuracy the answer may
+    lose against the unpruned network (then ``metric`` is the cost minimized and the cost limit is
+    the unpruned network's, ``value`` 1); reference_accuracy: the unpruned network's validation
+    accuracy (a fraction in [0, 1]) once bound by :meth:`with_reference`."""
 
     metric: str
     value: float
     relative: bool
+    accuracy_drop: float | None = None
+    reference_accuracy: float | None = None
+
+    @property
+    def tolerance(self) -> bool:
+        """Whether this is an accuracy tolerance (``accuracy_drop``), not a cost limit."""
+        return self.accuracy_drop is not None
+
+    def with_reference(self, accuracy: float) -> "Budget":
+        """This tolerance bound to the unpruned network's validation ``accuracy`` (a fraction); a
+        cost budget is returned unchanged."""
+        return replace(self, reference_accuracy=float(accuracy)) if self.tolerance else self
+
+    @property
+    def min_accuracy(self) -> float:
+        """The lowest validation accuracy (a fraction) a tolerance accepts."""
+        if self.reference_accuracy is None:
+            raise RuntimeError(f"budget {self.label} is not bound to the unpruned network's accuracy; call with_reference first")
+        return self.reference_accuracy - self.accuracy_drop / 100.0
 
     @property
     def label(self) -> str:
+        if self.tolerance:
+            return f"{ACCURACY_DROP}={self.accuracy_drop:g}" + ("" if self.metric == TOLERANCE_METRIC else f"@{self.metric}")
         if self.relative:
             return f"{self.metric}={self.value:g}"
         return f"{self.metric}={self.value:.6g}ms" if self.metric == "latency" else f"{self.metric}={self.value:.6g}abs"
@@ -46,7 +85,7 @@ class Budget:
     @property
     def slug(self) -> str:
         """The label as a file-name part: ``macs=0.5`` -> ``macs0p5``."""
-        return self.label.replace("=", "").replace(".", "p")
+        return self.label.replace("=", "").replace(".", "p").replace("@", "-")
 
     @property
     def unit(self) -> str:
@@ -56,7 +95,7 @@ class Budget:
         """This budget for a network whose unpruned amount of the metric is ``base`` (a number,
         or the unpruned network's :class:`Costs`)."""
         amount = base[self.metric] if isinstance(base, Costs) else float(base)
-        return BoundBudget(self.metric, self.value, self.relative, amount)
+        return BoundBudget(self.metric, self.value, self.relative, self.accuracy_drop, self.reference_accuracy, amount)
 
 
 @dataclass(frozen=True)
@@ -76,14 +115,21 @@ class BoundBudget(Budget):
         return self.limit / self.base
 
     def bind(self, base: Costs | float) -> "BoundBudget":
-        return Budget(self.metric, self.value, self.relative).bind(base)
+        return Budget(self.metric, self.value, self.relative, self.accuracy_drop, self.reference_accuracy).bind(base)
 
     def fits(self, amount: float) -> bool:
         """Whether ``amount`` (absolute units of the metric) is within the budget."""
         return amount <= self.limit * (1 + TOLERANCE)
 
     def met_by(self, costs: Costs) -> bool:
+        """Whether ``costs`` are within the cost limit (for a tolerance: not above the unpruned network's)."""
         return self.fits(costs[self.metric])
+
+    def accepts(self, result: Any) -> bool:
+        """Whether an evaluation result (an :class:`~automlprune.evaluator.EvalResult`) can answer
+        this budget: a full evaluation within the cost limit and, for a tolerance, at least
+        :attr:`min_accuracy` on validation data."""
+        return result.full and self.met_by(result.costs) and (not self.tolerance or result.accuracy >= self.min_accuracy - TOLERANCE)
 
     def violation(self, costs: Costs) -> float:
         """cost / limit - 1: at most 0 when ``costs`` meet the budget (Optuna's constraint convention)."""
@@ -98,7 +144,9 @@ class BoundBudget(Budget):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BoundBudget":
-        return cls(str(data["metric"]), float(data["value"]), bool(data["relative"]), float(data["base"]))
+        drop, reference = data.get("accuracy_drop"), data.get("reference_accuracy")
+        return cls(str(data["metric"]), float(data["value"]), bool(data["relative"]),
+                   None if drop is None else float(drop), None if reference is None else float(reference), float(data["base"]))
 
 
 def parse_budget(text: str, default_metric: str | None = None, bare_amounts: bool = False) -> Budget:
@@ -107,6 +155,8 @@ def parse_budget(text: str, default_metric: str | None = None, bare_amounts: boo
     ``1.5k``, latency ``3ms``), so ``macs=1.5`` is refused rather than read as 1.5 MACs
     (``bare_amounts``: accept bare amounts above 1, as stored labels write them)."""
     metric, sep, raw = text.strip().partition("=")
+    if metric.strip().lower() == ACCURACY_DROP:
+        return _parse_tolerance(text, raw)
     if not sep:
         if default_metric is None:
             raise ConfigError(f"budget '{text}' is not of the form metric=value, e.g. macs=0.5")
@@ -131,18 +181,33 @@ def parse_budget(text: str, default_metric: str | None = None, bare_amounts: boo
     return Budget(metric, value, relative)
 
 
+def _parse_tolerance(text: str, raw: str) -> Budget:
+    """``accuracy_drop=POINTS[@METRIC]``: see the module docstring."""
+    points, _, metric = raw.partition("@")
+    metric = (metric or TOLERANCE_METRIC).strip().lower()
+    if metric not in budget_metrics():
+        raise ConfigError(f"unknown cost metric '{metric}' in '{text}'; an accuracy tolerance minimizes one of: {', '.join(budget_metrics())}")
+    try:
+        drop = float(points)
+    except ValueError:
+        raise ConfigError(f"accuracy tolerance '{text}' needs a number of points, e.g. accuracy_drop=0.5") from None
+    if not 0 <= drop < 100:
+        raise ConfigError(f"accuracy tolerance '{text}' must be in [0, 100) points of validation accuracy")
+    return Budget(metric, 1.0, True, accuracy_drop=drop)
+
+
 def parse_label(label: str) -> Budget:
     """Inverse of :attr:`Budget.label` (absolute amounts end in ``abs``)."""
     return parse_budget(label[:-3] if label.endswith("abs") else label, bare_amounts=True)
 
 
 def parse_budgets(text: str) -> list[Budget]:
-    """Several budgets from ``macs=0.3,0.5,0.7`` or ``macs=0.5,params=0.4``."""
+    """Several budgets from ``macs=0.3,0.5,0.7``, ``macs=0.5,params=0.4`` or ``accuracy_drop=0.5,1``."""
     budgets, metric = [], None
     for part in filter(None, (p.strip() for p in text.split(","))):
-        budget = parse_budget(part, metric)
+        budget = parse_budget(part if metric != ACCURACY_DROP or "=" in part else f"{ACCURACY_DROP}={part}", metric)
         budgets.append(budget)
-        metric = budget.metric
+        metric = ACCURACY_DROP if budget.tolerance else budget.metric
     if not budgets:
         raise ConfigError("no budget given; write one like macs=0.5")
     if len({b.label for b in budgets}) != len(budgets):

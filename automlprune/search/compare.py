@@ -221,9 +221,12 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
               "supernet, the training-time methods), part of its search time; images trained: the images the strategy "
               "trained on plus those of the fine-tune, the training compute behind each answer. Scoring: the one-off channel-importance scoring of the "
               "strategy's evaluator (shared by its budgets and seeds, not counted in the search time).", ""]
-    if tuned and baseline.get("test_accuracy") is not None:
-        lines += _best_per_budget(rows, baseline["test_accuracy"]) + [""]
-    lines += _progress_table(records)
+    if tuned and baseline.get("test_accuracy") is not None and any(not r.budget.tolerance for r in records):
+        tolerances = {r.budget.label for r in records if r.budget.tolerance}
+        lines += _best_per_budget([r for r in rows if r["budget"] not in tolerances], baseline["test_accuracy"]) + [""]
+    if any(r.budget.tolerance for r in records):
+        lines += _cheapest_per_tolerance(rows, records) + [""]
+    lines += _progress_table([r for r in records if not r.budget.tolerance])
     lines += ["", *(["![Test accuracy after fine-tune vs cost and vs search time](finetuned.png)", ""] if tuned else []),
               "![Pareto fronts](pareto.png)", "", "![Best feasible accuracy vs evaluations and time](progress.png)", "",
               "![Per-group widths of the answers](profiles.png)", ""]
@@ -293,6 +296,31 @@ def _best_per_budget(rows: list[dict[str, Any]], baseline_test: float) -> list[s
                  f"{100 * (best['test_accuracy'] - anchor['test_accuracy']):+.2f}"] if anchor else ["–", "–", "–"]
         lines.append(f"| {label} | {best['strategy']} | {100 * best['test_accuracy']:.2f} | "
                      f"{100 * (best['test_accuracy'] - baseline_test):+.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cheapest_per_tolerance(rows: list[dict[str, Any]], records: list[SearchRecord]) -> list[str]:
+    """Per accuracy tolerance: the cheapest answer (in the tolerance's metric) that kept the
+    validation accuracy within it, against the cheapest anchor's."""
+    bound = {r.budget.label: r.budget for r in records if r.budget.tolerance}
+    lines = ["Cheapest answer per accuracy tolerance (validation accuracy within the tolerance of the unpruned network's, "
+             f"measured before any fine-tune), against the cheapest anchor ({', '.join(ANCHORS)}):", "",
+             "| budget | accuracy floor | cheapest strategy | cost | val acc | test acc | cheapest anchor | anchor cost | cost ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, budget in bound.items():
+        key = f"{budget.metric}_fraction"
+        mine = [r for r in rows if r["budget"] == label and r.get(key) == r.get(key) and r.get(key) is not None]
+        if not mine:
+            lines.append(f"| {label} | {100 * budget.min_accuracy:.2f} | none accepted | – | – | – | – | – | – |")
+            continue
+        best = min(mine, key=lambda r: r[key])
+        anchors = [r for r in mine if r["strategy"] in ANCHORS]
+        anchor = min(anchors, key=lambda r: r[key]) if anchors else None
+        test = lambda r: f"{100 * r['test_accuracy']:.2f}" if r["test_accuracy"] == r["test_accuracy"] else "–"  # noqa: E731
+        cells = ([anchor["strategy"], f"{100 * anchor[key]:.2f}% {budget.metric}", f"{best[key] / anchor[key]:.2f}"]
+                 if anchor else ["–", "–", "–"])
+        lines.append(f"| {label} | {100 * budget.min_accuracy:.2f} | {best['strategy']} | {100 * best[key]:.2f}% {budget.metric} | "
+                     f"{100 * best['val_accuracy']:.2f} | {test(best)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -76,6 +76,7 @@ class GradualPruning(Callback):
         self.strategy.on_train_start(trainer)
 
     def after_step(self, trainer: Trainer) -> None:
+        self.strategy.after_step(trainer)
         if trainer.step % self.strategy.prune_interval(trainer.total_steps) == 0:
             self.prune(trainer)
         self.keep.after_step(trainer)
@@ -89,6 +90,7 @@ class GradualPruning(Callback):
         strategy = self.strategy
         left = strategy.fraction_left(trainer.step, trainer.total_steps) if fraction_left is None else fraction_left
         before = sum(len(k) for k in self.kept.values())
+        strategy.step = trainer.step
         self.kept = strategy.select(trainer.model, self.kept, min(1.0, max(0.0, left)))
         kept = sum(len(k) for k in self.kept.values())
         if kept < before:
@@ -111,6 +113,8 @@ class GradualStrategy(TrainingStrategy):
         if self.settings.schedule not in SCHEDULES:
             raise ConfigError(f"{self.name} schedule '{self.settings.schedule}' is unknown; use one of: {', '.join(SCHEDULES)}")
         self.pruning: GradualPruning | None = None
+        self.step = 0
+        """The optimizer step of the pruning event under way (set before :meth:`select`)."""
         self.cut_at_end = False
         """Whether training ended before the schedule reached the targets (then pruned to them at the end, untrained)."""
 
@@ -139,6 +143,37 @@ class GradualStrategy(TrainingStrategy):
             out[group] = channels[order[:count]].sort().values
         return out
 
+    def cut_to_cost(self, kept: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                    target: float) -> tuple[dict[str, torch.Tensor], bool]:
+        """``kept`` less the globally lowest-``scores`` channels, the fewest that bring the budget
+        metric's cost to at most ``target`` (bisection on how many; no group below its target
+        count), and whether that was reached (if not: every channel allowed to go has gone)."""
+        metric = self.budget.metric
+        if self.cost_model(self.widths_of(kept))[metric] <= target:
+            return kept, True
+        counts = {g: len(k) for g, k in kept.items()}
+        order = sorted(((float(scores[g][c]), g, int(c)) for g, k in kept.items() for c in k.tolist()))
+        removals = []  # in score order, each allowed while its group stays above its floor
+        for _, group, channel in order:
+            if counts[group] > self.pruning.targets[group]:
+                counts[group] -= 1
+                removals.append((group, channel))
+
+        def after(n: int) -> dict[str, torch.Tensor]:
+            gone: dict[str, set[int]] = {}
+            for group, channel in removals[:n]:
+                gone.setdefault(group, set()).add(channel)
+            return {g: torch.tensor([c for c in k.tolist() if c not in gone.get(g, ())], dtype=torch.long) for g, k in kept.items()}
+
+        fits = lambda n: self.cost_model(self.widths_of(after(n)))[metric] <= target  # noqa: E731
+        if not fits(len(removals)):
+            return after(len(removals)), False
+        lo, hi = 0, len(removals)  # fits(hi); find the fewest removals that fit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if not fits(mid) else (lo, mid)
+        return after(lo), True
+
     def reached(self, kept: dict[str, torch.Tensor]) -> bool:
         """Whether ``kept`` is the answer's size (every group at its target)."""
         return all(len(k) == self.pruning.targets[g] for g, k in kept.items())
@@ -150,6 +185,9 @@ class GradualStrategy(TrainingStrategy):
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Hook: training starts (e.g. register forward hooks)."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Hook: after every optimizer step, before a pruning event (e.g. a proximal step)."""
 
     def after_prune(self, trainer: Trainer) -> None:
         """Hook: after every pruning event (e.g. reset accumulated statistics)."""

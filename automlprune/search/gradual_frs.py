@@ -104,32 +104,11 @@ class GradualFRSStrategy(GradualStrategy):
         metric = self.budget.metric
         if self.cost_model(self.widths_of(kept))[metric] <= target:
             return kept
-        scores = self.feature_relevance(net)
-        counts = {g: len(k) for g, k in kept.items()}
-        order = sorted(((float(scores[g][c]), g, int(c)) for g, k in kept.items() for c in k.tolist()))
-        removals = []  # in score order, each allowed while its group stays above its floor
-        for _, group, channel in order:
-            if counts[group] > self.pruning.targets[group]:
-                counts[group] -= 1
-                removals.append((group, channel))
-
-        def after(n: int) -> dict[str, torch.Tensor]:
-            gone: dict[str, set[int]] = {}
-            for group, channel in removals[:n]:
-                gone.setdefault(group, set()).add(channel)
-            return {g: torch.tensor([c for c in k.tolist() if c not in gone.get(g, ())], dtype=torch.long) for g, k in kept.items()}
-
-        fits = lambda n: self.cost_model(self.widths_of(after(n)))[metric] <= target  # noqa: E731
-        if not fits(len(removals)):
-            if fraction_left == 0:
-                raise ConfigError(f"gradual-frs cannot meet {self.budget.label} by pruning its {self.settings.groups} groups "
-                                  "down to the space's smallest keep ratio; raise the budget or use --option groups=all")
-            return after(len(removals))
-        lo, hi = 0, len(removals)  # fits(hi); find the fewest removals that fit
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if not fits(mid) else (lo, mid)
-        return after(lo)
+        cut, fits = self.cut_to_cost(kept, self.feature_relevance(net), target)
+        if not fits and fraction_left == 0:
+            raise ConfigError(f"gradual-frs cannot meet {self.budget.label} by pruning its {self.settings.groups} groups "
+                              "down to the space's smallest keep ratio; raise the budget or use --option groups=all")
+        return cut
 
     # ---- the score ----------------------------------------------------------------------------
     @torch.no_grad()

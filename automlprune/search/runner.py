@@ -18,6 +18,7 @@ from automlprune.search import STRATEGIES
 from automlprune.search.base import SearchContext, SearchOutcome, run_strategy
 from automlprune.search.budget import Budget, check_achievable
 from automlprune.search.store import UNPRUNED_STUDY, RunStore
+from automlprune.search.tolerance import build_strategy
 from automlprune.self_check import check_space
 from automlprune.tasks import Task
 
@@ -81,18 +82,19 @@ class SearchSession:
             "versions": {"automlprune": automlprune.__version__, "torch": str(torch.__version__)},
         })
 
-    def record_unpruned(self) -> None:
-        """Store the unpruned network's validation accuracy once per run (the reference point of
-        the plots; one evaluation, about a second)."""
+    def record_unpruned(self) -> float:
+        """The unpruned network's validation accuracy (a fraction), stored once per run (the
+        reference point of the plots and of accuracy tolerances; one evaluation, about a second)."""
         study = self.store.study(UNPRUNED_STUDY)
         if "val_accuracy" not in study.user_attrs:
             study.set_user_attr("val_accuracy", self.evaluator.evaluate(self.space.full()).accuracy)
+        return float(study.user_attrs["val_accuracy"])
 
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
         """One search; resumes the stored one of the same strategy, budget and seed if any."""
         self.check_budgets([budget])
-        self.record_unpruned()
+        budget = budget.with_reference(self.record_unpruned())
         cls = STRATEGIES.get(strategy)
         name = RunStore.study_name(strategy, budget.label, seed)
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
@@ -101,10 +103,11 @@ class SearchSession:
         evaluator = self.evaluator_for(strategy)
         study.set_user_attr("scoring_seconds", evaluator.scoring_seconds)  # shared by every search of this evaluator
         context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.artifacts,
-                                self.task.data, self.device, evaluator.scores_under)
+                                self.task.data, self.device, evaluator.scores_under, evaluator.validation_accuracy)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}
-        instance = cls(context, budget, seed=seed, max_evals=max_evals, **options)
-        reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress)
+        instance = build_strategy(cls, context, budget, seed, max_evals, options)
+        reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress,
+                                   budget.metric if budget.tolerance else None)
         try:
             return run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
                                 attrs=attrs, progress=reporter)
@@ -115,11 +118,16 @@ class SearchSession:
 class _SearchProgress(Progress):
     """The search loop's progress callback: evaluations done and the best feasible accuracy."""
 
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
+    def __init__(self, label: str, total: int, enabled: bool, tolerance_metric: str | None = None) -> None:
         super().__init__(label, total, "eval", enabled)
-        self.label = label
+        self.label, self.tolerance_metric = label, tolerance_metric
 
     def __call__(self, done: int, total: int, best: EvalResult | None, elapsed: float) -> None:
-        best_text = f"{best.accuracy:.4f}" if best else "none feasible yet"
-        self.update(done, f"{self.label}: {done}/{total} evaluations, best feasible accuracy {best_text}, {elapsed:.0f}s",
-                    best=best_text)
+        if self.tolerance_metric:  # an accuracy tolerance: the cheapest accepted so far
+            metric = self.tolerance_metric
+            best_text = f"{best.accuracy:.4f} at {best.relative[metric]:.1%} {metric}" if best else "none accepted yet"
+            what = "cheapest accepted"
+        else:
+            best_text = f"{best.accuracy:.4f}" if best else "none feasible yet"
+            what = "best feasible accuracy"
+        self.update(done, f"{self.label}: {done}/{total} evaluations, {what} {best_text}, {elapsed:.0f}s", best=best_text)

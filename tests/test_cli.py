@@ -128,3 +128,20 @@ def test_console_script_exits_2_without_traceback():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("automlprune: error: no envs config named 'no-such-task'")
+
+
+def test_list_formats_and_weight_criteria(capsys):
+    code, out, _ = _run(capsys, "list", "formats", "--json")
+    formats = json.loads(out)
+    assert code == 0 and list(formats)[:3] == ["dense", "bitmask", "csr"] and {"n:m", "bsr", "pconv"} <= set(formats)
+    assert all(formats.values())  # every format says how it stores a layer
+    code, out, _ = _run(capsys, "list", "weight-criteria", "--json")
+    assert code == 0 and set(json.loads(out)) >= {"magnitude", "lap", "hessian"}
+
+
+def test_inspect_names_the_layers_searched_for_sparsity_and_their_patterns(capsys):
+    code, out, _ = _run(capsys, "inspect", "digits-cnn", "--space", "sparse")
+    assert code == 0 and "3 layers searched for weight sparsity (densities 0.02" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "unstructured" in line}
+    assert set(lines) == {"features.3", "features.7", "classifier.1"}
+    assert "pconv" in lines["features.3"] and "pconv" not in lines["classifier.1"]  # PCONV patterns are for 3x3 kernels only

@@ -130,3 +130,26 @@ def test_an_allocator_without_an_answer_is_skipped_and_the_search_starts_from_th
     capsys.readouterr()
     assert warm_start_candidates(strategy, ["uniform", "prunenet"]) == both[-1:]
     assert "warm start: uniform is skipped: no single keep ratio fits" in capsys.readouterr().err
+
+
+def test_repair_scales_the_densities_of_a_sparse_proposal_by_one_factor_and_leaves_n_m_layers(resnet20_space):
+    from automlprune.space import Candidate
+    from automlprune.space.config import SpaceConfig
+
+    model = build_model("resnet20", 10, 1).eval()
+    space = SearchSpace(model, torch.zeros(1, 1, 28, 28),
+                        SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "2:4")))
+    cost = CostModel(space, model)
+    layers = list(space.layer_patterns)
+    rng = np.random.default_rng(1)
+    patterns = {l: ("2:4" if i % 4 == 0 else "unstructured") for i, l in enumerate(layers)}
+    densities = {l: (0.5 if patterns[l] == "2:4" else float(rng.choice([0.1, 0.2, 0.4, 0.7]))) for l in layers}
+    proposed = Candidate.make(None, None, densities, patterns)
+    for label in ("bytes=0.3", "bytes=0.15"):
+        budget = parse_budget(label).bind(cost.base)
+        repaired = repair_to_budget(proposed, space, cost, budget)
+        assert budget.met_by(cost(repaired)) and budget.cost_fraction(cost(repaired)) >= 0.9 * budget.fraction
+        after = {l: repaired.density_map.get(l, 1.0) for l in layers}
+        factors = {round(after[l] / densities[l], 2) for l in layers if patterns[l] == "unstructured" and 0 < after[l] < 1}
+        assert len(factors) == 1  # one common factor keeps the proposal's shape
+        assert all(after[l] == 0.5 and repaired.sparsity()[l][0] == "2:4" for l in layers if patterns[l] == "2:4")

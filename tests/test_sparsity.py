@@ -327,6 +327,15 @@ def test_uniform_and_global_magnitude_meet_a_bytes_budget(checkpoint, capsys, tm
     assert code == 0 and out["report"] and {r["strategy"] for r in rows} == {"uniform", "global-magnitude", "random"}
     for row in rows:
         assert row["bytes_fraction"] <= 0.3 + 1e-9 and row["macs_fraction"] == 1.0 and row["val_accuracy"] > 0.5
+    from automlprune.report.plots import profile_panels
+    from automlprune.tasks import Task, TaskSpec
+
+    from conftest import assert_drawn
+
+    task = Task(TaskSpec.load("digits-cnn", [f"checkpoint={checkpoint}"]))
+    sparse = task.search_space(task.build_model(), "sparse")
+    assert [kind for kind, _ in profile_panels(sparse)] == ["densities"]  # densities alone: no widths panel
+    assert_drawn(tmp_path / "run" / "profiles.png")
     code = main(["export", str(tmp_path / "run"), "--budget", "bytes=0.3", "--format", "packed", "--json"])
     exported = json.loads(capsys.readouterr().out)
     assert code == 0 and exported["reported_bytes"] <= exported["file_bytes"] <= 1.05 * exported["reported_bytes"] + 8192
@@ -389,7 +398,7 @@ def test_cubic_schedule_follows_the_official_shape():
 
 
 def test_movement_trains_scores_and_hands_back_exactly_sparse_weights(tmp_path, trained_digits_model, digits):
-    from conftest import run_search
+    from conftest import assert_drawn, run_search
 
     space = SearchSpace(trained_digits_model, digits.example_input(),
                         SpaceConfig(ratios=(1.0,), densities=(0.1, 0.5, 1.0), patterns=("unstructured",)))

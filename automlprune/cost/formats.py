@@ -381,9 +381,10 @@ def layout_of(pattern: Any, geometry: Any, density: float, bits: int, mask: Opti
     blocks = pattern.kept_blocks(geometry, density) if pattern.block else 0
     kernels = pattern.kept_kernels(geometry, density) if pattern.library else 0
     darb = pattern.largest_block is not None
-    kept, offsets = pattern.kept(geometry, density), pattern.offset_budget(geometry, density) if darb else 0
-    if mask is not None and not pattern.exact_count:
+    if mask is not None and not pattern.exact_count:  # what the realized mask keeps
         kept, offsets = pattern.realized(torch.as_tensor(mask))
+    else:  # the pattern's count, or its limits before the weights are known (DARB)
+        kept, offsets = pattern.kept(geometry, density), pattern.offset_budget(geometry, density) if darb else 0
     return Layout(geometry.rows, geometry.columns, kept, int(bits), pattern.run, pattern.block, blocks,
                   pattern.library, kernels, pattern.largest_for(geometry.columns) if darb else None, offsets)
 

@@ -184,6 +184,17 @@ PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^"}
 """Marker of each sparsity pattern family in the density panels."""
 
 
+def profile_panels(space: SearchSpace) -> list[tuple[str, list[str]]]:
+    """The panels of :func:`plot_profiles` for ``space``: (``widths``, its groups) when it searches
+    widths (or nothing else), (``bits``, its quantizable layers) when it searches bits, and
+    (``densities``, its quantizable layers) when it searches weight sparsity."""
+    groups = [g.name for g in space.groups]
+    panels = ([("widths", groups)] if len(space.config.ratios) > 1 or not (space.bit_searchable or space.layer_patterns) else [])
+    panels += [("bits", space.quantizable)] if space.bit_searchable else []
+    panels += [("densities", space.quantizable)] if space.layer_patterns else []
+    return panels
+
+
 def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -> Path:
     """Per budget, one row of panels for each strategy's answer (first seed): the keep ratio of
     every channel group (network order) when the space searches widths, each layer's weight bits
@@ -192,9 +203,7 @@ def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
     groups = [g.name for g in space.groups]
-    panels = ([("widths", groups)] if len(space.config.ratios) > 1 or not (space.bit_searchable or space.layer_patterns) else [])
-    panels += [("bits", space.quantizable)] if space.bit_searchable else []
-    panels += [("densities", space.quantizable)] if space.layer_patterns else []
+    panels = profile_panels(space)
     widths = [max(7, 0.35 * len(groups) + 3) if kind == "widths" else max(6, 0.3 * len(names) + 2) for kind, names in panels]
     fig, axes = figure(len(budgets), len(panels), figsize=(sum(widths), 3 * len(budgets)), squeeze=False)
     for row, label in enumerate(budgets):

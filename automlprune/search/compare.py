@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
-from automlprune.cost import METRICS, analytic_metrics
+from automlprune.cost import METRICS, Costs, analytic_metrics
 from automlprune.export import fold_batch_norms
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
@@ -131,11 +131,9 @@ def summarize(records: list[SearchRecord], latency_batch_sizes: Sequence[int] = 
 
 
 def _amount(costs: dict[str, Any], metric: str) -> float:
-    """``metric`` of a stored answer's costs (absolute or relative); an answer stored before
-    ``macs_nnz`` existed was dense, so its theoretical MACs are its MACs."""
-    if metric in costs:
-        return costs[metric]
-    return costs["macs"] if metric == "macs_nnz" else float("nan")
+    """``metric`` of a stored answer's costs (absolute or relative), read as :meth:`Costs.from_dict`
+    reads stored costs (its rules for results stored by older versions); NaN when absent."""
+    return Costs.from_dict(costs).to_dict().get(metric, float("nan"))
 
 
 def _evaluations_text(row: dict[str, Any]) -> str:

@@ -98,8 +98,10 @@ class ADMM(Callback):
                                  "U": torch.zeros_like(weight), "V": torch.zeros_like(weight)}
 
     def loss(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        penalty = sum(((trainer.model.get_submodule(layer).weight - s["Z"] + s["U"]).pow(2).sum()
-                       + (trainer.model.get_submodule(layer).weight - s["Y"] + s["V"]).pow(2).sum()) for layer, s in self.state.items())
+        penalty = loss.new_zeros(())
+        for layer, s in self.state.items():
+            weight = trainer.model.get_submodule(layer).weight
+            penalty = penalty + (weight - s["Z"] + s["U"]).pow(2).sum() + (weight - s["Y"] + s["V"]).pow(2).sum()
         return loss + self.rho / 2 * penalty
 
     @torch.no_grad()

@@ -398,7 +398,7 @@ def test_cubic_schedule_follows_the_official_shape():
 
 
 def test_movement_trains_scores_and_hands_back_exactly_sparse_weights(tmp_path, trained_digits_model, digits):
-    from conftest import assert_drawn, run_search
+    from conftest import run_search
 
     space = SearchSpace(trained_digits_model, digits.example_input(),
                         SpaceConfig(ratios=(1.0,), densities=(0.1, 0.5, 1.0), patterns=("unstructured",)))

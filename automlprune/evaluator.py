@@ -214,6 +214,12 @@ class Evaluator:
             ActivationFakeQuant(net, self.space.quantizable, self.space.config.activation_bits).calibrate(self.bn_batches)
         return net.eval()
 
+    def key_of(self, proposal: Candidate | Proposal) -> str:
+        """The network key of ``proposal`` (its canonical candidate, and its weights when trained):
+        the ``key`` its result will carry, known before evaluating it."""
+        proposal = as_proposal(proposal)
+        return proposal.key(self.space.resolve(proposal.candidate).key)
+
     def evaluate(self, proposal: Candidate | Proposal, latency: bool = False, fidelity: float = 1.0) -> EvalResult:
         """Accuracy and costs of ``proposal`` (a plain candidate means the original weights;
         cached by network: the result holds the canonical candidate, see

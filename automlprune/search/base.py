@@ -32,7 +32,7 @@ from automlprune.search.budget import Budget, BoundBudget
 from automlprune.search.repair import repair_to_budget
 from automlprune.search.screening import Screening
 from automlprune.search.warm_start import default_for, parse_warm_start
-from automlprune.search.store import Artifacts, RunStore
+from automlprune.search.store import WAIT_S, Artifacts, Claim, RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
 
@@ -255,12 +255,34 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             if asked is None:
                 break
             proposal, repaired = _repaired(strategy, as_proposal(asked))
-            result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
-            key = result.key  # one key per network (and weights), however it was written
-            if key not in stored_keys or strategy.pending_trial is not None:
-                result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
-                                 repeat=key in stored_keys)
-                stored_keys.add(key)
+            key = evaluator.key_of(proposal)  # one key per network (and weights), however it was written
+            result = None
+            while result is None and key not in stored_keys:  # claim it, or wait for the worker that has
+                claim = store.claim(study, strategy.space, key, proposal.candidate, max_evals, strategy.pending_trial)
+                if claim.released or (claim.held and strategy.pending_trial is not None):
+                    _release_pending(store, study, strategy)  # another worker has this network: its sampler asks again
+                if claim.stored is not None or claim.held:
+                    found = claim.stored or store.wait_for(study, key)
+                    if found is not None:
+                        evaluator.prime([found])
+                        stored_keys.add(key)
+                elif claim.full:
+                    if not claim.others_running:
+                        break
+                    time.sleep(WAIT_S)  # another worker's claim may yet fail and free its place
+                else:
+                    with store.heartbeat(claim):
+                        result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
+                    result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
+                                     repeat=False, claim=claim)
+                    stored_keys.add(key)
+            if result is None:
+                if key not in stored_keys:  # the study's evaluation budget is spent
+                    break
+                result = _evaluate(evaluator, proposal, screening, budget, stored_keys)  # served from the store
+                if strategy.pending_trial is not None:  # an Optuna re-proposal: told to its sampler, not counted
+                    result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
+                                     repeat=True)
             repeats = repeats + 1 if key in seen else 0
             seen.add(key)
             strategy.tell(asked, result)
@@ -269,6 +291,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             if repeats >= MAX_REPEATED_ASKS:
                 break
     finally:
+        _release_pending(store, study, strategy)
         strategy.close()
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.accepts(answer):
@@ -304,8 +327,15 @@ def _repaired(strategy: Strategy, proposal: Proposal) -> tuple[Proposal, dict[st
     return replace(proposal, candidate=moved), {"repaired": True, "proposed": proposal.candidate.to_dict()}
 
 
+def _release_pending(store: RunStore, study: optuna.Study, strategy: Strategy) -> None:
+    """Give up the strategy's open Optuna trial (if any) that will not be recorded."""
+    if strategy.pending_trial is not None:
+        store.release(study, strategy.pending_trial.number)
+        strategy.pending_trial = None
+
+
 def _record(store: RunStore, study: optuna.Study, strategy: Strategy, proposal: Proposal, result: EvalResult,
-            attrs: dict[str, Any], repeat: bool) -> EvalResult:
+            attrs: dict[str, Any], repeat: bool, claim: Claim | None = None) -> EvalResult:
     """Store one result (and the trained weights of a proposal that has them); an Optuna
     re-proposal of a stored candidate is told to the sampler but not counted as an evaluation.
     Returns the result as stored (with the path of its weights artifact)."""
@@ -314,6 +344,6 @@ def _record(store: RunStore, study: optuna.Study, strategy: Strategy, proposal: 
         result = replace(result, weights={**result.weights, "artifact": store.save_weights(result.key, proposal.weights)})
     store.record(study, strategy.space, result, violation=budget.violation(result.costs),
                  cost_fraction=budget.cost_fraction(result.costs),
-                 attrs={**attrs, "evaluated": not repeat, "repeat": repeat}, trial=strategy.pending_trial)
+                 attrs={**attrs, "evaluated": not repeat, "repeat": repeat}, trial=strategy.pending_trial, claim=claim)
     strategy.pending_trial = None
     return result

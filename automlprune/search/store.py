@@ -8,16 +8,28 @@ encoding is ``2 * index / (choices - 1) - 1``) and its bit width per bit dimensi
 the space's bit choices); user attributes hold the exact candidate, every metric,
 strategy, seed, budget, task, wall time and versions; the budget is an Optuna constraint
 (``cost / limit - 1 <= 0``), so ``optuna.load_study`` and optuna-dashboard read a run like any study.
+
+Several workers share a study through claims (:meth:`RunStore.claim`): a worker evaluates a
+network only under a RUNNING trial tagged with the network's key, kept when no earlier trial
+stores or holds the same network and fewer than the evaluation budget's networks are stored or
+claimed before it. Workers record Optuna heartbeats while they evaluate (database storages), and
+:meth:`RunStore.fail_stale_trials` frees the claims of dead workers. A journal storage has no
+heartbeats: there a dead worker is noticed only on its own host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
 import socket
+import threading
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +48,16 @@ from automlprune.space import Candidate, SearchSpace
 from automlprune.space.search_space import Dimension
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")  # the loop records them
 
 DIRECTIONS = ["maximize", "minimize"]
+HEARTBEAT_S = 5
+"""Seconds between the heartbeats a worker records for the trial it is evaluating (database storages)."""
+GRACE_S = 30
+"""Seconds without a heartbeat after which another worker, on any host, fails a claimed trial and
+may evaluate its network again (Optuna's ``grace_period``)."""
+WAIT_S = 0.5
+"""Seconds between looks at the study while waiting for another worker's evaluation."""
 UNPRUNED_STUDY = "unpruned"
 """The study holding the unpruned network's figures (validation accuracy, measured latency)."""
 
@@ -123,6 +143,23 @@ class Artifacts:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """What :meth:`RunStore.claim` found for a network: this worker holds its trial (``number``,
+    ``trial_id``), or it is ``stored`` already, ``held`` by another live worker, or the study's
+    evaluation budget is ``full`` (``others_running``: by claims still being evaluated, which may
+    yet fail and free their place)."""
+
+    number: int | None = None
+    trial_id: int | None = None
+    stored: EvalResult | None = None
+    held: bool = False
+    full: bool = False
+    others_running: bool = False
+    released: bool = False
+    """Whether the trial handed to :meth:`RunStore.claim` was released (the strategy's Optuna trial is gone)."""
+
+
+@dataclass(frozen=True)
 class Record:
     """One stored evaluation: its result, the search wall time when it finished (s), its trial number."""
 
@@ -164,7 +201,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; they are what tells a dead worker
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except ImportError as exc:  # a database driver SQLAlchemy needs for the URL is not installed
         cause: BaseException | None = exc
         while cause is not None and not getattr(cause, "name", None):
@@ -300,11 +339,126 @@ class RunStore:
     def study_names(self) -> list[str]:
         return sorted(s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False))
 
+    # ---- claims: one evaluation per network, the evaluation budget counted in the study ---------
+    def stored_result(self, study: optuna.Study, key: str) -> EvalResult | None:
+        """The stored evaluation of the network ``key`` (any worker's), or None."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if _key_of(t) == key and t.user_attrs.get("evaluated") and "result" in t.user_attrs:
+                return EvalResult.from_dict(t.user_attrs["result"])
+        return None
+
+    def claim(self, study: optuna.Study, space: SearchSpace, key: str, candidate: Candidate, max_evals: int,
+              trial: optuna.Trial | None = None) -> Claim:
+        """Claim the evaluation of the network ``key`` for this worker: a RUNNING trial tagged with
+        the key (the strategy's open Optuna ``trial``, or a new one with the candidate's params),
+        kept only when no other worker stored or holds the same network with an earlier trial and
+        fewer than ``max_evals`` distinct networks are stored or claimed before it; otherwise it
+        is released (failed, marked ``released``) and the :class:`Claim` says why. The trial
+        numbers the storage hands out decide every race, so N workers together evaluate each
+        network once and exactly ``max_evals`` networks."""
+        self.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+        found = self._state_of(trials, key, None)
+        if found is not None:
+            return found
+        if len(self._counted(trials, None)) >= max_evals:
+            return Claim(full=True, others_running=any(t.state == TrialState.RUNNING and _claimed(t) for t in trials))
+        if trial is not None:
+            trial.set_user_attr("key", key)
+            trial_id, number = trial._trial_id, trial.number
+        else:
+            template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, values=None,
+                                   datetime_start=datetime.datetime.now(), datetime_complete=None,
+                                   params=to_params(space, candidate), distributions=distributions(space),
+                                   user_attrs={"key": key, "worker": _worker()}, system_attrs={}, intermediate_values={}, trial_id=-1)
+            template.distributions = {k: v for k, v in template.distributions.items() if k in template.params}
+            trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
+            number = self.storage.get_trial_number_from_id(trial_id)
+        self._beat(trial_id)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+        found = self._state_of(trials, key, number)
+        if found is None and len(self._counted(trials, number)) >= max_evals:
+            found = Claim(full=True, others_running=any(t.state == TrialState.RUNNING and _claimed(t) and t.number != number
+                                                        for t in trials))
+        if found is not None:
+            self.release(study, number)
+            return dataclasses.replace(found, released=True)
+        return Claim(number, trial_id)
+
+    @staticmethod
+    def _state_of(trials: list[FrozenTrial], key: str, mine: int | None) -> Claim | None:
+        """Stored, or held by an earlier claim than ``mine`` (None: any claim), or None."""
+        for t in trials:
+            if _key_of(t) != key or t.number == mine:
+                continue
+            if t.state == TrialState.COMPLETE and t.user_attrs.get("evaluated") and "result" in t.user_attrs:
+                return Claim(stored=EvalResult.from_dict(t.user_attrs["result"]))
+            if t.state == TrialState.RUNNING and (mine is None or t.number < mine):
+                return Claim(held=True)
+        return None
+
+    @staticmethod
+    def _counted(trials: list[FrozenTrial], before: int | None) -> set[str]:
+        """The distinct networks stored or claimed (before trial ``before``; None: all): what the
+        evaluation budget is spent on."""
+        return {str(_key_of(t)) for t in trials if (before is None or t.number < before) and _claimed(t)
+                and (t.state == TrialState.RUNNING or t.user_attrs.get("evaluated"))}
+
+    def release(self, study: optuna.Study, number: int) -> None:
+        """Give up a claimed trial (failed, marked ``released``): its network is free again."""
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        self.storage.set_trial_user_attr(trial_id, "released", True)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def wait_for(self, study: optuna.Study, key: str) -> EvalResult | None:
+        """Wait while another worker evaluates the network ``key``: its stored result, or None once
+        no live claim holds it (its worker released it or died: the caller claims it again)."""
+        while True:
+            self.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+            found = self._state_of(trials, key, None)
+            if found is None:
+                return None
+            if found.stored is not None:
+                return found.stored
+            time.sleep(WAIT_S)
+
+    @contextlib.contextmanager
+    def heartbeat(self, claim: Claim):
+        """Record heartbeats for ``claim``'s trial every :data:`HEARTBEAT_S` while the block runs
+        (an evaluation, or a training under a claim), so a worker on another host can tell it alive."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                self._beat(claim.trial_id)
+
+        thread = threading.Thread(target=beat, daemon=True, name="automlprune-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _beat(self, trial_id: int) -> None:
+        if isinstance(self.storage, optuna.storages.RDBStorage):
+            self.storage.record_heartbeat(trial_id)
+
     def record(self, study: optuna.Study, space: SearchSpace, result: EvalResult, *, violation: float, cost_fraction: float,
-               attrs: dict[str, Any], trial: optuna.Trial | None = None) -> None:
-        """Store one result: into the strategy's open Optuna trial, or as a new completed trial."""
+               attrs: dict[str, Any], trial: optuna.Trial | None = None, claim: Claim | None = None) -> None:
+        """Store one result: into the strategy's open Optuna trial, into this worker's claimed
+        trial (:meth:`claim`), or as a new completed trial."""
         user_attrs = {**attrs, "candidate": result.candidate.to_dict(), "result": result.to_dict(), "constraint": violation}
         values = [result.accuracy, cost_fraction]
+        if claim is not None and trial is None:
+            for key, value in user_attrs.items():
+                if key != "constraint":
+                    self.storage.set_trial_user_attr(claim.trial_id, key, value)
+            self.storage.set_trial_user_attr(claim.trial_id, "constraint", violation)
+            self.storage.set_trial_system_attr(claim.trial_id, CONSTRAINTS_ATTR, [float(violation)])
+            study.tell(claim.number, values)
+            return
         if trial is not None:
             for key, value in user_attrs.items():
                 if key != "constraint":
@@ -356,9 +510,15 @@ class RunStore:
         return out
 
     def fail_stale_trials(self, study: optuna.Study) -> int:
-        """Mark as FAIL the running trials left by a dead process of this host (after a crash),
-        and those never tagged with a worker although opened over 2 s ago (a live worker tags its
-        trial right after opening it; a crash in between leaves it untagged)."""
+        """Mark as FAIL the running trials of dead workers: on any host, those whose heartbeat is
+        older than :data:`GRACE_S` (database storages; Optuna's heartbeats); on this host at once,
+        those of a process that no longer exists (after a crash); and those never tagged with a
+        worker although opened over 2 s ago (a live worker tags its trial right after opening it;
+        a crash in between leaves it untagged)."""
+        if isinstance(self.storage, optuna.storages.RDBStorage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
         host = socket.gethostname()
         now = datetime.datetime.now()
         failed = 0
@@ -393,6 +553,17 @@ def set_constraint(trial: optuna.Trial, violation: float) -> None:
 def mark_worker(trial: optuna.Trial) -> None:
     """Tag an open trial with this process, so a later resume can tell it was abandoned."""
     trial.set_user_attr("worker", _worker())
+
+
+def _key_of(trial: FrozenTrial) -> str | None:
+    """The network a trial claimed or stored: its ``key`` tag, or the key of its stored result
+    (trials stored before claims existed)."""
+    return trial.user_attrs.get("key") or (trial.user_attrs.get("result") or {}).get("key")
+
+
+def _claimed(trial: FrozenTrial) -> bool:
+    """Whether a trial claims or stores a network (:meth:`RunStore.claim`)."""
+    return _key_of(trial) is not None
 
 
 def trial_candidate(trial: FrozenTrial) -> Candidate:

@@ -1,0 +1,89 @@
+"""Several workers on one search: each network evaluated once, the evaluation budget counted in the
+study (N workers spend exactly ``--evals``), and a dead worker's claim freed for another worker
+(heartbeats on any host, at once on the same host)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from automlprune.search import store as store_module
+from automlprune.search.store import RunStore
+from automlprune.space import Candidate
+
+
+def _workers(run, checkpoint, strategy, evals, count):
+    command = [sys.executable, "-m", "automlprune", "search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5",
+               "--evals", str(evals), "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--json", "--no-export"]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+def _evaluations(run, strategy):
+    study = optuna.load_study(study_name=f"{strategy}|macs=0.5|seed0", storage=f"sqlite:///{run / 'study.db'}")
+    evaluated = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated")]
+    running = [t for t in study.trials if t.state.name == "RUNNING"]
+    return [t.user_attrs["result"]["key"] for t in evaluated], collections.Counter(t.user_attrs["worker"] for t in evaluated), running
+
+
+@pytest.mark.parametrize("strategy,count", [("optuna-tpe", 3), pytest.param("random", 2, marks=pytest.mark.slow)])
+def test_workers_on_one_study_spend_exactly_the_evaluation_budget(strategy, count, checkpoint, tmp_path):
+    run = tmp_path / "run"
+    workers = _workers(run, checkpoint, strategy, 10, count)
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    keys, by_worker, running = _evaluations(run, strategy)
+    assert len(keys) == 10 and len(set(keys)) == 10 and not running  # exactly the budget, no network twice, nothing left open
+    if strategy == "optuna-tpe":  # a sampler shares its study: the evaluations are spread over the workers
+        assert len(by_worker) >= 2
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_search_loses_nothing_and_the_budget_is_still_exact(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    first, second = _workers(run, checkpoint, "optuna-random", 14, 2)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill the first worker once the search is under way
+        if (run / "study.db").is_file():
+            try:
+                _, by_worker, _ = _evaluations(run, "optuna-random")
+            except Exception:  # the study or its tables are not there yet
+                by_worker = {}
+            if any(w.endswith(f":{first.pid}") for w in by_worker):
+                break
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-2000:]
+    keys, by_worker, running = _evaluations(run, "optuna-random")
+    assert len(keys) == 14 and len(set(keys)) == 14 and not running
+    # the killed worker's stored evaluations are kept, and the survivor did the rest
+    assert any(w.endswith(f":{first.pid}") for w in by_worker) and any(w.endswith(f":{second.pid}") for w in by_worker)
+
+
+def test_a_claim_without_heartbeats_is_freed_for_another_host_after_the_grace_period(digits_space, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "GRACE_S", 2)
+    monkeypatch.setattr(store_module, "HEARTBEAT_S", 1)
+    first = RunStore(tmp_path / "a", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    second = RunStore(tmp_path / "b", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    study_a, study_b = first.study("s"), second.study("s")
+    candidate = digits_space.canonical(Candidate.make({"features.3": 0.5}))
+    mine = first.claim(study_a, digits_space, "net-1", candidate, max_evals=5)
+    assert mine.number is not None  # the first worker holds it (then goes silent: no heartbeats)
+    assert second.claim(study_b, digits_space, "net-1", candidate, max_evals=5).held
+    assert second.claim(study_b, digits_space, "net-2", candidate, max_evals=2).number is not None  # another network is free
+    full = second.claim(study_b, digits_space, "net-3", candidate, max_evals=2)
+    assert full.full and full.others_running  # the budget of 2 is held by two live claims
+    time.sleep(3.5)  # past the grace period: the silent claims count as dead, on any host
+    retried = second.claim(study_b, digits_space, "net-1", candidate, max_evals=5)
+    assert retried.number is not None and retried.number != mine.number
+    states = {t.number: t.state.name for t in study_b.trials}
+    assert states[mine.number] == "FAIL"

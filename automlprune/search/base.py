@@ -258,7 +258,8 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
             key = evaluator.key_of(proposal)  # one key per network (and weights), however it was written
             result = None
             while result is None and key not in stored_keys:  # claim it, or wait for the worker that has
-                claim = store.claim(study, strategy.space, key, proposal.candidate, max_evals, strategy.pending_trial)
+                claim = store.claim(study, strategy.space, key, strategy.space.canonical(proposal.candidate), max_evals,
+                                    strategy.pending_trial, {**attrs, **repaired, "evaluated": True, "repeat": False})
                 if claim.released or (claim.held and strategy.pending_trial is not None):
                     _release_pending(store, study, strategy)  # another worker has this network: its sampler asks again
                 if claim.stored is not None or claim.held:

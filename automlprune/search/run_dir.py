@@ -61,8 +61,8 @@ def storage_file(url: str) -> Path | None:
 @contextlib.contextmanager
 def removed_if_left_empty(run_dir: Path, also: tuple[str, ...] = ()) -> Iterator[None]:
     """A run directory this command creates is removed again when the command fails before it
-    stored anything (only the lock, the config, an empty own study.db and the files named in
-    ``also`` in it): failed commands leave no empty run directories behind."""
+    stored anything (only the lock, the config, an empty own study.db with its write-ahead log and
+    the files named in ``also`` in it): failed commands leave no empty run directories behind."""
     existed = run_dir.exists()
     try:
         yield
@@ -73,7 +73,7 @@ def removed_if_left_empty(run_dir: Path, also: tuple[str, ...] = ()) -> Iterator
 
 
 def _holds_nothing(run_dir: Path, also: tuple[str, ...] = ()) -> bool:
-    if any(p.name not in (".lock", "config.json", "study.db", *also) for p in run_dir.iterdir()):
+    if any(p.name not in (".lock", "config.json", "study.db", "study.db-wal", "study.db-shm", *also) for p in run_dir.iterdir()):
         return False
     db = run_dir / "study.db"
     if not db.is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -153,3 +155,55 @@ def crash_once(monkeypatch, cls, method: str, at_step: int) -> None:
         return original(self, trainer)
 
     monkeypatch.setattr(cls, method, wrapper)
+
+
+def _postgres_programs():
+    """The directory holding PostgreSQL's initdb and pg_ctl, or None."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb") and shutil.which("pg_ctl")
+    if found:
+        return os.path.dirname(os.path.realpath(shutil.which("pg_ctl")))
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.isfile(os.path.join(folder, "pg_ctl")):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on the loopback address for this test session (a fresh
+    cluster, trust authentication), as a SQLAlchemy URL. Skipped with the reason where the server
+    programs are missing, unless AUTOMLPRUNE_REQUIRE_POSTGRES is set (CI), where that fails."""
+    import socket
+    import subprocess
+
+    required = bool(os.environ.get("AUTOMLPRUNE_REQUIRE_POSTGRES"))
+    programs = _postgres_programs()
+    if programs is None:
+        message = "PostgreSQL's server programs (initdb, pg_ctl) are not installed: apt-get install postgresql"
+        pytest.fail(message) if required else pytest.skip(message)
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="automlprune-postgres-"))  # under /tmp: reachable by the postgres user
+    data = root / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        os.chmod(root, 0o777)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    run = lambda *args: subprocess.run([*as_user, *args], capture_output=True, text=True)  # noqa: E731
+    init = run(os.path.join(programs, "initdb"), "-D", str(data), "-U", "automlprune", "--auth=trust")
+    start = run(os.path.join(programs, "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start") if init.returncode == 0 else init
+    if start.returncode != 0:
+        message = f"the PostgreSQL test server did not start: {(start.stderr or start.stdout).strip()[-300:]}"
+        pytest.fail(message) if required else pytest.skip(message)
+    yield f"postgresql+psycopg://automlprune@127.0.0.1:{port}/postgres"
+    run(os.path.join(programs, "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    shutil.rmtree(root, ignore_errors=True)

@@ -19,14 +19,15 @@ from automlprune.search.store import RunStore
 from automlprune.space import Candidate
 
 
-def _workers(run, checkpoint, strategy, evals, count):
+def _workers(run, checkpoint, strategy, evals, count, storage=None):
     command = [sys.executable, "-m", "automlprune", "search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5",
-               "--evals", str(evals), "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--json", "--no-export"]
+               "--evals", str(evals), "--run-dir", str(run), "--set", f"checkpoint={checkpoint}", "--json", "--no-export",
+               *(["--storage", storage] if storage else [])]
     return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
 
 
-def _evaluations(run, strategy):
-    study = optuna.load_study(study_name=f"{strategy}|macs=0.5|seed0", storage=f"sqlite:///{run / 'study.db'}")
+def _evaluations(run, strategy, storage=None):
+    study = optuna.load_study(study_name=f"{strategy}|macs=0.5|seed0", storage=storage or f"sqlite:///{run / 'study.db'}")
     evaluated = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated")]
     running = [t for t in study.trials if t.state.name == "RUNNING"]
     return [t.user_attrs["result"]["key"] for t in evaluated], collections.Counter(t.user_attrs["worker"] for t in evaluated), running
@@ -43,6 +44,16 @@ def test_workers_on_one_study_spend_exactly_the_evaluation_budget(strategy, coun
     assert len(keys) == 10 and len(set(keys)) == 10 and not running  # exactly the budget, no network twice, nothing left open
     if strategy == "optuna-tpe":  # a sampler shares its study: the evaluations are spread over the workers
         assert len(by_worker) >= 2
+
+
+@pytest.mark.slow
+def test_four_workers_on_one_postgresql_study_spend_exactly_the_evaluation_budget(postgres_url, checkpoint, tmp_path):
+    workers = _workers(tmp_path / "run", checkpoint, "optuna-tpe", 12, 4, storage=postgres_url)
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    keys, by_worker, running = _evaluations(tmp_path / "run", "optuna-tpe", postgres_url)
+    assert len(keys) == 12 and len(set(keys)) == 12 and not running and len(by_worker) >= 2
 
 
 @pytest.mark.slow

@@ -98,3 +98,21 @@ def test_a_claim_without_heartbeats_is_freed_for_another_host_after_the_grace_pe
     assert retried.number is not None and retried.number != mine.number
     states = {t.number: t.state.name for t in study_b.trials}
     assert states[mine.number] == "FAIL"
+
+
+def test_a_training_strategy_refuses_a_second_worker_and_takes_over_a_dead_one_s_search(tmp_path, trained_digits_model,
+                                                                                       digits_space, digits):
+    from automlprune.errors import ConfigError
+    from automlprune.search.l0_anneal import L0AnnealStrategy
+
+    from conftest import search_with
+
+    store = RunStore(tmp_path)
+    study = store.study(f"{L0AnnealStrategy.name}|macs=0.5|seed0", {"strategy": "l0-anneal", "budget": "macs=0.5", "seed": 0})
+    study.set_user_attr("lease", {"worker": "another-host:4242", "beat": time.time()})  # alive: renewed just now
+    with pytest.raises(ConfigError, match="trains its network in one process and worker another-host:4242 is running"):
+        search_with(tmp_path, L0AnnealStrategy, trained_digits_model, digits_space, digits, "macs=0.5", epochs=1, batch_size=64)
+    study.set_user_attr("lease", {"worker": "another-host:4242", "beat": time.time() - 3600})  # silent for an hour: dead
+    _, outcome, _, _ = search_with(tmp_path, L0AnnealStrategy, trained_digits_model, digits_space, digits, "macs=0.5",
+                                   epochs=1, batch_size=64)
+    assert outcome.answer is not None and study.user_attrs["lease"] is None  # released when the search ends

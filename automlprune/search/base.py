@@ -15,6 +15,7 @@ continues from the study, which already holds its history.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types as types_module
 import typing
@@ -81,6 +82,9 @@ class Strategy:
     """Value types of ``option_names`` (the named parameters' come from their annotations)."""
     option_ranges: ClassVar[dict[str, Any]] = {}
     """Rules for option values, ``name -> (predicate, "must be ...")`` (see :func:`check_option_values`)."""
+    one_worker: ClassVar[bool] = False
+    """True for strategies that train their network in one process (DMCP, the training-time
+    methods): the loop holds the study for one worker (:meth:`RunStore.lease`) and refuses a second."""
     repairs: ClassVar[bool] = False
     """True for black-box strategies whose proposals the loop moves to the budget before they are
     evaluated (:mod:`automlprune.search.repair`; option ``repair=false`` switches it off) and
@@ -233,6 +237,13 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     budget = strategy.budget
     attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
     study.set_user_attr("bound_budget", budget.to_dict())
+    with store.lease(study, strategy.name) if strategy.one_worker else contextlib.nullcontext():
+        return _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress)
+
+
+def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, max_evals: int,
+         time_limit: float | None, attrs: dict[str, Any], progress: ProgressFn | None) -> SearchOutcome:
+    budget = strategy.budget
     store.fail_stale_trials(study)
     stored = store.records(study)
     evaluator.prime([r.result for r in stored])

@@ -467,6 +467,45 @@ class RunStore:
             stop.set()
             thread.join()
 
+    @contextlib.contextmanager
+    def lease(self, study: optuna.Study, strategy: str):
+        """Hold ``study`` for this worker alone while the block runs (strategies that train their
+        network in one process: a second worker would train it again). The lease is the study's
+        ``lease`` attribute ({worker, beat: wall-clock seconds}), renewed every
+        :data:`HEARTBEAT_S`; one not renewed for :data:`GRACE_S` (or of a dead process on this host)
+        is taken over. A worker finding a live lease of another is refused in one sentence."""
+        me = _worker()
+        held = study.user_attrs.get("lease")
+        if held and held.get("worker") != me and not self._lease_dead(held):
+            raise ConfigError(f"strategy '{strategy}' trains its network in one process and worker {held['worker']} is running "
+                              "this search; wait for it, or run another seed or budget on this worker")
+        study.set_user_attr("lease", {"worker": me, "beat": time.time()})
+        time.sleep(WAIT_S)  # two workers starting together: the later write wins, the other sees it and stops
+        if (study.user_attrs.get("lease") or {}).get("worker") != me:
+            raise ConfigError(f"strategy '{strategy}' trains its network in one process and another worker has just started "
+                              "this search; run another seed or budget on this worker")
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                study.set_user_attr("lease", {"worker": me, "beat": time.time()})
+
+        thread = threading.Thread(target=renew, daemon=True, name="automlprune-lease")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            study.set_user_attr("lease", None)
+
+    @staticmethod
+    def _lease_dead(lease: dict[str, Any]) -> bool:
+        name, _, pid = str(lease.get("worker", "")).rpartition(":")
+        if name == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return True
+        return time.time() - float(lease.get("beat", 0.0)) > GRACE_S
+
     def _beat(self, trial_id: int) -> None:
         if isinstance(self.storage, optuna.storages.RDBStorage):
             self.storage.record_heartbeat(trial_id)

@@ -453,19 +453,8 @@ class RunStore:
     def heartbeat(self, claim: Claim):
         """Record heartbeats for ``claim``'s trial every :data:`HEARTBEAT_S` while the block runs
         (an evaluation, or a training under a claim), so a worker on another host can tell it alive."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT_S):
-                self._beat(claim.trial_id)
-
-        thread = threading.Thread(target=beat, daemon=True, name="automlprune-heartbeat")
-        thread.start()
-        try:
+        with _every(HEARTBEAT_S, lambda: self._beat(claim.trial_id)):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
     @contextlib.contextmanager
     def lease(self, study: optuna.Study, strategy: str):
@@ -484,19 +473,10 @@ class RunStore:
         if (study.user_attrs.get("lease") or {}).get("worker") != me:
             raise ConfigError(f"strategy '{strategy}' trains its network in one process and another worker has just started "
                               "this search; run another seed or budget on this worker")
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(HEARTBEAT_S):
-                study.set_user_attr("lease", {"worker": me, "beat": time.time()})
-
-        thread = threading.Thread(target=renew, daemon=True, name="automlprune-lease")
-        thread.start()
         try:
-            yield
+            with _every(HEARTBEAT_S, lambda: study.set_user_attr("lease", {"worker": me, "beat": time.time()})):
+                yield
         finally:
-            stop.set()
-            thread.join()
             study.set_user_attr("lease", None)
 
     @staticmethod
@@ -619,6 +599,24 @@ def set_constraint(trial: optuna.Trial, violation: float) -> None:
 def mark_worker(trial: optuna.Trial) -> None:
     """Tag an open trial with this process, so a later resume can tell it was abandoned."""
     trial.set_user_attr("worker", _worker())
+
+
+@contextlib.contextmanager
+def _every(seconds: float, action: Any):
+    """Run ``action()`` every ``seconds`` on a background thread while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            action()
+
+    thread = threading.Thread(target=loop, daemon=True, name="automlprune-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _key_of(trial: FrozenTrial) -> str | None:

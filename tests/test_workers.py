@@ -116,3 +116,15 @@ def test_a_training_strategy_refuses_a_second_worker_and_takes_over_a_dead_one_s
     _, outcome, _, _ = search_with(tmp_path, L0AnnealStrategy, trained_digits_model, digits_space, digits, "macs=0.5",
                                    epochs=1, batch_size=64)
     assert outcome.answer is not None and study.user_attrs["lease"] is None  # released when the search ends
+
+
+def test_releasing_a_claim_twice_leaves_it_released(digits_space, tmp_path):
+    store = RunStore(tmp_path)
+    study = store.study("s")
+    candidate = digits_space.canonical(Candidate.make({"features.3": 0.5}))
+    trial = study.ask()  # a sampler's open trial, as the Optuna strategies hand it to the loop
+    claim = store.claim(study, digits_space, "net-1", candidate, max_evals=5, trial=trial)
+    assert claim.number == trial.number
+    store.release(study, claim.number)
+    store.release(study, claim.number)  # the loop releases a strategy's trial the claim already gave up: no error
+    assert study.trials[claim.number].state.name == "FAIL" and study.trials[claim.number].user_attrs["released"]

@@ -431,8 +431,11 @@ class RunStore:
                 and (t.state == TrialState.RUNNING or t.user_attrs.get("evaluated"))}
 
     def release(self, study: optuna.Study, number: int) -> None:
-        """Give up a claimed trial (failed, marked ``released``): its network is free again."""
+        """Give up a claimed trial (failed, marked ``released``): its network is free again. A trial
+        already finished (released before) is left as it is."""
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        if self.storage.get_trial(trial_id).state.is_finished():
+            return
         self.storage.set_trial_user_attr(trial_id, "released", True)
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 

@@ -179,7 +179,12 @@ class GradualStrategy(TrainingStrategy):
         return all(len(k) == self.pruning.targets[g] for g, k in kept.items())
 
     def pruning_targets(self, planned: Candidate) -> dict[str, int]:
-        """Group -> channels it ends with (here the planned widths' counts, for the groups they shrink)."""
+        """Group -> the fewest channels it may end with: the planned widths' counts, for the groups
+        they shrink; for a method that chooses its widths while training (``chooses_widths``),
+        every pruned group down to the space's smallest keep ratio (the cost decides)."""
+        if self.chooses_widths:
+            floor = min(self.space.config.ratios)
+            return {g: self.space.channels_for(self.space.group_by_name[g].channels, floor, 1) for g in self.pruned_groups()}
         kept = dict(zip([g.name for g in self.space.groups], self.space.kept_channels(planned).tolist()))
         return {g: int(kept[g]) for g in self.space.prunable if kept[g] < self.space.group_by_name[g].channels}
 
@@ -231,6 +236,10 @@ class GradualStrategy(TrainingStrategy):
             self.pruning.prune(trainer, fraction_left=0.0)
             self.pruning.keep.zero_(net)
         return [history]
+
+    def final_widths(self, planned: Candidate) -> Candidate:
+        """The planned widths, or for a method that chooses its widths, those it kept."""
+        return self.widths_of(self.pruning.kept) if self.chooses_widths else planned
 
     def kept_channels(self, net: nn.Module, candidate: Candidate) -> dict[str, torch.Tensor]:
         return {g: k.cpu() for g, k in self.pruning.kept.items()}

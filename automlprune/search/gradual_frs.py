@@ -47,7 +47,6 @@ from automlprune.data import iterate_batches
 from automlprune.errors import ConfigError
 from automlprune.lrp import Relevance
 from automlprune.search.gradual import GradualSettings, GradualStrategy, linear_fraction
-from automlprune.space import Candidate
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,8 @@ class GradualFRSStrategy(GradualStrategy):
         events = max(1, int(s.prune_until * total_steps) // every) if s.prune_every else s.events
         return linear_fraction(step // every, events)
 
-    def pruning_targets(self, planned: Candidate) -> dict[str, int]:
-        """Every pruned group may go down to the space's smallest keep ratio; the cost decides."""
-        floor = min(self.space.config.ratios)
-        return {g: self.space.channels_for(self.space.group_by_name[g].channels, floor, 1) for g in self.pruned_groups()}
-
     def reached(self, kept: dict[str, torch.Tensor]) -> bool:
         return self.feasible(self.widths_of(kept))
-
-    def final_widths(self, planned: Candidate) -> Candidate:
-        return self.widths_of(self.pruning.kept)
 
     # ---- selection ----------------------------------------------------------------------------
     def select(self, net: nn.Module, kept: dict[str, torch.Tensor], fraction_left: float) -> dict[str, torch.Tensor]:

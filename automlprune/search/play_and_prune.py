@@ -109,16 +109,8 @@ class PlayAndPruneStrategy(GradualStrategy):
     def fraction_left(self, step: int, total_steps: int) -> float:
         return 1.0  # the controller sets the rate; 0 is the base's call for the final cut
 
-    def pruning_targets(self, planned: Candidate) -> dict[str, int]:
-        """Every pruned group may go down to the space's smallest keep ratio."""
-        floor = min(self.space.config.ratios)
-        return {g: self.space.channels_for(self.space.group_by_name[g].channels, floor, 1) for g in self.pruned_groups()}
-
     def reached(self, kept: dict[str, torch.Tensor]) -> bool:
         return self.budget.tolerance or self.feasible(self.widths_of(kept))
-
-    def final_widths(self, planned: Candidate) -> Candidate:
-        return self.widths_of(self.pruning.kept)
 
     def bn_recalibration(self) -> bool | None:
         """Judged as the controller measured it, with the statistics its training kept; after a cut at

@@ -72,3 +72,9 @@ def test_sparsity_suite_reports_every_arm_and_size(checkpoint, tmp_path, capsys)
     assert rows["unstructured"]["macs_fraction"] == 1.0 and rows["unstructured"]["macs_nnz_fraction"] < 0.5
     text = (out / "report.md").read_text()
     assert "unreachable: budget bytes=0.3 is impossible" in text and "| unstructured |" in text
+    for store in out.glob("*/*/study.db*"):  # on another machine: the committed reports without the run stores
+        store.unlink()
+    assert main(["benchmark", "--suite", "sparsity", "--env", "digits-cnn", "--sizes", "0.3", "--arms", "unstructured,2:4,channels",
+                 "--evals", "3", "--finetune-epochs", "1", "--set", f"checkpoint={checkpoint}", "--out", str(out), "--json"]) == 0
+    again = {r["arm"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert again == rows and not list(out.glob("*/*/study.db"))  # the finished arms are kept, not searched again

@@ -59,23 +59,26 @@ def test_four_workers_on_one_postgresql_study_spend_exactly_the_evaluation_budge
 @pytest.mark.slow
 def test_a_worker_killed_mid_search_loses_nothing_and_the_budget_is_still_exact(checkpoint, tmp_path):
     run = tmp_path / "run"
-    first, second = _workers(run, checkpoint, "optuna-random", 14, 2)
+    first, second = _workers(run, checkpoint, "optuna-random", 30, 2)
     deadline = time.time() + 300
+    done = 0
     while time.time() < deadline:  # kill the first worker once the search is under way
         if (run / "study.db").is_file():
             try:
-                _, by_worker, _ = _evaluations(run, "optuna-random")
+                keys, by_worker, _ = _evaluations(run, "optuna-random")
             except Exception:  # the study or its tables are not there yet
-                by_worker = {}
+                keys, by_worker = [], {}
             if any(w.endswith(f":{first.pid}") for w in by_worker):
+                done = len(keys)
                 break
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    assert done < 20, f"{done} of 30 evaluations were stored before a worker could be killed; the test proves little"
     _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-2000:]
     keys, by_worker, running = _evaluations(run, "optuna-random")
-    assert len(keys) == 14 and len(set(keys)) == 14 and not running
+    assert len(keys) == 30 and len(set(keys)) == 30 and not running
     # the killed worker's stored evaluations are kept, and the survivor did the rest
     assert any(w.endswith(f":{first.pid}") for w in by_worker) and any(w.endswith(f":{second.pid}") for w in by_worker)
 

@@ -4,8 +4,10 @@ jointly), after the same fine-tune, with measured CPU latency and the packed fil
 
 Each arm is an ordinary ``automlprune compare`` run in its own search space, one run directory
 per (arm, size) under the report folder, so every figure has a command and a run store behind
-it, and an interrupted benchmark resumes where it stopped (finished searches and fine-tunes are
-served from the stores). A size an arm cannot reach (2:4 sparsity alone cannot go below about
+it, and an interrupted benchmark resumes where it stopped: finished searches and fine-tunes are
+served from the stores, and an (arm, size) whose report and exported answer are already in its
+folder for the same strategies, evaluations and fine-tune is kept as it is (run stores are not
+committed, so a benchmark resumed on another machine keeps the finished arms' committed reports). A size an arm cannot reach (2:4 sparsity alone cannot go below about
 56 % of the float32 size) is reported as unreachable with the reason, not left out. Each arm's
 answer for a size is its strategy with the best validation accuracy (the search-time score;
 test accuracy is never used to choose), exported with ``automlprune export --format packed``:
@@ -91,10 +93,15 @@ def run_sparsity_benchmark(env: str, out_dir: Path, sizes: Sequence[float] = (0.
             run_dir = out_dir / arm.replace(":", "-") / budget.replace("=", "").replace(".", "p")
             if progress:
                 print(f"sparsity benchmark: {arm} at {size:g} of the float32 size", flush=True)
+            row: dict[str, Any] = {"arm": arm, "axes": spec["axes"], "size": size, "run_dir": str(run_dir)}
+            if _finished(run_dir, spec["strategies"], evals, finetune_epochs):
+                if progress:
+                    print(f"  kept: {run_dir} holds this arm's report and exported answer", flush=True)
+                rows.append(_row(row, json.loads((run_dir / "results.json").read_text())["rows"], run_dir / "answer.qpt", 0, None, ""))
+                continue
             code, _, error = _cli(["compare", env, "--space", space, "--strategies", ",".join(spec["strategies"]),
                                    "--budgets", budget, "--evals", str(evals), "--finetune-epochs", str(finetune_epochs),
                                    "--run-dir", str(run_dir), "--device", device, *sets], progress)
-            row: dict[str, Any] = {"arm": arm, "axes": spec["axes"], "size": size, "run_dir": str(run_dir)}
             if code != 0:
                 row["unreachable"] = error.removeprefix("automlprune: error: ") if error else f"compare exited {code}"
                 rows.append(row)
@@ -106,21 +113,47 @@ def run_sparsity_benchmark(env: str, out_dir: Path, sizes: Sequence[float] = (0.
                 rows.append(row)
                 continue
             best = max(answered, key=lambda r: r["val_accuracy"])
-            code, exported, error = _cli(["export", str(run_dir), "--budget", budget, "--strategy", best["strategy"],
-                                          "--format", "packed", "--out", str(run_dir / "answer.qpt")])
-            row.update(strategy=best["strategy"], val_accuracy=best["val_accuracy"], test_accuracy=best["test_accuracy"],
-                       bytes_fraction=best["bytes_fraction"], bytes=best["bytes"], macs_fraction=best["macs_fraction"],
-                       macs_nnz_fraction=best.get("macs_nnz_fraction"), latency_ratio_b1=best.get("latency_ratio_b1"),
-                       latency_ratio_b64=best.get("latency_ratio_b64"),
-                       file_bytes=exported["file_bytes"] if exported else None, export_error=error if code else None,
-                       points=[{"strategy": r["strategy"], "bytes_fraction": r["bytes_fraction"], "test_accuracy": r["test_accuracy"]}
-                               for r in answered])
-            rows.append(row)
+            answer = run_dir / "answer.qpt"
+            answer.unlink(missing_ok=True)  # a stale export must not pass for this run's
+            code, _, error = _cli(["export", str(run_dir), "--budget", budget, "--strategy", best["strategy"],
+                                   "--format", "packed", "--out", str(answer)])
+            rows.append(_row(row, results, answer, code, best, error))
     report = {"env": env, "sizes": list(sizes), "evals": evals, "finetune_epochs": finetune_epochs, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     plot_arms(rows, out_dir / "pareto.png")
     (out_dir / "report.md").write_text(render(report))
     return report
+
+
+def _finished(run_dir: Path, strategies: Sequence[str], evals: int, finetune_epochs: int) -> bool:
+    """Whether ``run_dir`` already holds this (arm, size)'s compare report for the same strategies,
+    evaluation budget and fine-tune, and the exported answer."""
+    try:
+        report = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    config = report.get("config", {})
+    rows = report.get("rows", [])
+    return ((run_dir / "answer.qpt").is_file() and config.get("strategies") == list(strategies)
+            and config.get("max_evals") == evals and all(r.get("finetune_epochs") == finetune_epochs for r in rows)
+            and {r["strategy"] for r in rows} == set(strategies))
+
+
+def _row(row: dict[str, Any], results: list[dict[str, Any]], answer: Path, code: int, best: dict[str, Any] | None,
+         error: str) -> dict[str, Any]:
+    """The benchmark's row for one (arm, size): the answer with the best validation accuracy among
+    ``results`` (``best`` when already chosen), the packed file ``answer`` (exported with exit code
+    ``code``) and every strategy's answer as a point."""
+    answered = [r for r in results if r.get("val_accuracy") is not None]
+    best = best or max(answered, key=lambda r: r["val_accuracy"])
+    row.update(strategy=best["strategy"], val_accuracy=best["val_accuracy"], test_accuracy=best["test_accuracy"],
+               bytes_fraction=best["bytes_fraction"], bytes=best["bytes"], macs_fraction=best["macs_fraction"],
+               macs_nnz_fraction=best.get("macs_nnz_fraction"), latency_ratio_b1=best.get("latency_ratio_b1"),
+               latency_ratio_b64=best.get("latency_ratio_b64"),
+               file_bytes=answer.stat().st_size if code == 0 and answer.is_file() else None, export_error=error if code else None,
+               points=[{"strategy": r["strategy"], "bytes_fraction": r["bytes_fraction"], "test_accuracy": r["test_accuracy"]}
+                       for r in answered])
+    return row
 
 
 def plot_arms(rows: list[dict[str, Any]], path: Path) -> Path:

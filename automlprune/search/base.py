@@ -305,6 +305,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     finally:
         _release_pending(store, study, strategy)
         strategy.close()
+        store.fail_stale_trials(study)  # a worker that died meanwhile may have left a trial open: the last one out closes it
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.accepts(answer):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")

@@ -134,7 +134,7 @@ def _finished(run_dir: Path, strategies: Sequence[str], evals: int, finetune_epo
         return False
     config = report.get("config", {})
     rows = report.get("rows", [])
-    return ((run_dir / "answer.qpt").is_file() and config.get("strategies") == list(strategies)
+    return ((run_dir / "answer.qpt").is_file() and sorted(config.get("strategies", [])) == sorted(strategies)
             and config.get("max_evals") == evals and all(r.get("finetune_epochs") == finetune_epochs for r in rows)
             and {r["strategy"] for r in rows} == set(strategies))
 

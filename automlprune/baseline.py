@@ -8,7 +8,7 @@ from torch import nn
 from automlprune.models import save_checkpoint
 from automlprune.tasks import Task
 from automlprune.accuracy import split_accuracy
-from automlprune.train import FitHistory, Trainer
+from automlprune.train import FitHistory, Trainer, distributed
 
 
 def train_baseline(task: Task, device: torch.device, epochs: int | None = None, progress: bool = True) -> dict:
@@ -29,7 +29,8 @@ def train_baseline(task: Task, device: torch.device, epochs: int | None = None, 
         "val_accuracy": history.val_accuracy[-1] if history.val_accuracy else split_accuracy(model, data.val, data, device),
         "test_accuracy": split_accuracy(model, data.test, data, device), "train_seconds": history.seconds,
     }
-    save_checkpoint(task.spec.checkpoint, model, meta)
+    if distributed.is_main():  # several training processes: one writes the checkpoint
+        save_checkpoint(task.spec.checkpoint, model, meta)
     return meta
 
 

@@ -52,15 +52,36 @@ def _si(x: float) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from automlprune.baseline import train_baseline
+    from automlprune.train import distributed
 
-    task = _task(args)
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError("--epochs must be at least 1")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    if args.nproc > 1 and not distributed.init_from_environment():  # start the N processes, each running this command
+        return distributed.launch(_without_option(args.argv, "--nproc"), args.nproc)
+    task = _task(args)
+    distributed.init_from_environment()
     meta = train_baseline(task, resolve_device(args.device), epochs=args.epochs, progress=not args.json)
+    if not distributed.is_main():
+        return 0
     _emit(args, {"checkpoint": str(task.spec.checkpoint), **meta},
           f"trained {task.spec.model} on {task.spec.dataset} for {meta['epochs']} epochs in {meta['train_seconds']:.0f}s: "
           f"val {_pct(meta['val_accuracy'])}, test {_pct(meta['test_accuracy'])}; saved {task.spec.checkpoint}")
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--x V`` or ``--x=V``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(f"{option}="):
+            out.append(item)
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -176,6 +197,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.finetune_steps is not None and args.finetune_steps < 0:
         raise ConfigError("--finetune-steps cannot be negative")
     targets = {"targets": _fractions(args.macs)} if args.macs else {}  # the suite's own default otherwise
+    if args.suite == "chaos":
+        from automlprune.benchmarks.chaos import STRATEGIES, run_chaos_benchmark
+        from automlprune.search import STRATEGIES as REGISTERED
+
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else list(STRATEGIES)
+        unknown = [s for s in strategies if s not in REGISTERED]
+        if unknown:
+            raise ConfigError(f"unknown strategies {', '.join(unknown)}; see 'automlprune list strategies'")
+        if args.kills < 1 or (args.evals is not None and args.evals < 1):
+            raise ConfigError("--kills and --evals must be at least 1")
+        report = run_chaos_benchmark(args.env or "digits-cnn", out, strategies, args.kills, args.evals or 12, args.overrides,
+                                     progress=not args.json)
+        _emit(args, report, f"wrote {out / 'report.md'}: {'all strategies pass' if report['passed'] else 'some strategies FAIL'}")
+        return 0 if report["passed"] else 1
+    args.env = args.env or "fmnist-resnet20"
+    args.evals = 40 if args.evals is None else args.evals
     if args.suite == "criteria":
         from automlprune.benchmarks.criteria import run_criteria_benchmark
 

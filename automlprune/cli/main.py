@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task's baseline network and save its checkpoint")
     _common(p)
     p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine (torch.distributed through torchrun: gloo on CPU, one GPU each "
+                        "with NCCL); each takes 1/N of every batch and the gradients are averaged (default 1)")
 
     p = sub.add_parser("inspect", help="list a task's channel groups and the full network's costs")
     _common(p)
@@ -101,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
                                          "the importance criteria, or the coverage of torchvision CNN families")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity"], default="engine",
+    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity", "chaos"], default="engine",
                    help="which benchmark (default %(default)s)")
     p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
-    p.add_argument("--env", default="fmnist-resnet20", help="task of the criteria, signals and sparsity suites (default %(default)s)")
+    p.add_argument("--env", default=None, help="task of the criteria, signals, sparsity and chaos suites (default fmnist-resnet20; chaos: digits-cnn)")
     p.add_argument("--signals", help="signals suite: comma-separated evaluation settings (default: all)")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="criteria and signals suites: SGD steps of the identical fine-tune (default 50 and 300)")
@@ -118,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     p.add_argument("--sizes", help="sparsity suite: comma-separated fractions of the float32 size (default 0.25,0.125,0.0625)")
     p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, pconv, darb, joint)")
-    p.add_argument("--evals", type=int, default=40, help="sparsity suite: evaluations per search (default %(default)s)")
+    p.add_argument("--evals", type=int, default=None, help="sparsity and chaos suites: evaluations per search (default 40 and 12)")
+    p.add_argument("--kills", type=int, default=20, help="chaos suite: SIGKILLs spread over the strategies (default %(default)s)")
+    p.add_argument("--strategies", help="chaos suite: comma-separated strategies (default random, optuna-tpe, greedy, ppo, dmcp, l0-anneal)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="sparsity suite: epochs of the identical fine-tune (default %(default)s)")
     p.add_argument("--macs", help="criteria and signals suites: comma-separated MACs fractions to prune to "
                                   "(default 0.7,0.5,0.3 and 0.5,0.3)")
@@ -139,7 +144,9 @@ _python_show_warning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from automlprune.cli import commands
 
     warnings.showwarning = _show_warning

@@ -38,6 +38,19 @@ from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
 
 MAX_REPEATED_ASKS = 200
+HELD = "held"
+"""What the loop's claim gives a partitioned search for a network another worker is evaluating."""
+
+WORKER_MODES = {
+    "shared": "every worker asks its own proposals (from the shared Optuna study, or the same deterministic "
+              "answer); a network another worker holds is waited for and read, never evaluated twice",
+    "partitioned": "every worker walks the same seeded sequence of proposals; a network another worker holds is "
+                   "skipped at once and its result read at the end (evaluated there if that worker died), so the "
+                   "workers split the sequence between them",
+    "one": "one worker at a time (its study's lease): a second worker is refused in one sentence; a dead worker's "
+           "search is taken over after the grace period (at once on its own host)",
+}
+"""How several workers running the same search share it: :attr:`Strategy.workers`."""
 """Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
 
 
@@ -82,9 +95,13 @@ class Strategy:
     """Value types of ``option_names`` (the named parameters' come from their annotations)."""
     option_ranges: ClassVar[dict[str, Any]] = {}
     """Rules for option values, ``name -> (predicate, "must be ...")`` (see :func:`check_option_values`)."""
-    one_worker: ClassVar[bool] = False
-    """True for strategies that train their network in one process (DMCP, the training-time
-    methods): the loop holds the study for one worker (:meth:`RunStore.lease`) and refuses a second."""
+    workers: ClassVar[str] = "one"
+    """How several workers running this search share it (:data:`WORKER_MODES`): ``shared``
+    (Optuna samplers, the deterministic one-shot allocators), ``partitioned`` (random) or ``one``
+    (strategies whose every proposal depends on the results before it, and those that train
+    their network in one process: the loop holds the study for one worker, :meth:`RunStore.lease`)."""
+    one_worker_reason: ClassVar[str] = "each of its proposals depends on the results before it"
+    """Why a ``one``-worker strategy refuses a second worker (said in the refusal)."""
     repairs: ClassVar[bool] = False
     """True for black-box strategies whose proposals the loop moves to the budget before they are
     evaluated (:mod:`automlprune.search.repair`; option ``repair=false`` switches it off) and
@@ -237,7 +254,8 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     budget = strategy.budget
     attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
     study.set_user_attr("bound_budget", budget.to_dict())
-    with store.lease(study, strategy.name) if strategy.one_worker else contextlib.nullcontext():
+    one = strategy.workers == "one"
+    with store.lease(study, strategy.name, strategy.one_worker_reason) if one else contextlib.nullcontext():
         return _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress)
 
 
@@ -260,6 +278,40 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     start = time.perf_counter()
     elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
     repeats = 0
+    deferred: dict[str, tuple[Candidate | Proposal, Proposal, dict[str, Any]]] = {}
+
+    def claim_and_evaluate(proposal: Proposal, key: str, repaired: dict[str, Any], skip_held: bool) -> EvalResult | str | None:
+        """Evaluate ``proposal`` under a claim, or read another worker's stored result (waiting
+        while it is held, unless ``skip_held``: then ``HELD``); None when the study's evaluation
+        budget is spent on other networks."""
+        while key not in stored_keys:
+            claim = store.claim(study, strategy.space, key, strategy.space.canonical(proposal.candidate), max_evals,
+                                strategy.pending_trial, {**attrs, **repaired, "evaluated": True, "repeat": False})
+            if claim.released or (claim.held and strategy.pending_trial is not None):
+                _release_pending(store, study, strategy)  # another worker has this network: its sampler asks again
+            if claim.held and skip_held:
+                return HELD
+            if claim.stored is not None or claim.held:
+                found = claim.stored or store.wait_for(study, key)
+                if found is not None:
+                    evaluator.prime([found])
+                    stored_keys.add(key)
+            elif claim.full:
+                if not claim.others_running:
+                    return None
+                time.sleep(WAIT_S)  # another worker's claim may yet fail and free its place
+            else:
+                with store.heartbeat(claim):
+                    result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
+                stored_keys.add(key)
+                return _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
+                               repeat=False, claim=claim)
+        result = _evaluate(evaluator, proposal, screening, budget, stored_keys)  # served from the store
+        if strategy.pending_trial is not None:  # an Optuna re-proposal: told to its sampler, not counted
+            result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
+                             repeat=True)
+        return result
+
     try:
         while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
             asked = strategy.ask()
@@ -267,41 +319,24 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
                 break
             proposal, repaired = _repaired(strategy, as_proposal(asked))
             key = evaluator.key_of(proposal)  # one key per network (and weights), however it was written
-            result = None
-            while result is None and key not in stored_keys:  # claim it, or wait for the worker that has
-                claim = store.claim(study, strategy.space, key, strategy.space.canonical(proposal.candidate), max_evals,
-                                    strategy.pending_trial, {**attrs, **repaired, "evaluated": True, "repeat": False})
-                if claim.released or (claim.held and strategy.pending_trial is not None):
-                    _release_pending(store, study, strategy)  # another worker has this network: its sampler asks again
-                if claim.stored is not None or claim.held:
-                    found = claim.stored or store.wait_for(study, key)
-                    if found is not None:
-                        evaluator.prime([found])
-                        stored_keys.add(key)
-                elif claim.full:
-                    if not claim.others_running:
-                        break
-                    time.sleep(WAIT_S)  # another worker's claim may yet fail and free its place
-                else:
-                    with store.heartbeat(claim):
-                        result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
-                    result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
-                                     repeat=False, claim=claim)
-                    stored_keys.add(key)
-            if result is None:
-                if key not in stored_keys:  # the study's evaluation budget is spent
-                    break
-                result = _evaluate(evaluator, proposal, screening, budget, stored_keys)  # served from the store
-                if strategy.pending_trial is not None:  # an Optuna re-proposal: told to its sampler, not counted
-                    result = _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
-                                     repeat=True)
+            result = claim_and_evaluate(proposal, key, repaired, skip_held=strategy.workers == "partitioned")
+            if result is None:  # the study's evaluation budget is spent
+                break
             repeats = repeats + 1 if key in seen else 0
             seen.add(key)
+            if result is HELD:  # another worker of this partitioned search evaluates it: read at the end
+                deferred[key] = (asked, proposal, repaired)
+                continue
             strategy.tell(asked, result)
             if progress is not None:
                 progress(len(seen), max_evals, strategy.answer(), elapsed())
             if repeats >= MAX_REPEATED_ASKS:
                 break
+        for key, (asked, proposal, repaired) in deferred.items():  # held by other workers: their results, or retried
+            result = claim_and_evaluate(proposal, key, repaired, skip_held=False)  # if its worker died
+            if result is None:
+                break
+            strategy.tell(asked, result)
     finally:
         _release_pending(store, study, strategy)
         strategy.close()

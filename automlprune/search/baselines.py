@@ -23,6 +23,7 @@ class OneShotStrategy(Strategy):
 
     uses_seed = False
     takes_tolerance = "bisect"
+    workers = "shared"  # deterministic: a second worker asks the same network and reads the first's result
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -155,6 +156,7 @@ class RandomStrategy(Strategy):
 
     name = "random"
     repairs = True
+    workers = "partitioned"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -52,6 +52,7 @@ class OptunaStrategy(Strategy):
     """Base of the Optuna-backed strategies; ``sampler_kind`` picks the sampler."""
 
     replays_on_resume = False
+    workers = "shared"
     repairs = True
     sampler_kind: ClassVar[str] = "tpe"
 

@@ -460,21 +460,21 @@ class RunStore:
             yield
 
     @contextlib.contextmanager
-    def lease(self, study: optuna.Study, strategy: str):
-        """Hold ``study`` for this worker alone while the block runs (strategies that train their
-        network in one process: a second worker would train it again). The lease is the study's
+    def lease(self, study: optuna.Study, strategy: str, reason: str):
+        """Hold ``study`` for this worker alone while the block runs (strategies that cannot share
+        a search, for ``reason``: e.g. they train their network in one process). The lease is the study's
         ``lease`` attribute ({worker, beat: wall-clock seconds}), renewed every
         :data:`HEARTBEAT_S`; one not renewed for :data:`GRACE_S` (or of a dead process on this host)
         is taken over. A worker finding a live lease of another is refused in one sentence."""
         me = _worker()
         held = study.user_attrs.get("lease")
         if held and held.get("worker") != me and not self._lease_dead(held):
-            raise ConfigError(f"strategy '{strategy}' trains its network in one process and worker {held['worker']} is running "
+            raise ConfigError(f"strategy '{strategy}' runs on one worker ({reason}) and worker {held['worker']} is running "
                               "this search; wait for it, or run another seed or budget on this worker")
         study.set_user_attr("lease", {"worker": me, "beat": time.time()})
         time.sleep(WAIT_S)  # two workers starting together: the later write wins, the other sees it and stops
         if (study.user_attrs.get("lease") or {}).get("worker") != me:
-            raise ConfigError(f"strategy '{strategy}' trains its network in one process and another worker has just started "
+            raise ConfigError(f"strategy '{strategy}' runs on one worker ({reason}) and another worker has just started "
                               "this search; run another seed or budget on this worker")
         try:
             with _every(HEARTBEAT_S, lambda: study.set_user_attr("lease", {"worker": me, "beat": time.time()})):

@@ -86,7 +86,7 @@ class TrainingStrategy(Strategy):
     ``settings_class`` and implement :meth:`train` (and usually :meth:`kept_channels`)."""
 
     replays_on_resume = False  # the stored answer is the result; training is not repeated
-    one_worker = True
+    one_worker_reason = "it trains its network in one process"
     settings_class: ClassVar[type] = TrainingSettings
     chooses_widths: ClassVar[bool] = False
     """True for methods whose training decides the widths (the planned ones only check the budget is reachable)."""

@@ -22,6 +22,9 @@ What a :class:`Callback` can do, in the order the loop calls it:
 * ``on_epoch_end``: act per epoch; returning False stops training;
 * ``on_end``: fold the reparametrization back into plain weights.
 
+Several processes (``torchrun``, ``automlprune train --nproc N``): each rank trains on its chunk of
+every global batch and the gradients are averaged before every step (:mod:`automlprune.train.distributed`).
+
 Randomness: the data order comes from seeded generators; what draws from PyTorch's global
 generator inside the loop (dropout) runs under :func:`torch.random.fork_rng` seeded with
 ``recipe.seed``, so training is reproducible and the caller's global random state is left
@@ -45,6 +48,7 @@ from automlprune.accuracy import split_accuracy
 from automlprune.data import DataSplits, iterate_batches
 from automlprune.errors import ConfigError
 from automlprune.progress import Progress
+from automlprune.train import distributed
 
 SCHEDULES = ("cosine", "onecycle", "constant", "triangular")
 OPTIMIZERS = ("sgd", "adam")
@@ -173,6 +177,11 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.description, self.progress, self.validate, self.start_epoch = description, progress, validate, start_epoch
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.rank, self.world = distributed.rank_and_world()
+        """This process's rank and the number of processes training together (0, 1: one process)."""
+        if recipe.batch_size % self.world:
+            raise ConfigError(f"the batch size {recipe.batch_size} must be divisible by the {self.world} training processes; "
+                              "change the batch size or the number of processes")
         self._prior_seconds = 0.0
         self.resumed_from: int | None = None
         """The epoch a checkpoint resumed training after (None: trained from the start)."""
@@ -206,15 +215,19 @@ class Trainer:
         self.model.to(self.device).train()
         for cb in self.callbacks:
             cb.on_start(self)
+        if self.world > 1:
+            distributed.broadcast_state(self.model)
         try:
             self._build_optimizer()
             if not self._resume():
                 self._skip_to(self.start_epoch)
-            reporter = Progress(self.description, self.recipe.epochs, "epoch", self.progress)
+            reporter = Progress(self.description, self.recipe.epochs, "epoch", self.progress and self.rank == 0)
             try:
                 for epoch in range(self.start_epoch, self.recipe.epochs):
                     self.epoch, self.log = epoch, {}
                     self._run_epoch(epoch)
+                    if self.world > 1:
+                        distributed.average_buffers(self.model)
                     if self.validate:
                         self.history.val_accuracy.append(split_accuracy(self.model, self.data.val, self.data, self.device))
                     go_on = [cb.on_epoch_end(self, epoch) for cb in self.callbacks]
@@ -226,7 +239,7 @@ class Trainer:
                     self._save(epoch)
             finally:
                 reporter.close()
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and self.rank == 0:
                 self.checkpoint.unlink(missing_ok=True)
         finally:
             for cb in self.callbacks:
@@ -235,7 +248,7 @@ class Trainer:
             self.model.eval()
 
     def _save(self, epoch: int) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or self.rank != 0:
             return
         history = {**asdict(self.history), "seconds": self._prior_seconds + self.elapsed}
         state = {"epoch": epoch, "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -285,6 +298,8 @@ class Trainer:
                 self.optimizer, lambda step: low + (1 - low) * max(0.0, 1 - abs(step - half) / half))
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
+        if self.world > 1:
+            self.optimizer.register_step_pre_hook(distributed.average_gradients)
 
     def _skip_to(self, epoch: int) -> None:
         with warnings.catch_warnings():  # stepping a schedule before its optimizer is expected here
@@ -302,6 +317,8 @@ class Trainer:
         for index, (x, y) in enumerate(batches):
             if index >= limit:
                 break
+            if self.world > 1:  # this rank's chunk of the global batch
+                x, y = x.chunk(self.world)[self.rank], y.chunk(self.world)[self.rank]
             self.batch_index = index
             result = next((r for cb in self.callbacks if (r := cb.train_step(self, x, y)) is not None), None)
             if result is None:
@@ -314,10 +331,12 @@ class Trainer:
             if result.loss is not None:
                 running += result.loss * len(y)
                 count += len(y)
-            self.history.images += len(y)
+            self.history.images += len(y) * self.world
             if self.stopped:
                 break
         self.history.steps = self.step
+        if self.world > 1:
+            running, count = distributed.sum_over_ranks([running, count], self.device)
         self.history.train_loss.append(running / max(count, 1))
 
     def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:

@@ -1,0 +1,112 @@
+"""Training on several processes with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Under ``torchrun`` (or ``automlprune train --nproc N``, which starts it) every process runs the
+same command; :class:`~automlprune.train.trainer.Trainer` then
+
+* starts every rank from rank 0's weights (:func:`broadcast_state`);
+* gives each rank its slice of every global batch: all ranks draw the same seeded global batch
+  of ``recipe.batch_size`` images, and rank r trains on the r-th of ``world`` equal chunks, so the
+  data order is the one-process order whatever the number of processes;
+* averages the gradients over the ranks just before every optimizer step (an all-reduce in an
+  optimizer step pre-hook, :func:`average_gradients`): the step is the one-process step on the
+  global batch (the mean of the per-rank means of equal chunks is the global mean). This is the
+  arithmetic of ``DistributedDataParallel``; its wrapper is not used because callbacks replace
+  the step and run several forward passes per step, and the hook catches every step they take;
+* averages batch-norm running statistics over the ranks after every epoch (each rank's come from
+  its own chunks; :func:`average_buffers`), so every rank validates the same network;
+* lets rank 0 alone show progress and write checkpoints and files.
+
+What differs from one process: batch normalization normalizes each rank's chunk with the chunk's
+own statistics (no synchronized batch norm), so with batch norm the loss curve matches the
+one-process curve closely but not exactly; without it, up to float rounding (the test states
+both tolerances). Callbacks run on every rank with identical weights; a method whose decisions
+come from per-rank statistics of the data (e.g. Gate Decorator's Taylor scores) would see its
+rank's chunk only, which is why ``--nproc`` is offered for baseline training.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from automlprune.errors import ConfigError
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and shows progress (rank 0, or the only process)."""
+    return rank_and_world()[0] == 0
+
+
+def init_from_environment() -> bool:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): gloo
+    on CPU, NCCL when CUDA is there (each rank on GPU ``LOCAL_RANK``). True when joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Run ``automlprune argv`` on ``nproc`` processes of this machine through ``torchrun``
+    (``torch.distributed.run --standalone``); its exit code."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be at least 1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "automlprune", *argv]
+    return subprocess.call(command)
+
+
+def broadcast_state(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers."""
+    for tensor in model.state_dict().values():
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            dist.broadcast(tensor, src=0)
+
+
+def average_gradients(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Replace every gradient the optimizer is about to use by its mean over the ranks (one
+    all-reduce of the flattened gradients). Usable as an optimizer step pre-hook."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    world = dist.get_world_size()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (batch-norm running statistics) over the ranks."""
+    world = dist.get_world_size()
+    for buffer in model.buffers():
+        if buffer.is_floating_point() and buffer.numel():
+            dist.all_reduce(buffer)
+            buffer /= world
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each value summed over the ranks (exchanged on ``device``: NCCL needs the GPU)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -1,0 +1,85 @@
+"""Training on several processes: two gloo processes, each on half of every global batch with
+the gradients averaged before each step, follow the one-process loss curve on the same global
+batch. Without batch norm up to float rounding (1e-4 relative); with batch norm (each process
+normalizes its half with the half's statistics) closely (0.03 absolute per-epoch loss)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from automlprune.data import load_dataset
+from automlprune.models import build_model
+from automlprune.train import Recipe, Trainer
+
+RECIPE = Recipe(epochs=3, batch_size=64, lr=0.05, steps_per_epoch=12)
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "plain":  # no batch norm: two processes compute the one-process steps exactly
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10))
+    return build_model("digits_cnn", 10, 1)
+
+
+def _train(kind: str, checkpoint=None) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    model = _model(kind)
+    history = Trainer(model, load_dataset("digits"), "cpu", RECIPE, progress=False, checkpoint=checkpoint).fit()
+    return history.train_loss, history.val_accuracy, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _rank(rank: int, world: int, kind: str, rendezvous: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        loss, val, state = _train(kind)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {k: v.sum().item() for k, v in state.items()})
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"loss": loss, "val": val, "states": gathered,
+                           "state": {k: v.tolist() for k, v in state.items()}}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_processes(kind: str, tmp_path) -> dict:
+    out = tmp_path / f"{kind}.json"
+    mp.start_processes(_rank, args=(2, kind, str(tmp_path / f"rendezvous-{kind}"), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind,tolerance", [("plain", 1e-4), ("batchnorm", 0.03)])
+def test_two_processes_follow_the_one_process_loss_curve(kind, tolerance, tmp_path):
+    one_loss, one_val, one_state = _train(kind)
+    two = _two_processes(kind, tmp_path)
+    assert len(two["loss"]) == len(one_loss) == RECIPE.epochs
+    if kind == "plain":
+        assert two["loss"] == pytest.approx(one_loss, rel=tolerance)
+        for name, value in one_state.items():  # the same weights at the end
+            assert torch.tensor(two["state"][name]) == pytest.approx(value, abs=1e-4)
+    else:
+        assert max(abs(a - b) for a, b in zip(two["loss"], one_loss)) < tolerance
+    first, second = two["states"]
+    assert first == second  # every rank holds the same network (buffers averaged after each epoch)
+
+
+def _refuse(rank: int, rendezvous: str) -> None:
+    from automlprune.errors import ConfigError
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        with pytest.raises(ConfigError, match="batch size 63 must be divisible by the 2 training processes"):
+            Trainer(_model("plain"), load_dataset("digits"), "cpu", Recipe(epochs=1, batch_size=63, lr=0.05), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_batch_the_processes_cannot_split_evenly_is_refused_in_one_sentence(tmp_path):
+    mp.start_processes(_refuse, args=(str(tmp_path / "rendezvous-odd"),), nprocs=2, join=True, start_method="spawn")

@@ -301,8 +301,12 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
                     return None
                 time.sleep(WAIT_S)  # another worker's claim may yet fail and free its place
             else:
-                with store.heartbeat(claim):
-                    result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
+                try:
+                    with store.heartbeat(claim):
+                        result = _evaluate(evaluator, proposal, screening, budget, stored_keys)
+                except BaseException:  # an error or Ctrl-C: the network is free again at once (a kill -9 waits for the stale check)
+                    store.release(study, claim.number)
+                    raise
                 stored_keys.add(key)
                 return _record(store, study, strategy, proposal, result, {**attrs, "elapsed_s": elapsed(), **repaired},
                                repeat=False, claim=claim)

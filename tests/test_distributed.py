@@ -6,6 +6,7 @@ normalizes its half with the half's statistics) closely (0.03 absolute per-epoch
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def _two_processes(kind: str, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("kind,tolerance", [("plain", 1e-4), ("batchnorm", 0.03)])
+@pytest.mark.parametrize("kind,tolerance", [("plain", 1e-4), pytest.param("batchnorm", 0.03, marks=pytest.mark.slow)])
 def test_two_processes_follow_the_one_process_loss_curve(kind, tolerance, tmp_path):
     one_loss, one_val, one_state = _train(kind)
     two = _two_processes(kind, tmp_path)
@@ -83,3 +84,16 @@ def _refuse(rank: int, rendezvous: str) -> None:
 
 def test_a_batch_the_processes_cannot_split_evenly_is_refused_in_one_sentence(tmp_path):
     mp.start_processes(_refuse, args=(str(tmp_path / "rendezvous-odd"),), nprocs=2, join=True, start_method="spawn")
+
+
+@pytest.mark.slow
+def test_train_on_two_processes_writes_one_checkpoint(tmp_path):
+    import subprocess
+
+    checkpoint = tmp_path / "digits.pt"
+    done = subprocess.run([sys.executable, "-m", "automlprune", "train", "digits-cnn", "--nproc", "2", "--epochs", "2",
+                           "--set", f"checkpoint={checkpoint}", "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads(done.stdout)  # one process printed the result
+    assert meta["checkpoint"] == str(checkpoint) and checkpoint.is_file() and meta["val_accuracy"] > 0.5
+    assert not list(tmp_path.glob("*.tmp"))

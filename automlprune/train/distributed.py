@@ -65,12 +65,14 @@ def init_from_environment() -> bool:
 
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``automlprune argv`` on ``nproc`` processes of this machine through ``torchrun``
-    (``torch.distributed.run --standalone``); its exit code."""
+    (``torch.distributed.run --standalone``), the machine's cores shared out between them
+    (``OMP_NUM_THREADS``, unless set); its exit code."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be at least 1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "automlprune", *argv]
-    return subprocess.call(command)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))  # the cores shared out
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": threads})
 
 
 def broadcast_state(model: nn.Module) -> None:

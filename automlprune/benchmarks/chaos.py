@@ -31,6 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import optuna
 
+from automlprune.search.store import RunStore
+
 STRATEGIES = ("random", "optuna-tpe", "greedy", "ppo", "dmcp", "l0-anneal")
 RESTARTS_ITS_SAMPLER = {"optuna-tpe", "optuna-nsga2", "optuna-nsga3", "optuna-random", "optuna-qmc", "optuna-gp"}
 """Strategies whose answer after a resume may differ from an uninterrupted run's (see the module docstring)."""
@@ -53,7 +55,7 @@ def _evaluations(run_dir: Path, strategy: str) -> tuple[list[tuple[str, dict[str
         return [], None
     stored = [(t.user_attrs["result"]["key"], t.user_attrs["result"]) for t in study.get_trials(deepcopy=False)
               if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated") and "result" in t.user_attrs]
-    return stored, study.user_attrs.get("answer")
+    return stored, RunStore.summary(study).answer
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

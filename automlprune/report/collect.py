@@ -7,7 +7,7 @@ from typing import Any
 
 from automlprune.evaluator import EvalResult
 from automlprune.search.budget import BoundBudget, parse_label
-from automlprune.search.store import RunStore
+from automlprune.search.store import RunStore, RunSummary
 
 
 @dataclass
@@ -58,11 +58,11 @@ class SearchRecord:
         return [self.budget.accepts(p) for p in self.points]
 
 
-def _bound_budget(attrs: dict[str, Any], records: list) -> BoundBudget:
+def _bound_budget(attrs: dict[str, Any], summary: RunSummary, records: list) -> BoundBudget:
     """The search's budget as stored; runs written before budgets were stored as data recover
     the unpruned amount from a stored evaluation's relative cost."""
-    if "bound_budget" in attrs:
-        return BoundBudget.from_dict(attrs["bound_budget"])
+    if summary.bound_budget is not None:
+        return BoundBudget.from_dict(summary.bound_budget)
     budget = parse_label(attrs["budget"])
     point = next((r.result for r in records if r.result.relative.get(budget.metric)), None)
     base = point.costs[budget.metric] / point.relative[budget.metric] if point is not None else float("nan")
@@ -80,8 +80,8 @@ def collect(store: RunStore) -> list[SearchRecord]:
         if "strategy" not in attrs:
             continue
         records = store.records(study)
-        out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, records), int(attrs["seed"]),
-                                [r.result for r in records], [r.elapsed_s for r in records], attrs.get("answer"),
-                                attrs.get("finetune"), attrs.get("latency_ms"), attrs.get("scoring_seconds"),
-                                attrs.get("spent")))
+        summary = store.summary(study)
+        out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, summary, records), int(attrs["seed"]),
+                                [r.result for r in records], [r.elapsed_s for r in records], summary.answer,
+                                summary.finetune, summary.latency_ms, summary.scoring_seconds, summary.spent))
     return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

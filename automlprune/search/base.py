@@ -253,7 +253,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     ``time_limit`` seconds of search (all sessions together) have passed."""
     budget = strategy.budget
     attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
-    study.set_user_attr("bound_budget", budget.to_dict())
+    store.update_summary(study, bound_budget=budget.to_dict())
     one = strategy.workers == "one"
     with store.lease(study, strategy.name, strategy.one_worker_reason) if one else contextlib.nullcontext():
         return _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress)
@@ -348,11 +348,8 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.accepts(answer):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
-    if answer is not None:
-        study.set_user_attr("answer", answer.to_dict())
-    study.set_user_attr("search_seconds", elapsed())
-    if strategy.spent:
-        study.set_user_attr("spent", dict(strategy.spent))
+    store.update_summary(study, search_seconds=elapsed(), **({"answer": answer.to_dict()} if answer is not None else {}),
+                         **({"spent": dict(strategy.spent)} if strategy.spent else {}))
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
 
 

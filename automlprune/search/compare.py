@@ -61,7 +61,7 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
         proposal = session.store.proposal(record.answer, session.model)  # trained answers start from their weights
         evaluator = session.evaluator_for(record.strategy)
         answered.append((evaluator, study, proposal))
-        done = study.user_attrs.get("finetune")
+        done = session.store.summary(study).finetune
         candidate = proposal.candidate.to_dict()
         strategy_images = float((record.spent or {}).get("training_images", 0.0))
         settings = base if train_budget is None else finetune_for_images(base, train_budget * train_size - strategy_images,
@@ -70,19 +70,19 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                   "train_budget": train_budget}
         if not done or any(done.get(k) != v for k, v in wanted.items()):
             tuned = evaluator.finetune(proposal, settings, progress=progress)
-            study.set_user_attr("finetune", {**wanted, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
+            session.store.update_summary(study, finetune={**wanted, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
                                              "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images,
                                              "strategy_images": strategy_images})
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
-    if all(study.user_attrs.get("latency_ms") and study.user_attrs.get("latency_of") == TIMED for _, study, _ in answered):
+    summaries = [session.store.summary(study) for _, study, _ in answered]
+    if all(s.latency_ms and s.latency_of == TIMED for s in summaries):
         return
     # All at once, or the ratios would mix timings from different moments of a drifting machine.
     if progress:
         print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
     nets = [fold_batch_norms(evaluator.network(proposal)) for evaluator, _, proposal in answered]
     for (_, study, _), lat in zip(answered, session.evaluator.latencies(nets)):
-        study.set_user_attr("latency_ms", {str(b): ms for b, ms in lat.items()})
-        study.set_user_attr("latency_of", TIMED)
+        session.store.update_summary(study, latency_ms={str(b): ms for b, ms in lat.items()}, latency_of=TIMED)
 
 
 TIMED = "exported"
@@ -243,7 +243,7 @@ def _unpruned_latency(session: SearchSession) -> dict[str, float]:
     """The unpruned network's measured latency, {batch size: ms}, or {} when the run has none."""
     if UNPRUNED_STUDY not in session.store.study_names():
         return {}
-    return session.store.study(UNPRUNED_STUDY).user_attrs.get("latency_ms", {})
+    return session.store.summary(session.store.study(UNPRUNED_STUDY)).latency_ms or {}
 
 
 def _baseline(session: SearchSession) -> dict[str, Any]:

@@ -86,9 +86,9 @@ class SearchSession:
         """The unpruned network's validation accuracy (a fraction), stored once per run (the
         reference point of the plots and of accuracy tolerances; one evaluation, about a second)."""
         study = self.store.study(UNPRUNED_STUDY)
-        if "val_accuracy" not in study.user_attrs:
-            study.set_user_attr("val_accuracy", self.evaluator.evaluate(self.space.full()).accuracy)
-        return float(study.user_attrs["val_accuracy"])
+        if self.store.summary(study).val_accuracy is None:
+            self.store.update_summary(study, val_accuracy=self.evaluator.evaluate(self.space.full()).accuracy)
+        return float(self.store.summary(study).val_accuracy)
 
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
@@ -101,7 +101,7 @@ class SearchSession:
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         study = self.store.study(name, attrs)
         evaluator = self.evaluator_for(strategy)
-        study.set_user_attr("scoring_seconds", evaluator.scoring_seconds)  # shared by every search of this evaluator
+        self.store.update_summary(study, scoring_seconds=evaluator.scoring_seconds)  # shared by every search of this evaluator
         context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.artifacts,
                                 self.task.data, self.device, evaluator.scores_under, evaluator.validation_accuracy)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}

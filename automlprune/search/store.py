@@ -162,6 +162,35 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class RunSummary:
+    """What a search's study records besides its evaluations: written and read through the store
+    only (:meth:`RunStore.summary`, :meth:`RunStore.update_summary`), kept as the study's user
+    attributes of the same names (so optuna-dashboard shows them and older runs read as they are)."""
+
+    bound_budget: dict[str, Any] | None = None
+    """The budget with the unpruned network's amount (:meth:`BoundBudget.to_dict`)."""
+    answer: dict[str, Any] | None = None
+    """The answer over every worker's evaluations (an :class:`EvalResult` dict), None before the search ends or without one."""
+    search_seconds: float | None = None
+    """Wall time of the search, all its sessions together (s)."""
+    spent: dict[str, float] | None = None
+    """What the strategy spent besides evaluations: training ``seconds``, ``steps``, ``images``."""
+    scoring_seconds: float | None = None
+    """One-off channel scoring of the search's evaluator (s), shared by its searches, not part of ``search_seconds``."""
+    finetune: dict[str, Any] | None = None
+    """``compare``'s fine-tune of the answer: its settings, val/test accuracy (fractions), seconds, steps, images."""
+    latency_ms: dict[str, float] | None = None
+    """Median latency of the exported answer per batch size (ms), measured by ``compare``."""
+    latency_of: str | None = None
+    """What ``latency_ms`` timed (``compare.TIMED``)."""
+    val_accuracy: float | None = None
+    """The unpruned network's validation accuracy (a fraction; the run's unpruned study only)."""
+
+
+SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(RunSummary))
+
+
+@dataclass(frozen=True)
 class Record:
     """One stored evaluation: its result, the search wall time when it finished (s), its trial number."""
 
@@ -351,12 +380,27 @@ class RunStore:
                 study.set_user_attr(key, value)
         return study
 
+    @staticmethod
+    def summary(study: optuna.Study) -> RunSummary:
+        """The study's :class:`RunSummary` (fields never written are None)."""
+        attrs = study.user_attrs
+        return RunSummary(**{name: attrs.get(name) for name in SUMMARY_FIELDS})
+
+    @staticmethod
+    def update_summary(study: optuna.Study, **values: Any) -> None:
+        """Write some fields of the study's :class:`RunSummary`."""
+        unknown = sorted(set(values) - set(SUMMARY_FIELDS))
+        if unknown:
+            raise TypeError(f"RunSummary has no field {', '.join(unknown)}")
+        for name, value in values.items():
+            study.set_user_attr(name, value)
+
     def unpruned_accuracy(self) -> float | None:
         """The unpruned network's validation accuracy (a fraction) as the run recorded it (the
         reference point of its plots), or None when it has not."""
         if UNPRUNED_STUDY not in self.study_names():
             return None
-        value = self.study(UNPRUNED_STUDY).user_attrs.get("val_accuracy")
+        value = self.summary(self.study(UNPRUNED_STUDY)).val_accuracy
         return None if value is None else float(value)
 
     def study_names(self) -> list[str]:

@@ -48,7 +48,7 @@ from automlprune.accuracy import split_accuracy
 from automlprune.data import DataSplits, iterate_batches
 from automlprune.errors import ConfigError
 from automlprune.progress import Progress
-from automlprune.train import distributed
+from automlprune.train.distributed import average_buffers, average_gradients, broadcast_state, rank_and_world, sum_over_ranks
 
 SCHEDULES = ("cosine", "onecycle", "constant", "triangular")
 OPTIMIZERS = ("sgd", "adam")
@@ -177,7 +177,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.description, self.progress, self.validate, self.start_epoch = description, progress, validate, start_epoch
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.rank, self.world = distributed.rank_and_world()
+        self.rank, self.world = rank_and_world()
         """This process's rank and the number of processes training together (0, 1: one process)."""
         if recipe.batch_size % self.world:
             raise ConfigError(f"the batch size {recipe.batch_size} must be divisible by the {self.world} training processes; "
@@ -216,7 +216,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self)
         if self.world > 1:
-            distributed.broadcast_state(self.model)
+            broadcast_state(self.model)
         try:
             self._build_optimizer()
             if not self._resume():
@@ -227,7 +227,7 @@ class Trainer:
                     self.epoch, self.log = epoch, {}
                     self._run_epoch(epoch)
                     if self.world > 1:
-                        distributed.average_buffers(self.model)
+                        average_buffers(self.model)
                     if self.validate:
                         self.history.val_accuracy.append(split_accuracy(self.model, self.data.val, self.data, self.device))
                     go_on = [cb.on_epoch_end(self, epoch) for cb in self.callbacks]
@@ -299,7 +299,7 @@ class Trainer:
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
         if self.world > 1:
-            self.optimizer.register_step_pre_hook(distributed.average_gradients)
+            self.optimizer.register_step_pre_hook(average_gradients)
 
     def _skip_to(self, epoch: int) -> None:
         with warnings.catch_warnings():  # stepping a schedule before its optimizer is expected here
@@ -336,7 +336,7 @@ class Trainer:
                 break
         self.history.steps = self.step
         if self.world > 1:
-            running, count = distributed.sum_over_ranks([running, count], self.device)
+            running, count = sum_over_ranks([running, count], self.device)
         self.history.train_loss.append(running / max(count, 1))
 
     def _default_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:

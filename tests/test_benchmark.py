@@ -78,3 +78,14 @@ def test_sparsity_suite_reports_every_arm_and_size(checkpoint, tmp_path, capsys)
                  "--evals", "3", "--finetune-epochs", "1", "--set", f"checkpoint={checkpoint}", "--out", str(out), "--json"]) == 0
     again = {r["arm"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert again == rows and not list(out.glob("*/*/study.db"))  # the finished arms are kept, not searched again
+
+
+@pytest.mark.slow
+def test_workers_suite_times_one_search_per_worker_count(checkpoint, tmp_path, capsys):
+    out = tmp_path / "workers"
+    assert main(["benchmark", "--suite", "workers", "--workers", "1,2", "--evals", "6", "--set", f"checkpoint={checkpoint}",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["workers"] for r in report["rows"]] == [1, 2]
+    assert all(r["evaluations"] == r["distinct"] == 6 and r["per_minute"] > 0 and not r["errors"] for r in report["rows"])
+    assert (out / "scaling.png").is_file() and "| 2 |" in (out / "report.md").read_text()

@@ -211,6 +211,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                      progress=not args.json)
         _emit(args, report, f"wrote {out / 'report.md'}: {'all strategies pass' if report['passed'] else 'some strategies FAIL'}")
         return 0 if report["passed"] else 1
+    if args.suite == "workers":
+        from automlprune.benchmarks.workers import run_workers_benchmark
+
+        try:
+            counts = [int(c) for c in (args.workers or "1,2,4").split(",") if c.strip()]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1 or (args.evals is not None and args.evals < 1):
+            raise ConfigError("--workers must list whole numbers of at least 1, e.g. 1,2,4, and --evals must be at least 1")
+        report = run_workers_benchmark(args.env or "digits-cnn", out, counts, args.evals or 40, overrides=args.overrides,
+                                       progress=not args.json)
+        _emit(args, report, f"wrote {out / 'report.md'}")
+        return 0
     args.env = args.env or "fmnist-resnet20"
     args.evals = 40 if args.evals is None else args.evals
     if args.suite == "criteria":

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
                                          "the importance criteria, or the coverage of torchvision CNN families")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity", "chaos"], default="engine",
+    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity", "chaos", "workers"], default="engine",
                    help="which benchmark (default %(default)s)")
     p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
     p.add_argument("--env", default=None, help="task of the criteria, signals, sparsity and chaos suites (default fmnist-resnet20; chaos: digits-cnn)")
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     p.add_argument("--sizes", help="sparsity suite: comma-separated fractions of the float32 size (default 0.25,0.125,0.0625)")
     p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, pconv, darb, joint)")
-    p.add_argument("--evals", type=int, default=None, help="sparsity and chaos suites: evaluations per search (default 40 and 12)")
+    p.add_argument("--evals", type=int, default=None, help="sparsity, chaos and workers suites: evaluations per search (default 40, 12 and 40)")
+    p.add_argument("--workers", help="workers suite: comma-separated worker counts (default 1,2,4)")
     p.add_argument("--kills", type=int, default=20, help="chaos suite: SIGKILLs spread over the strategies (default %(default)s)")
     p.add_argument("--strategies", help="chaos suite: comma-separated strategies (default random, optuna-tpe, greedy, ppo, dmcp, l0-anneal)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="sparsity suite: epochs of the identical fine-tune (default %(default)s)")

@@ -33,32 +33,33 @@ def _evaluations(run, strategy, storage=None):
     return [t.user_attrs["result"]["key"] for t in evaluated], collections.Counter(t.user_attrs["worker"] for t in evaluated), running
 
 
-@pytest.mark.parametrize("strategy,count", [("optuna-tpe", 3), pytest.param("random", 2, marks=pytest.mark.slow)])
-def test_workers_on_one_study_spend_exactly_the_evaluation_budget(strategy, count, checkpoint, tmp_path):
+@pytest.mark.parametrize("strategy,count,evals", [("optuna-tpe", 3, 10), pytest.param("optuna-tpe", 4, 40, marks=pytest.mark.slow),
+                                                  pytest.param("random", 2, 10, marks=pytest.mark.slow)])
+def test_workers_on_one_study_spend_exactly_the_evaluation_budget(strategy, count, evals, checkpoint, tmp_path):
     run = tmp_path / "run"
-    workers = _workers(run, checkpoint, strategy, 10, count)
+    workers = _workers(run, checkpoint, strategy, evals, count)
     for w in workers:
         _, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-2000:]
     keys, by_worker, running = _evaluations(run, strategy)
-    assert len(keys) == 10 and len(set(keys)) == 10 and not running  # exactly the budget, no network twice, nothing left open
+    assert len(keys) == evals and len(set(keys)) == evals and not running  # exactly the budget, no network twice, nothing left open
     assert len(by_worker) >= 2  # a shared study (tpe) or a partitioned sequence (random): the work is spread over the workers
 
 
 @pytest.mark.slow
-def test_four_workers_on_one_postgresql_study_spend_exactly_the_evaluation_budget(postgres_url, checkpoint, tmp_path):
-    workers = _workers(tmp_path / "run", checkpoint, "optuna-tpe", 12, 4, storage=postgres_url)
+def test_four_workers_on_one_postgresql_study_spend_exactly_forty_evaluations(postgres_url, checkpoint, tmp_path):
+    workers = _workers(tmp_path / "run", checkpoint, "optuna-tpe", 40, 4, storage=postgres_url)
     for w in workers:
         _, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-2000:]
     keys, by_worker, running = _evaluations(tmp_path / "run", "optuna-tpe", postgres_url)
-    assert len(keys) == 12 and len(set(keys)) == 12 and not running and len(by_worker) >= 2
+    assert len(keys) == 40 and len(set(keys)) == 40 and not running and len(by_worker) >= 2
 
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_search_loses_nothing_and_the_budget_is_still_exact(checkpoint, tmp_path):
     run = tmp_path / "run"
-    first, second = _workers(run, checkpoint, "optuna-random", 30, 2)
+    first, second = _workers(run, checkpoint, "optuna-random", 40, 2)
     deadline = time.time() + 300
     done = 0
     while time.time() < deadline:  # kill the first worker once the search is under way
@@ -73,11 +74,11 @@ def test_a_worker_killed_mid_search_loses_nothing_and_the_budget_is_still_exact(
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    assert done < 20, f"{done} of 30 evaluations were stored before a worker could be killed; the test proves little"
+    assert done < 30, f"{done} of 40 evaluations were stored before a worker could be killed; the test proves little"
     _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-2000:]
     keys, by_worker, running = _evaluations(run, "optuna-random")
-    assert len(keys) == 30 and len(set(keys)) == 30 and not running
+    assert len(keys) == 40 and len(set(keys)) == 40 and not running
     # the killed worker's stored evaluations are kept, and the survivor did the rest
     assert any(w.endswith(f":{first.pid}") for w in by_worker) and any(w.endswith(f":{second.pid}") for w in by_worker)
 

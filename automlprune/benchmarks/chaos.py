@@ -1,8 +1,8 @@
 """Chaos benchmark: searches killed with SIGKILL at random moments and rerun after each kill.
 
 For every strategy, an uninterrupted search gives the reference; then the same search in another
-run directory is started, killed at a random moment (drawn uniformly over the reference's wall
-time, seeded), restarted, killed again, ..., and finally run to its end. After every kill the
+run directory is started, killed at a random moment (drawn uniformly between 30 % and 95 % of the
+reference's wall time, past the process's start; seeded), restarted, killed again, ..., and finally run to its end. After every kill the
 study is read and checked:
 
 * **lost**: a stored evaluation (its network and result) missing or changed after the kill;
@@ -21,6 +21,7 @@ Every search is the ``automlprune search`` command a user runs, as its own proce
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rng: np.random.Generator,
               overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
     """The reference run and ``kills`` killed runs of one strategy, then the run to its end."""
-    reference_dir, chaos_dir = out_dir / strategy / "reference", out_dir / strategy / "killed"
+    reference_dir, chaos_dir = out_dir / "runs" / strategy / "reference", out_dir / "runs" / strategy / "killed"
     start = time.perf_counter()
     subprocess.run(_command(env, strategy, reference_dir, evals, overrides), check=True, capture_output=True)
     reference_seconds = time.perf_counter() - start
@@ -74,7 +75,7 @@ def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rn
                            "kills": [], "lost": 0, "repeated": 0}
     before: list[tuple[str, dict[str, Any]]] = []
     for k in range(kills):
-        moment = float(rng.uniform(0.05, 0.95) * reference_seconds)
+        moment = float(rng.uniform(0.3, 0.95) * reference_seconds)  # past the process's start (imports, data, model)
         process = subprocess.Popen(_command(env, strategy, chaos_dir, evals, overrides), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
@@ -85,10 +86,11 @@ def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rn
             process.wait()
             killed = True
         after, _ = _evaluations(chaos_dir, strategy)
+        training = list(chaos_dir.rglob("*.pt"))  # an epoch checkpoint (or DMCP's warm-up) the rerun resumes from
         lost = _lost(before, after)
         row["lost"] += lost
         row["kills"].append({"moment_s": round(moment, 2), "killed": killed, "stored_before": len(before), "stored_after": len(after),
-                             "lost": lost})
+                             "lost": lost, "training_checkpoint": bool(training)})
         if progress:
             print(f"chaos: {strategy} kill {k + 1}/{kills} at {moment:.1f}s: "
                   f"{'killed' if killed else 'had finished'}, {len(after)} evaluations stored, {lost} lost", file=sys.stderr, flush=True)
@@ -117,8 +119,10 @@ def _lost(before: list[tuple[str, dict[str, Any]]], after: list[tuple[str, dict[
 
 def run_chaos_benchmark(env: str, out_dir: Path, strategies: Sequence[str] = STRATEGIES, kills: int = 20, evals: int = 12,
                         overrides: Sequence[str] = (), seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """``kills`` kills spread evenly over ``strategies``; writes ``report.md`` and ``results.json``."""
+    """``kills`` kills spread evenly over ``strategies``; writes ``report.md`` and ``results.json``
+    (the run directories under ``runs/``, replaced on every run)."""
     rng = np.random.default_rng(seed)
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)  # a fresh reference and a fresh killed run each time
     out_dir.mkdir(parents=True, exist_ok=True)
     shares = [kills // len(strategies) + (1 if i < kills % len(strategies) else 0) for i in range(len(strategies))]
     rows = [chaos_one(env, s, out_dir, evals, n, rng, overrides, progress) for s, n in zip(strategies, shares)]
@@ -133,14 +137,16 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"# Chaos: searches killed with SIGKILL and rerun ({report['env']}, {report['budget']}, {report['evals']} evaluations)", "",
              f"Command: `automlprune benchmark --suite chaos --env {report['env']} --kills {report['kills']} --evals {report['evals']}`. "
              "Each strategy's search runs once uninterrupted (the reference), then in another run directory it is killed "
-             "(SIGKILL) at moments drawn uniformly over the reference's wall time, rerun after each kill, and finally run to its "
+             "(SIGKILL) at moments drawn uniformly between 30 % and 95 % of the reference's wall time, rerun after each kill, and finally run to its "
              "end. Lost: a stored evaluation missing or changed after a kill. Repeated: one network stored twice. Answer: "
              "the final answer's network and validation accuracy against the reference's (required identical except for the "
              "Optuna samplers, whose random generator restarts from the seed on resume).", "",
              "| strategy | kills (moment s: stored after) | lost | repeated | evaluations (reference) | answer | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        kills = ", ".join(f"{k['moment_s']:g}: {k['stored_after']}" + ("" if k["killed"] else " (had finished)") for k in r["kills"])
+        kills = ", ".join(f"{k['moment_s']:g}: {k['stored_after']}" + ("" if k["killed"] else " (had finished)")
+                          + (" (mid-training: resumed from its checkpoint)" if k.get("training_checkpoint") and k["killed"] else "")
+                          for k in r["kills"])
         if r["answer_identical"]:
             answer = f"identical ({100 * r['answer_accuracy']:.2f})"
         elif r["answer_accuracy"] is not None and r["reference_answer_accuracy"] is not None:

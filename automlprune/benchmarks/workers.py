@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,11 +51,8 @@ def run_workers_benchmark(env: str, out_dir: Path, counts: Sequence[int] = (1, 2
                     *[x for o in overrides for x in ("--set", o)]], check=True, capture_output=True)
     rows = []
     for workers in counts:
-        run_dir = out_dir / f"workers{workers}"
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
+        run_dir = out_dir / "runs" / f"workers{workers}"
+        shutil.rmtree(run_dir, ignore_errors=True)
         row = _workers_run(env, strategy, run_dir, evals, workers, overrides)
         rows.append(row)
         if progress:

@@ -38,6 +38,7 @@ from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
 
 MAX_REPEATED_ASKS = 200
+"""Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
 HELD = "held"
 """What the loop's claim gives a partitioned search for a network another worker is evaluating."""
 
@@ -51,7 +52,6 @@ WORKER_MODES = {
            "search is taken over after the grace period (at once on its own host)",
 }
 """How several workers running the same search share it: :attr:`Strategy.workers`."""
-"""Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
 
 
 @dataclass

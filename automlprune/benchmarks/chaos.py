@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import optuna
 
-from automlprune.search.store import RunStore
+from automlprune.evaluator import EvalResult
+from automlprune.search.store import Record, RunStore
 
 STRATEGIES = ("random", "optuna-tpe", "greedy", "ppo", "dmcp", "l0-anneal")
 RESTARTS_ITS_SAMPLER = {"optuna-tpe", "optuna-nsga2", "optuna-nsga3", "optuna-random", "optuna-qmc", "optuna-gp"}
@@ -45,22 +45,19 @@ def _command(env: str, strategy: str, run_dir: Path, evals: int, overrides: Sequ
             "--run-dir", str(run_dir), "--no-export", "--json", *[x for o in overrides for x in ("--set", o)]]
 
 
-def _evaluations(run_dir: Path, strategy: str) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any] | None]:
-    """The stored evaluations ((network key, result), in trial order) and the stored answer."""
-    path = run_dir / "study.db"
-    if not path.is_file():
+def _evaluations(run_dir: Path, strategy: str) -> tuple[list[Record], dict[str, Any] | None]:
+    """The stored evaluations (in trial order) and the stored answer."""
+    if not (run_dir / "study.db").is_file():
         return [], None
-    try:
-        study = optuna.load_study(study_name=f"{strategy}|{BUDGET}|seed0", storage=f"sqlite:///{path}")
-    except KeyError:  # killed before the study was made
+    store = RunStore(run_dir, create=False)
+    study = store.find_study(f"{strategy}|{BUDGET}|seed0")
+    if study is None:  # killed before the study was made
         return [], None
-    stored = [(t.user_attrs["result"]["key"], t.user_attrs["result"]) for t in study.get_trials(deepcopy=False)
-              if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated") and "result" in t.user_attrs]
-    return stored, RunStore.summary(study).answer
+    return store.records(study), store.summary(study).answer
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.get("accuracy") == b.get("accuracy") and a.get("costs") == b.get("costs")
+def _same(a: EvalResult, b: EvalResult) -> bool:
+    return a.accuracy == b.accuracy and a.costs == b.costs
 
 
 def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rng: np.random.Generator,
@@ -73,7 +70,7 @@ def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rn
     reference, reference_answer = _evaluations(reference_dir, strategy)
     row: dict[str, Any] = {"strategy": strategy, "reference_seconds": reference_seconds, "reference_evaluations": len(reference),
                            "kills": [], "lost": 0, "repeated": 0}
-    before: list[tuple[str, dict[str, Any]]] = []
+    before: list[Record] = []
     for k in range(kills):
         moment = float(rng.uniform(0.3, 0.95) * reference_seconds)  # past the process's start (imports, data, model)
         process = subprocess.Popen(_command(env, strategy, chaos_dir, evals, overrides), stdout=subprocess.DEVNULL,
@@ -97,7 +94,7 @@ def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rn
         before = after
     finished = subprocess.run(_command(env, strategy, chaos_dir, evals, overrides), capture_output=True, text=True)
     final, answer = _evaluations(chaos_dir, strategy)
-    keys = [key for key, _ in final]
+    keys = [r.result.key for r in final]
     row.update(finished=finished.returncode == 0, error=finished.stderr.strip().splitlines()[-1:] if finished.returncode else [],
                lost=row["lost"] + _lost(before, final), repeated=len(keys) - len(set(keys)), evaluations=len(final),
                budget_exact=len(final) == len(reference),
@@ -111,10 +108,10 @@ def chaos_one(env: str, strategy: str, out_dir: Path, evals: int, kills: int, rn
     return row
 
 
-def _lost(before: list[tuple[str, dict[str, Any]]], after: list[tuple[str, dict[str, Any]]]) -> int:
+def _lost(before: list[Record], after: list[Record]) -> int:
     """Evaluations stored before that are missing or changed after."""
-    now = dict(after)
-    return sum(1 for key, result in before if key not in now or not _same(now[key], result))
+    now = {r.result.key: r.result for r in after}
+    return sum(1 for r in before if r.result.key not in now or not _same(now[r.result.key], r.result))
 
 
 def run_chaos_benchmark(env: str, out_dir: Path, strategies: Sequence[str] = STRATEGIES, kills: int = 20, evals: int = 12,

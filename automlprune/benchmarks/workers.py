@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import optuna
+from automlprune.search.store import RunStore
 
 BUDGET = "macs=0.5"
 
@@ -35,11 +35,11 @@ def _workers_run(env: str, strategy: str, run_dir: Path, evals: int, workers: in
     errors = [p.communicate()[1] for p in processes]
     seconds = time.perf_counter() - start
     failed = [e.strip().splitlines()[-1] for p, e in zip(processes, errors) if p.returncode != 0 and e.strip()]
-    study = optuna.load_study(study_name=f"{strategy}|{BUDGET}|seed0", storage=f"sqlite:///{run_dir / 'study.db'}")
-    stored = [t for t in study.get_trials(deepcopy=False)
-              if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated") and "result" in t.user_attrs]
-    keys = [t.user_attrs["result"]["key"] for t in stored]
-    searching = (max(t.datetime_complete for t in stored) - min(t.datetime_start for t in stored)).total_seconds() if stored else 0.0
+    store = RunStore(run_dir, create=False)
+    study = store.find_study(f"{strategy}|{BUDGET}|seed0")
+    stored = store.records(study) if study is not None else []
+    keys = [r.result.key for r in stored]
+    searching = (max(r.finished for r in stored) - min(r.started for r in stored)).total_seconds() if stored else 0.0
     return {"workers": workers, "seconds": seconds, "evaluations": len(keys), "distinct": len(set(keys)),
             "per_minute": 60.0 * len(keys) / seconds, "search_seconds": searching,
             "per_minute_searching": 60.0 * len(keys) / searching if searching else 0.0, "errors": failed}

@@ -192,11 +192,15 @@ SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(RunSummary))
 
 @dataclass(frozen=True)
 class Record:
-    """One stored evaluation: its result, the search wall time when it finished (s), its trial number."""
+    """One stored evaluation: its result, the search wall time when it finished (s), its trial
+    number, the worker that evaluated it (``host:pid``) and when its trial opened and closed."""
 
     result: EvalResult
     elapsed_s: float
     number: int
+    worker: str = ""
+    started: datetime.datetime | None = None
+    finished: datetime.datetime | None = None
 
 
 OPENED_STORAGES: list[str] = []
@@ -379,6 +383,12 @@ class RunStore:
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         return study
+
+    def find_study(self, name: str) -> optuna.Study | None:
+        """The study ``name`` when this store holds it (read; nothing is created), else None."""
+        if name not in self.study_names():
+            return None
+        return optuna.load_study(study_name=name, storage=self.storage)
 
     @staticmethod
     def summary(study: optuna.Study) -> RunSummary:
@@ -599,7 +609,8 @@ class RunStore:
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.user_attrs.get("evaluated", False) and "result" in t.user_attrs:
-                out.append(Record(EvalResult.from_dict(t.user_attrs["result"]), float(t.user_attrs.get("elapsed_s", 0.0)), t.number))
+                out.append(Record(EvalResult.from_dict(t.user_attrs["result"]), float(t.user_attrs.get("elapsed_s", 0.0)), t.number,
+                                  str(t.user_attrs.get("worker", "")), t.datetime_start, t.datetime_complete))
         return out
 
     def fail_stale_trials(self, study: optuna.Study) -> int:

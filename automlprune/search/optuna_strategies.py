@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from automlprune.search.base import Strategy
-from automlprune.search.store import NATIVE_CONSTRAINTS, distributions, from_params, mark_worker, set_constraint, to_params
+from automlprune.search.store import NATIVE_CONSTRAINTS, RunStore, distributions, from_params, mark_worker, to_params
 from automlprune.search.warm_start import warm_start_candidates
 from automlprune.proposal import Proposal
 from automlprune.space import Candidate
@@ -78,10 +78,8 @@ class OptunaStrategy(Strategy):
             if self.repair or self.budget.met_by(costs):
                 self.pending_trial = trial
                 return Proposal(candidate, as_proposed=True) if warm else candidate
-            trial.set_user_attr("evaluated", False)
-            trial.set_user_attr("candidate", candidate.to_dict())
-            set_constraint(trial, self.budget.violation(costs))
-            self.study.tell(trial, [0.0, self.budget.cost_fraction(costs)])
+            RunStore.refuse(self.study, trial, candidate, violation=self.budget.violation(costs),
+                            cost_fraction=self.budget.cost_fraction(costs))
         return None
 
 

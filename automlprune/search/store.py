@@ -573,6 +573,16 @@ class RunStore:
             params=to_params(space, result.candidate), distributions=distributions(space), values=values,
             user_attrs=user_attrs, system_attrs={CONSTRAINTS_ATTR: [violation]}))
 
+    @staticmethod
+    def refuse(study: optuna.Study, trial: optuna.Trial, candidate: Candidate, *, violation: float, cost_fraction: float) -> None:
+        """Close a sampler's ``trial`` whose candidate the strategy refused unevaluated (over the
+        budget, with repair switched off): told to the sampler with accuracy 0 and its cost and
+        constraint, marked not evaluated (it spends no evaluation)."""
+        trial.set_user_attr("evaluated", False)
+        trial.set_user_attr("candidate", candidate.to_dict())
+        set_constraint(trial, violation)
+        study.tell(trial, [0.0, cost_fraction])
+
     def save_weights(self, key: str, weights: TrainedWeights) -> str:
         """Save trained weights (:class:`~automlprune.proposal.TrainedWeights`) of the proposal
         with cache key ``key`` (atomically: a crash never leaves half a file); returns the

@@ -97,3 +97,36 @@ def test_train_on_two_processes_writes_one_checkpoint(tmp_path):
     meta = json.loads(done.stdout)  # one process printed the result
     assert meta["checkpoint"] == str(checkpoint) and checkpoint.is_file() and meta["val_accuracy"] > 0.5
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_training_strategy_searches_on_two_processes_with_one_writer(checkpoint, tmp_path):
+    """``search --nproc 2``: both processes train ResRep (the follower checks it chose what rank 0
+    chose, else it fails), rank 0 alone evaluates, stores and prints; the fine-tune runs on both."""
+    import subprocess
+
+    from automlprune.search.store import RunStore
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "automlprune", "search", "digits-cnn", "--strategy", "resrep", "--budget", "macs=0.5",
+                           "--evals", "1", "--nproc", "2", "--finetune-epochs", "1", "--run-dir", str(run),
+                           "--set", f"checkpoint={checkpoint}", "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (entry,) = json.loads(done.stdout)["answers"]  # one process printed the result
+    assert entry["evaluations"] == 1 and entry["answer"]["relative"]["macs"] <= 0.5
+    assert entry["finetune"]["test_accuracy"] > 0.9
+    store = RunStore(run, create=False)
+    (record,) = store.records(store.find_study("resrep|macs=0.5|seed0"))
+    assert record.result.weights["artifact"] and (run / record.result.weights["artifact"]).is_file()  # judged on its trained weights
+    assert len(list((run / "weights").iterdir())) == 1 and not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("strategy,reason", [("gate-decorator", "statistics of the data each process sees"),
+                                             ("random", "does not train its networks")])
+def test_search_refuses_several_processes_for_a_strategy_whose_ranks_would_disagree(strategy, reason, capsys):
+    from automlprune.cli.main import main
+
+    assert main(["search", "digits-cnn", "--strategy", strategy, "--budget", "macs=0.5", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy '{strategy}' cannot train on several processes (--nproc 2)" in err and reason in err
+    assert "Traceback" not in err

@@ -342,11 +342,14 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
     from automlprune.search.runner import SearchSession
     from automlprune.search.store import RunStore
     from automlprune.tasks import Task, TaskSpec
+    from automlprune.train import distributed
 
     spec = TaskSpec.load(args.env, _overrides(args))
     run_dir = _run_dir(args, kind, name, spec.name)
-    store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
-    store.refuse_conflict({"task": spec.to_dict()})  # before the baseline loads or trains
+    with distributed.main_first():  # several training processes: rank 0 makes the store, the others open it
+        store = RunStore(run_dir, args.storage)  # opens (and checks) the storage before any work
+        if distributed.is_main():
+            store.refuse_conflict({"task": spec.to_dict()})  # before the baseline loads or trains
     session = SearchSession(Task(spec), resolve_device(args.device), store, args.space, progress=not args.json)
     session.check_budgets(budgets)
     return session, run_dir
@@ -355,11 +358,21 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
     from automlprune.search.run_dir import removed_if_left_empty
+    from automlprune.train import distributed
 
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
     STRATEGIES.get(args.strategy).check_budgets(budgets)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    refusal = STRATEGIES.get(args.strategy).ddp_refusal
+    if args.nproc > 1 and refusal:
+        raise ConfigError(f"strategy '{args.strategy}' cannot train on several processes (--nproc {args.nproc}): {refusal}; "
+                          "run it without --nproc")
+    if args.nproc > 1 and not distributed.init_from_environment():  # start the N processes, each running this command
+        return distributed.launch(_without_option(args.argv, "--nproc"), args.nproc)
+    distributed.init_from_environment()  # started by torchrun directly
     with removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
         return _search(args, budgets, options)
 
@@ -367,9 +380,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) -> int:
     from automlprune.report.collect import collect
     from automlprune.report.plots import plot_allocations, plot_pareto
+    from automlprune.train import distributed
 
     session, run_dir = _open_run(args, "runs", args.strategy, budgets)
-    session.save_config([args.strategy], budgets, [args.seed], args.evals, args.time_limit, options)
+    main = distributed.is_main()  # several training processes: rank 0 writes, reports and exports
+    if main:
+        session.save_config([args.strategy], budgets, [args.seed], args.evals, args.time_limit, options)
     answers, lines = [], []
     for budget in budgets:
         outcome = session.run(args.strategy, budget, args.seed, args.evals, args.time_limit, options)
@@ -389,13 +405,13 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
                 from dataclasses import replace
 
                 tuned = session.evaluator_for(args.strategy).finetune(proposal, replace(session.task.spec.finetune, epochs=args.finetune_epochs),
-                                                                      progress=not args.json)
+                                                                      progress=not args.json)  # on every training process
                 entry["finetune"] = {"epochs": tuned.epochs, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy}
                 lines.append(f"  after {tuned.epochs} fine-tune epochs: test accuracy {_pct(tuned.test_accuracy)}")
                 network = tuned.model
             else:
                 network = session.evaluator_for(args.strategy).network(proposal)
-            if not args.no_export:
+            if not args.no_export and main:
                 from automlprune.export import export_model
 
                 path = export_model(network.cpu(), session.task.data.example_input(), run_dir / f"model-{budget.slug}.pt2")
@@ -408,6 +424,8 @@ def _search(args: argparse.Namespace, budgets: list, options: dict[str, Any]) ->
                     lines.append(f"  saved {packed} ({packed.stat().st_size / 1024:.1f} KiB on disk, "
                                  f"{a.costs.bytes / 1024:.1f} KiB of parameters reported)")
         answers.append(entry)
+    if not main:
+        return 0
     session.store.update_answers(answers)
     records = collect(session.store)
     plot = plot_pareto(records, run_dir / "pareto.png", f"{session.task.spec.name}: {args.strategy}", session.store.unpruned_accuracy())

@@ -36,6 +36,7 @@ from automlprune.search.warm_start import default_for, parse_warm_start
 from automlprune.search.store import WAIT_S, Artifacts, Claim, RunStore
 from automlprune.settings import EvalSettings
 from automlprune.space import Candidate, SearchSpace
+from automlprune.train import distributed
 
 MAX_REPEATED_ASKS = 200
 """Consecutive proposals of already-evaluated candidates after which a search stops (it has converged)."""
@@ -102,6 +103,10 @@ class Strategy:
     their network in one process: the loop holds the study for one worker, :meth:`RunStore.lease`)."""
     one_worker_reason: ClassVar[str] = "each of its proposals depends on the results before it"
     """Why a ``one``-worker strategy refuses a second worker (said in the refusal)."""
+    ddp_refusal: ClassVar[str | None] = "it does not train its networks (several workers share a search instead)"
+    """Why the strategy cannot run on several training processes (``search --nproc``, ``torchrun``;
+    :mod:`automlprune.train.distributed`), or None where it can: a training strategy whose every
+    decision reads only weights and gradients (averaged over the ranks), so all ranks decide alike."""
     repairs: ClassVar[bool] = False
     """True for black-box strategies whose proposals the loop moves to the budget before they are
     evaluated (:mod:`automlprune.search.repair`; option ``repair=false`` switches it off) and
@@ -252,15 +257,60 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     """Run ``strategy`` until it stops, ``max_evals`` distinct proposals are evaluated, or
     ``time_limit`` seconds of search (all sessions together) have passed."""
     budget = strategy.budget
+    rank, world = distributed.rank_and_world()
+    if world > 1 and strategy.ddp_refusal:
+        raise ConfigError(f"strategy '{strategy.name}' cannot train on several processes: {strategy.ddp_refusal}; "
+                          "run it on one process")
+    if rank != 0:
+        return _follow(strategy)
     attrs = {"strategy": strategy.name, "budget": budget.label, "seed": strategy.seed, **(attrs or {})}
     store.update_summary(study, bound_budget=budget.to_dict())
     one = strategy.workers == "one"
     with store.lease(study, strategy.name, strategy.one_worker_reason) if one else contextlib.nullcontext():
-        return _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress)
+        outcome = _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress,
+                       _relay if world > 1 else _alone)
+    if world > 1:
+        _relay("stop", outcome)
+    return outcome
+
+
+def _alone(*message: Any) -> None:
+    """One process: nobody follows the loop."""
+
+
+def _relay(*message: Any) -> None:
+    """Rank 0 tells the other ranks what the loop does next (:func:`_follow`)."""
+    distributed.broadcast_object(message)
+
+
+def _follow(strategy: Strategy) -> SearchOutcome:
+    """The loop on a rank other than 0 of a distributed search: ask when rank 0 asks (each ask
+    trains, with its gradients averaged over the ranks), check that it chose what rank 0 chose,
+    tell what rank 0 evaluated and stored, and return rank 0's outcome. Nothing is evaluated or
+    written here."""
+    asked: Any = None
+    while True:
+        kind, *payload = distributed.broadcast_object()
+        if kind == "ask":
+            asked = strategy.ask()
+        elif kind == "tell":
+            mine, evaluated = strategy.space.canonical(as_proposal(asked).candidate), payload[0].candidate
+            if mine.to_dict() != strategy.space.canonical(evaluated).to_dict():
+                raise RuntimeError(f"training process {distributed.rank_and_world()[0]} chose {mine.to_dict()} where rank 0 "
+                                   f"chose {evaluated.to_dict()}: strategy {strategy.name}'s decisions differ across "
+                                   "processes; this is a bug (run it without --nproc meanwhile)")
+            strategy.tell(asked, payload[0])
+        elif kind == "stored":
+            strategy.tell(payload[0].candidate, payload[0])
+        else:  # "stop"
+            strategy.close()
+            return payload[0]
 
 
 def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, max_evals: int,
-         time_limit: float | None, attrs: dict[str, Any], progress: ProgressFn | None) -> SearchOutcome:
+         time_limit: float | None, attrs: dict[str, Any], progress: ProgressFn | None,
+         relay: Callable[..., None]) -> SearchOutcome:
+    """The loop (on rank 0 of a distributed search, which ``relay`` tells its every ask and tell)."""
     budget = strategy.budget
     store.fail_stale_trials(study)
     stored = store.records(study)
@@ -274,6 +324,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     if not strategy.replays_on_resume:
         seen |= stored_keys
         for r in stored:
+            relay("stored", r.result)
             strategy.tell(r.result.candidate, r.result)
     start = time.perf_counter()
     elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
@@ -318,6 +369,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
 
     try:
         while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
+            relay("ask")
             asked = strategy.ask()
             if asked is None:
                 break
@@ -331,6 +383,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
             if result is HELD:  # another worker of this partitioned search evaluates it: read at the end
                 deferred[key] = (asked, proposal, repaired)
                 continue
+            relay("tell", result)
             strategy.tell(asked, result)
             if progress is not None:
                 progress(len(seen), max_evals, strategy.answer(), elapsed())

@@ -233,6 +233,7 @@ class DMCPStrategy(Strategy):
     name = "dmcp"
     replays_on_resume = False  # the stored answer is the result; training is not repeated
     one_worker_reason = "it trains its network in one process"
+    ddp_refusal = "its architecture parameters' updates are not yet averaged over the processes"
 
     option_ranges = {**dict.fromkeys(("search_epochs", "steps_per_epoch", "batch_size"), (lambda v: v >= 1, "must be at least 1")),
                      **dict.fromkeys(("warmup_epochs", "block_size", "penalty", "random_widths"), (lambda v: v >= 0, "cannot be negative")),

@@ -196,6 +196,8 @@ class GrowingRegularization(Callback):
 class GRegStrategy(TrainingStrategy):
     """GReg-1: growing L2 penalty on filters picked once by L1 (see the module docstring)."""
 
+    ddp_refusal = None  # decisions from weights and gradients alone: every rank decides alike under --nproc
+
     name = "greg1"
     variant: ClassVar[int] = 1
     settings_class = GRegSettings

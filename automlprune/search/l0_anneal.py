@@ -46,6 +46,8 @@ class L0AnnealSettings(GradualSettings):
 class L0AnnealStrategy(GradualStrategy):
     """Channel counts annealed to the budget's on FSA's schedule, dropped channels held at zero."""
 
+    ddp_refusal = None  # decisions from weights and gradients alone: every rank decides alike under --nproc
+
     name = "l0-anneal"
     settings_class = L0AnnealSettings
 

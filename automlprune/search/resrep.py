@@ -166,6 +166,8 @@ class ResRepStrategy(TrainingStrategy):
     """ResRep: compactors trained with gradient resetting and a group lasso, masks chosen under
     the budget, folded back into plain convs (see the module docstring)."""
 
+    ddp_refusal = None  # decisions from weights and gradients alone: every rank decides alike under --nproc
+
     name = "resrep"
     chooses_widths = True
     settings_class = ResRepSettings

@@ -21,6 +21,7 @@ from automlprune.search.store import UNPRUNED_STUDY, RunStore
 from automlprune.search.tolerance import build_strategy
 from automlprune.self_check import check_space
 from automlprune.tasks import Task
+from automlprune.train import distributed
 
 
 @dataclass
@@ -61,10 +62,11 @@ class SearchSession:
         if self.cost_model.latency_table is not None or all(b.metric != "latency" for b in budgets):
             return
         path = self.store.run_dir / "latency_table.json"
-        table = LatencyTable.load(path) if path.is_file() else None
-        if table is None or table.device != str(self.device):
-            table = measure_latency_table(self.model, self.space, self.device, progress=self.progress)
-            table.save(path)
+        with distributed.main_first():  # several training processes: rank 0 measures, the others read its table
+            table = LatencyTable.load(path) if path.is_file() else None
+            if table is None or table.device != str(self.device):
+                table = measure_latency_table(self.model, self.space, self.device, progress=self.progress)
+                table.save(path)
         self.cost_model.attach_latency_table(table)
 
     def check_budgets(self, budgets: Sequence[Budget]) -> None:
@@ -85,10 +87,11 @@ class SearchSession:
     def record_unpruned(self) -> float:
         """The unpruned network's validation accuracy (a fraction), stored once per run (the
         reference point of the plots and of accuracy tolerances; one evaluation, about a second)."""
-        study = self.store.study(UNPRUNED_STUDY)
-        if self.store.summary(study).val_accuracy is None:
-            self.store.update_summary(study, val_accuracy=self.evaluator.evaluate(self.space.full()).accuracy)
-        return float(self.store.summary(study).val_accuracy)
+        with distributed.main_first():  # several training processes: rank 0 evaluates and stores, the others read
+            study = self.store.study(UNPRUNED_STUDY)
+            if self.store.summary(study).val_accuracy is None:
+                self.store.update_summary(study, val_accuracy=self.evaluator.evaluate(self.space.full()).accuracy)
+            return float(self.store.summary(study).val_accuracy)
 
     def run(self, strategy: str, budget: Budget, seed: int, max_evals: int, time_limit: float | None = None,
             options: dict[str, Any] | None = None) -> SearchOutcome:
@@ -99,14 +102,16 @@ class SearchSession:
         name = RunStore.study_name(strategy, budget.label, seed)
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
-        study = self.store.study(name, attrs)
+        with distributed.main_first():  # rank 0 makes the study; other training processes open it
+            study = self.store.study(name, attrs if distributed.is_main() else None)
         evaluator = self.evaluator_for(strategy)
-        self.store.update_summary(study, scoring_seconds=evaluator.scoring_seconds)  # shared by every search of this evaluator
+        if distributed.is_main():
+            self.store.update_summary(study, scoring_seconds=evaluator.scoring_seconds)  # shared by every search of this evaluator
         context = SearchContext(self.space, self.cost_model, study, evaluator.scores, self.model, self.store.artifacts,
                                 self.task.data, self.device, evaluator.scores_under, evaluator.validation_accuracy)
         options = {**self.task.spec.strategies.get(strategy, {}), **(options or {})}
         instance = build_strategy(cls, context, budget, seed, max_evals, options)
-        reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress,
+        reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress and distributed.is_main(),
                                    budget.metric if budget.tolerance else None)
         try:
             return run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,

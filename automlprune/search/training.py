@@ -37,7 +37,7 @@ from automlprune.proposal import Proposal, TrainedWeights
 from automlprune.search.base import SearchContext, Strategy, check_option_values
 from automlprune.search.budget import Budget
 from automlprune.space import Candidate
-from automlprune.train import FitHistory
+from automlprune.train import FitHistory, distributed
 
 WIDTH_RULES = ("uniform", "prunenet")
 _AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
@@ -87,6 +87,8 @@ class TrainingStrategy(Strategy):
 
     replays_on_resume = False  # the stored answer is the result; training is not repeated
     one_worker_reason = "it trains its network in one process"
+    ddp_refusal = ("its decisions read statistics of the data each process sees, or have not yet been checked to agree "
+                   "across processes (resrep, greg1, greg2 and l0-anneal have)")
     settings_class: ClassVar[type] = TrainingSettings
     chooses_widths: ClassVar[bool] = False
     """True for methods whose training decides the widths (the planned ones only check the budget is reachable)."""
@@ -245,7 +247,8 @@ class TrainingStrategy(Strategy):
             path.unlink(missing_ok=True)
 
     def save_log(self) -> None:
-        """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json``."""
-        if self.context.artifacts is not None:
+        """The method's training log as the run artifact ``<name>-<budget>-seed<k>.json`` (by rank 0
+        alone when several processes train)."""
+        if self.context.artifacts is not None and distributed.is_main():
             self.context.artifacts.write_json(f"{self.name}-{self.budget.slug}-seed{self.seed}.json",
                                               {"settings": asdict(self.settings), "spent": self.spent, "log": self.history_log})

@@ -21,11 +21,15 @@ own statistics (no synchronized batch norm), so with batch norm the loss curve m
 one-process curve closely but not exactly; without it, up to float rounding (the test states
 both tolerances). Callbacks run on every rank with identical weights; a method whose decisions
 come from per-rank statistics of the data (e.g. Gate Decorator's Taylor scores) would see its
-rank's chunk only, which is why ``--nproc`` is offered for baseline training.
+rank's chunk only. That is why ``automlprune search --nproc N`` is offered only to the
+training strategies whose decisions read weights and gradients alone (``Strategy.ddp_refusal`` is
+None): every rank then makes the same decisions, and rank 0 runs the search loop, evaluates and
+writes the store while the others follow it (:func:`automlprune.search.base.run_strategy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,6 +65,29 @@ def init_from_environment() -> bool:
     else:
         dist.init_process_group("gloo")
     return True
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first and the other ranks after it (a barrier between): for opening
+    what rank 0 creates (the run store, a measured latency table, the unpruned network's stored
+    accuracy), so the others find it made instead of racing to make it. Nothing outside
+    ``torch.distributed``."""
+    rank, world = rank_and_world()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def broadcast_object(value: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank (pickled; small objects: messages, results)."""
+    if rank_and_world()[1] <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:

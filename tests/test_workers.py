@@ -111,6 +111,11 @@ def test_a_worker_killed_mid_search_loses_nothing_and_the_budget_is_still_exact(
     assert len(keys) == 40 and len(set(keys)) == 40 and not running
     # the killed worker's stored evaluations are kept, and the survivor did the rest (over 10 were left at the kill)
     assert by_worker[f"{socket.gethostname()}:{victim}"] >= 1 and by_worker[f"{socket.gethostname()}:{survivor.pid}"] >= 1
+    # the network the killed worker was evaluating was asked again and evaluated by the survivor
+    study = RunStore(run, create=False).find_study("optuna-random|macs=0.5|seed0")
+    dropped = [t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+               if "key" in t.user_attrs and not t.user_attrs.get("released")]
+    assert set(dropped) <= set(keys)
 
 
 def test_a_claim_without_heartbeats_is_freed_for_another_host_after_the_grace_period(digits_space, tmp_path, monkeypatch):
@@ -197,3 +202,25 @@ def test_searches_killed_at_random_moments_lose_and_repeat_nothing(digits_checkp
         assert any(k["killed"] for k in row["kills"]), row  # at least one kill landed mid-search
     assert report["rows"][0]["answer_identical"] and report["passed"]  # random replays to the reference's answer
     assert "| random |" in (tmp_path / "chaos" / "report.md").read_text()
+
+
+def test_a_dead_worker_s_sampler_trial_is_asked_again_and_a_loop_claim_is_not(digits_space, tmp_path):
+    from automlprune.search.store import distributions
+
+    store = RunStore(tmp_path)
+    study = store.study("s")
+    dists = distributions(digits_space)
+    dead = study.ask(dists)  # an Optuna strategy's open proposal ...
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{2 ** 22 + 12345}")  # ... of a process that no longer exists
+    dead.set_user_attr("key", "net-1")
+    candidate = digits_space.canonical(Candidate.make({"features.3": 0.5}))
+    claim = store.claim(study, digits_space, "net-2", candidate, max_evals=5,  # a loop claim of the same dead process
+                        attrs={"evaluated": True, "repeat": False})
+    store.storage.set_trial_user_attr(claim.trial_id, "worker", f"{socket.gethostname()}:{2 ** 22 + 12345}")
+    store.fail_stale_trials(study)  # (the claim above already ran it once: the sampler's trial failed then)
+    assert {t.number: t.state.name for t in study.trials if t.number in (dead.number, claim.number)} == {
+        dead.number: "FAIL", claim.number: "FAIL"}
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [dead.params] and waiting[0].user_attrs == {"retry_of": dead.number}
+    again = study.ask(dists)  # the next worker to ask evaluates the dead worker's network
+    assert again.params == dead.params and again.number == waiting[0].number

@@ -238,7 +238,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
         with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; they are what tells a dead worker
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                 failed_trial_callback=retry_sampler_trial)
         if url.startswith("sqlite"):
             _write_ahead(storage)
         return storage
@@ -624,7 +625,8 @@ class RunStore:
         return out
 
     def fail_stale_trials(self, study: optuna.Study) -> int:
-        """Mark as FAIL the running trials of dead workers: on any host, those whose heartbeat is
+        """Mark as FAIL the running trials of dead workers (a sampler's trial is enqueued again:
+        :func:`retry_sampler_trial`): on any host, those whose heartbeat is
         older than :data:`GRACE_S` (database storages; Optuna's heartbeats); on this host at once,
         those of a process that no longer exists (after a crash); and those never tagged with a
         worker although opened over 2 s ago (a live worker tags its trial right after opening it;
@@ -642,7 +644,11 @@ class RunStore:
             dead = name == host and pid.isdigit() and not _alive(int(pid))
             untagged = not worker and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 2
             if dead or untagged:
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                try:  # the worker whose write fails the trial retries it (as Optuna's own stale check does)
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
+                    continue
+                retry_sampler_trial(study, t)
                 failed += 1
         return failed
 
@@ -662,6 +668,20 @@ def set_constraint(trial: optuna.Trial, violation: float) -> None:
     """Attach the budget constraint (``<= 0`` feasible) to an open trial."""
     trial.set_user_attr("constraint", violation)
     trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(violation)])
+
+
+def retry_sampler_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """The run storages' failed-trial callback, also called by :meth:`RunStore.fail_stale_trials`:
+    a sampler's trial (an Optuna strategy's proposal, open when its worker died) is enqueued again
+    with the same parameters, so the next worker to ask the study evaluates that network. This is
+    Optuna's ``RetryFailedTrialCallback`` except that the dead worker's tags are dropped (the copy
+    keeps the warm-start candidate, and ``retry_of`` names the dead trial). A loop's claim (the
+    other strategies; created with ``evaluated`` set) is not enqueued: its strategy proposes the
+    network again itself (a partitioned search at its end, a one-worker search on its resume)."""
+    if "evaluated" in trial.user_attrs or not trial.params:
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "key", "retry_of")}
+    study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
 
 
 def mark_worker(trial: optuna.Trial) -> None:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not save the answers' networks")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train on N processes of this machine (torchrun, as train --nproc): for the training strategies "
-                        "whose decisions agree across processes (resrep, greg1, greg2, l0-anneal); rank 0 runs the "
+                        "whose decisions agree across processes (resrep, greg1, greg2, l0-anneal, dmcp); rank 0 runs the "
                         "search loop and the store, and the fine-tune runs on all N (default 1)")
 
     p = sub.add_parser("compare", help="run several strategies under the same budgets, seeds and fine-tune; write a report")

@@ -56,7 +56,7 @@ from automlprune.proposal import Proposal
 from automlprune.search.base import SearchContext, Strategy
 from automlprune.search.budget import Budget
 from automlprune.space import Candidate, SearchSpace
-from automlprune.train import Callback, Recipe, StepResult, Trainer
+from automlprune.train import Callback, Recipe, StepResult, Trainer, distributed
 from automlprune.train.regularizers import BUDGET_LOSSES, budget_loss
 
 SAMPLES = 1000
@@ -160,6 +160,8 @@ class DMCPTraining(Callback):
         s = strategy.settings
         self.warmup_epochs = s["warmup_epochs"]
         self.arch_optimizer = torch.optim.Adam(strategy.gates.parameters(), lr=s["arch_lr"], betas=(0.5, 0.999))
+        if distributed.rank_and_world()[1] > 1:  # several processes: the architecture step, too, on the global batch
+            self.arch_optimizer.register_step_pre_hook(distributed.average_gradients)
         self.task_losses: list[float] = []
 
     def searching(self, epoch: int) -> bool:
@@ -213,7 +215,7 @@ class DMCPTraining(Callback):
         strategy = self.strategy
         if epoch == self.warmup_epochs - 1 and not self.searching(epoch):
             path = strategy.warmup_path()
-            if path is not None:
+            if path is not None and distributed.is_main():
                 torch.save(self.net.state_dict(), path)
         with torch.no_grad():
             ratio = float(strategy.expected_fraction())
@@ -233,7 +235,7 @@ class DMCPStrategy(Strategy):
     name = "dmcp"
     replays_on_resume = False  # the stored answer is the result; training is not repeated
     one_worker_reason = "it trains its network in one process"
-    ddp_refusal = "its architecture parameters' updates are not yet averaged over the processes"
+    ddp_refusal = None  # weights and architecture parameters both step on gradients averaged over the ranks: all decide alike
 
     option_ranges = {**dict.fromkeys(("search_epochs", "steps_per_epoch", "batch_size"), (lambda v: v >= 1, "must be at least 1")),
                      **dict.fromkeys(("warmup_epochs", "block_size", "penalty", "random_widths"), (lambda v: v >= 0, "cannot be negative")),
@@ -343,7 +345,7 @@ class DMCPStrategy(Strategy):
         return self.context.artifacts.path(f"dmcp-warmup-seed{self.seed}-{digest}.pt")
 
     def _save_log(self) -> None:
-        if self.context.artifacts is None:
+        if self.context.artifacts is None or not distributed.is_main():
             return
         gates = self.gates
         payload = {"settings": self.settings, "target": self.target, "epochs": self.history_log, "spent": self.spent,

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import inspect
 import hashlib
 import json
 import os
@@ -228,6 +229,13 @@ def storage_write_problem(exc: BaseException) -> str | None:
     return None
 
 
+STALE_CALLBACK = ("heartbeat_stale_trial_callback"
+                  if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                  else "failed_trial_callback")
+"""RDBStorage's argument for the callback on a trial failed by the heartbeat check (Optuna 4.9
+renamed it; the old name still works there, with a deprecation warning)."""
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url`` (any SQLAlchemy URL, or ``journal:PATH``)."""
     OPENED_STORAGES.append(url)
@@ -239,7 +247,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna; they are what tells a dead worker
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                                 failed_trial_callback=retry_sampler_trial)
+                                                 **{STALE_CALLBACK: retry_sampler_trial})
         if url.startswith("sqlite"):
             _write_ahead(storage)
         return storage

@@ -88,7 +88,7 @@ class TrainingStrategy(Strategy):
     replays_on_resume = False  # the stored answer is the result; training is not repeated
     one_worker_reason = "it trains its network in one process"
     ddp_refusal = ("its decisions read statistics of the data each process sees, or have not yet been checked to agree "
-                   "across processes (resrep, greg1, greg2 and l0-anneal have)")
+                   "across processes (resrep, greg1, greg2, l0-anneal and dmcp have)")
     settings_class: ClassVar[type] = TrainingSettings
     chooses_widths: ClassVar[bool] = False
     """True for methods whose training decides the widths (the planned ones only check the budget is reachable)."""

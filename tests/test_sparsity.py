@@ -478,3 +478,35 @@ def test_pconv_admm_pulls_weights_to_the_patterns_and_hands_back_pconv_masks(tmp
         trained = proposal.weights.model.get_submodule(layer).weight
         assert torch.equal(trained != 0, sparsity_record(net)[layer]["mask"])  # the evaluator keeps the retrained masks
     assert answer.accuracy > 0.5
+
+
+# ---- what a user reads: listings, inspect, the density panel ------------------------------------------
+def test_list_and_inspect_name_every_format_criterion_and_the_patterns_each_layer_takes(checkpoint, capsys):
+    from automlprune.sparsity.criteria import WEIGHT_CRITERIA
+
+    assert main(["list", "formats"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(FORMATS.names()) and {"dense", "bitmask", "csr", "n:m", "pconv", "darb"} <= set(listed)
+    assert main(["list", "weight-criteria"]) == 0
+    assert sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()) == sorted(WEIGHT_CRITERIA.names())
+    assert main(["inspect", "digits-cnn", "--space", "sparse", "--set", f"checkpoint={checkpoint}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "searched for weight sparsity" in line)
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[start + 1:] if line.startswith("  ")}
+    assert set(rows) == {"features.3", "features.7", "classifier.1"}  # first and last layers stay dense
+    assert "pconv" in rows["features.3"] and "pconv" not in rows["classifier.1"]  # PCONV takes 3x3 kernels only
+
+
+def test_the_density_panel_marks_each_layer_with_its_pattern_family(space_and_model):
+    from automlprune.report.plots import PATTERN_MARKERS, _draw_profile, figure
+
+    space, _ = space_and_model
+    candidate = Candidate.make({}, None, {"features.3": 0.3, "features.7": 0.5}, {"features.3": "block:1x4", "features.7": "2:4"})
+    fig, axes = figure(1, 1, squeeze=False)
+    names = space.quantizable
+    _draw_profile(axes[0, 0], "densities", names, candidate, space, "C0", "answer")
+    markers = {names[int(line.get_xdata()[0])]: (line.get_marker(), float(line.get_ydata()[0]))
+               for line in axes[0, 0].get_lines() if len(line.get_xdata()) == 1}
+    assert markers["features.3"] == (PATTERN_MARKERS["block"], pytest.approx(0.3))
+    assert markers["features.7"] == (PATTERN_MARKERS["n:m"], 0.5)
+    assert all(markers[n] == (".", 1.0) for n in names if n not in ("features.3", "features.7"))  # dense layers

@@ -180,8 +180,9 @@ def plot_progress(records: list[SearchRecord], path: Path, unpruned: float | Non
     return path
 
 
-PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^"}
-"""Marker of each sparsity pattern family in the density panels."""
+PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^", "pconv": "P", "darb": "D"}
+"""Marker of each sparsity pattern family in the density panels (named in their titles)."""
+MARKER_WORDS = {"o": "o", "s": "□", "^": "△", "P": "+", "D": "◇"}
 
 
 def profile_panels(space: SearchSpace) -> list[tuple[str, list[str]]]:
@@ -198,8 +199,8 @@ def profile_panels(space: SearchSpace) -> list[tuple[str, list[str]]]:
 def plot_profiles(records: list[SearchRecord], space: SearchSpace, path: Path) -> Path:
     """Per budget, one row of panels for each strategy's answer (first seed): the keep ratio of
     every channel group (network order) when the space searches widths, each layer's weight bits
-    when it searches bits, and each layer's weight density (log scale; marker = pattern family:
-    circle unstructured, square N:M, triangle block) when it searches sparsity."""
+    when it searches bits, and each layer's weight density (log scale; marker = pattern family,
+    :data:`PATTERN_MARKERS`) when it searches sparsity."""
     budgets = list(dict.fromkeys(r.budget.label for r in records))
     colors = _colors([r.strategy for r in records])
     groups = [g.name for g in space.groups]
@@ -255,7 +256,8 @@ def _style_profile(ax: Any, kind: str, names: list[str], space: SearchSpace, lab
         ax.set_ylim(min(space.config.densities[0], 0.5) / 1.5, 1.3)
         ax.get_yaxis().set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_ylabel("weight density (kept)")
-        ax.set_title(f"per-layer weight density (o unstructured, □ N:M, △ block), budget {label}", fontsize=9)
+        legend = ", ".join(f"{MARKER_WORDS[m]} {f}" for f, m in PATTERN_MARKERS.items())
+        ax.set_title(f"per-layer weight density ({legend}), budget {label}", fontsize=9)
     _name_ticks(ax, names)
 
 

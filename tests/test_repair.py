@@ -91,9 +91,36 @@ def test_random_search_starts_from_the_one_shot_allocators_answers(tmp_path, tra
     assert outcome.evaluations == 5
 
 
-def test_a_warm_start_naming_something_else_than_an_allocator_is_refused():
-    with pytest.raises(ConfigError, match="warm_start names greedy, which are not one-shot allocators; use some of uniform, global"):
-        STRATEGIES.get("optuna-tpe").check_options({"warm_start": "prunenet,greedy"})
+@pytest.mark.parametrize("value,message", [
+    ("prunenet,greedy", "warm_start names greedy, which is not a one-shot allocator; use some of uniform, global"),
+    ("uniform:bitz=4", "strategy 'uniform' does not take the options \\['bitz'\\]"),
+    ("uniform:bits", "warm_start entry 'uniform:bits' has an option 'bits' without a value"),
+    ("uniform:bits=four", "strategy 'uniform' option bits='four' must be a whole number"),
+])
+def test_a_warm_start_naming_something_else_than_an_allocator_or_its_options_is_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        STRATEGIES.get("optuna-tpe").check_options({"warm_start": value})
+
+
+def test_a_search_over_bits_under_a_bytes_budget_starts_from_uniform_int8_and_int4(trained_digits_model, digits):
+    from automlprune.search.base import SearchContext
+    from automlprune.search.warm_start import default_for, warm_start_candidates
+    from automlprune.space import SearchSpace
+    from automlprune.space.config import SpaceConfig
+
+    config = SpaceConfig(ratios=(0.25, 0.5, 0.75, 1.0), bit_choices=(2, 4, 8, 32), densities=(0.1, 0.5, 1.0),
+                         patterns=("unstructured",), name="test-joint")
+    space = SearchSpace(trained_digits_model, torch.zeros(1, 1, 8, 8), config)
+    cost = CostModel(space, trained_digits_model)
+    assert default_for(space, cost, "bytes") == ("uniform:bits=8,global-magnitude:bits=8,uniform:bits=4,global-magnitude:bits=4,"
+                                                 "uniform,global,prunenet,global-magnitude")
+    assert default_for(space, cost, "macs") == "uniform,global,prunenet,global-magnitude"  # bits do not change MACs
+    context = SearchContext(space, cost, None, None, trained_digits_model, data=digits)
+    strategy = STRATEGIES.get("random")(context, parse_budget("bytes=0.125"), warm_start="uniform:bits=4,uniform:bits=8")
+    int4, int8 = warm_start_candidates(strategy, strategy.warm_start)
+    assert set(space.weight_bits(int4)[l] for l in space.bit_searchable) == {4} and cost(int4).bytes <= strategy.limit
+    assert set(space.weight_bits(int8)[l] for l in space.bit_searchable) == {8} and cost(int8).bytes <= strategy.limit
+    assert min(int8.ratio_map.values(), default=1.0) < min(int4.ratio_map.values(), default=1.0)  # int8 pays in channels
 
 
 def _context(evaluator, study, model, data):

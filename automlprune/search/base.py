@@ -132,7 +132,8 @@ class Strategy:
         self.check_options(options)
         self.repair = self.repairs and bool(options.get("repair", True))
         """Whether the loop repairs this strategy's proposals to the budget."""
-        self.warm_start = parse_warm_start(options.get("warm_start", default_for(context.space))) if self.repairs else []
+        self.warm_start = (parse_warm_start(options.get("warm_start", default_for(context.space, self.cost_model, self.budget.metric)))
+                           if self.repairs else [])
         """One-shot strategies whose answers this search evaluates first (:mod:`automlprune.search.warm_start`)."""
         self.options = {k: v for k, v in options.items() if k not in ("repair", "warm_start")}
         self.history: list[EvalResult] = []

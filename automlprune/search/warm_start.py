@@ -6,9 +6,15 @@ can only do better. :func:`warm_start_candidates` asks each named one-shot strat
 ``global``, ``prunenet``, the Torch-Pruning anchors) for its candidate under the same budget,
 space and context; the repairing strategies (random, the Optuna samplers) evaluate them first,
 counted in their evaluation budget (Optuna enqueues them as its first trials, so the sampler
-learns from them), and evaluated exactly as the allocators answered (never repaired). Option ``warm_start``: a comma-separated list of those strategies
-(default :func:`default_for`: :data:`DEFAULT`, and ``global-magnitude`` in a space that searches
-unstructured weight densities), or ``none``.
+learns from them), and evaluated exactly as the allocators answered (never repaired).
+
+Option ``warm_start``: a comma-separated list of those strategies, each optionally with its
+options (``uniform:bits=4``, ``global-magnitude:bits=8``), or ``none``. The default
+(:func:`default_for`) is :data:`DEFAULT`, with ``global-magnitude`` in a space that searches
+unstructured weight densities; in a space that searches bits under a budget the bits change
+(bytes, BitOps), uniform quantization at :data:`QUANTIZED_BITS` comes first (``uniform:bits=8``,
+``uniform:bits=4``, and ``global-magnitude`` at each where it applies): at 1/8 of the float32
+size a width allocation at float32 keeps a tenth of the MACs, where every channel at 4 bits fits.
 """
 
 from __future__ import annotations
@@ -24,27 +30,67 @@ from automlprune.space import Candidate
 DEFAULT = "uniform,global,prunenet"
 ONE_SHOT = ("uniform", "global", "prunenet", "tp-local", "tp-global", "global-magnitude")
 """Strategies a search may start from: one proposal each, from the cost model and the weights."""
+QUANTIZED_BITS = (8, 4)
+"""The uniform weight precisions (int8, int4) a search over bits starts from, where the space offers them."""
 
 
-def default_for(space: Any) -> str:
-    """The default warm start in ``space``: :data:`DEFAULT`, plus ``global-magnitude`` where the
-    space searches unstructured weight densities (the classic sparsity allocation)."""
+def default_for(space: Any, cost_model: Any = None, metric: str | None = None) -> str:
+    """The default warm start in ``space`` for a budget in ``metric`` (module docstring)."""
     unstructured = any(p.name == "unstructured" for options in space.layer_patterns.values() for p in options)
-    return DEFAULT + (",global-magnitude" if unstructured else "")
+    names = DEFAULT.split(",") + (["global-magnitude"] if unstructured else [])
+    if cost_model is not None and metric is not None and _bits_change(space, cost_model, metric):
+        quantizers = ["uniform"] + (["global-magnitude"] if unstructured else [])
+        names = [f"{n}:bits={b}" for b in QUANTIZED_BITS if b in space.config.bit_choices for n in quantizers] + names
+    return ",".join(names)
+
+
+def _bits_change(space: Any, cost_model: Any, metric: str) -> bool:
+    """Whether ``space`` searches bits and the fewest of them lower ``metric`` (bytes and BitOps do;
+    MACs, parameters and measured latency do not)."""
+    if not space.bit_searchable:
+        return False
+    return cost_model(space.uniform(1.0, min(space.config.bit_choices)))[metric] < cost_model(space.full())[metric]
 
 
 def parse_warm_start(value: str) -> list[str]:
-    """The strategies named by a ``warm_start`` option value (``none`` or empty: no warm start)."""
-    names = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
-    unknown = [n for n in names if n not in ONE_SHOT]
-    if unknown:
-        raise ConfigError(f"warm_start names {', '.join(unknown)}, which are not one-shot allocators; use some of "
-                          f"{', '.join(ONE_SHOT)}, or none")
-    return names
+    """The allocators (each ``name`` or ``name:option=value[:option=value]``) named by a
+    ``warm_start`` option value (``none`` or empty: no warm start), checked."""
+    from automlprune.search import STRATEGIES
+
+    specs = [n.strip() for n in str(value).split(",") if n.strip() and n.strip() != "none"]
+    for spec in specs:
+        name, options = split_spec(spec)
+        if name not in ONE_SHOT:
+            raise ConfigError(f"warm_start names {name}, which is not a one-shot allocator; use some of "
+                              f"{', '.join(ONE_SHOT)} (options after a colon, e.g. uniform:bits=4), or none")
+        STRATEGIES.get(name).check_options(options)
+    return specs
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"uniform:bits=4"`` -> ``("uniform", {"bits": 4})`` (numbers read as numbers)."""
+    name, *items = [part.strip() for part in spec.split(":")]
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"warm_start entry '{spec}' has an option '{item}' without a value; write name:option=value")
+        options[key] = _number(raw)
+    return name, options
+
+
+def _number(raw: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> list[tuple[str, Candidate]]:
-    """(name, canonical candidate) of each one-shot strategy in ``names`` for ``budget`` (one that
+    """(spec, canonical candidate) of each one-shot strategy in ``names`` (specs as
+    :func:`parse_warm_start` reads them) for ``budget`` (one that
     cannot answer this budget, e.g. ``uniform`` where no single keep ratio fits, is skipped with a
     line on stderr). Each
     allocates by its own criterion's channel scores (prunenet by its reconstruction loss, through
@@ -54,17 +100,18 @@ def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> 
 
     out = []
     context = replace(context, study=None, artifacts=None)  # the allocators leave nothing in the caller's run
-    for name in names:
+    for spec in names:
+        name, options = split_spec(spec)
         cls = STRATEGIES.get(name)
         criterion = cls.evaluation.get("criterion")
         scores = context.scores_under(criterion) if criterion and context.scores_under else context.channel_scores
         try:
-            asked = cls(replace(context, channel_scores=scores), budget, seed=seed, max_evals=1).ask()
+            asked = cls(replace(context, channel_scores=scores), budget, seed=seed, max_evals=1, **options).ask()
         except ConfigError as error:  # this allocator has no answer here; the search itself still can
-            print(f"warm start: {name} is skipped: {error}", file=sys.stderr, flush=True)
+            print(f"warm start: {spec} is skipped: {error}", file=sys.stderr, flush=True)
             continue
         if asked is not None:
-            out.append((name, context.space.canonical(as_proposal(asked).candidate)))
+            out.append((spec, context.space.canonical(as_proposal(asked).candidate)))
     return out
 
 

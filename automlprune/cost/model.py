@@ -318,8 +318,9 @@ def uniform_ratio_for_budget(cost_model: CostModel, metric: str, budget: float, 
 def uniform_density_for_budget(cost_model: CostModel, metric: str, budget: float, tolerance: float = 1e-4,
                                bits: int | None = None) -> float:
     """The largest weight density d such that every sparsity-searchable layer at d (in the pattern
-    :meth:`SearchSpace.uniform` gives it: its first free one; every channel kept, every bit-searchable layer at ``bits`` when given) costs at most
-    ``budget``, by bisection on d between the space's lowest grid density and 1."""
+    :meth:`SearchSpace.uniform` gives it: its first free one; every channel kept, every
+    bit-searchable layer at ``bits`` when given) costs at most ``budget``, by bisection on d
+    between the space's lowest grid density and 1."""
     space = cost_model.space
     return _largest_uniform(lambda d: cost_model(space.uniform(1.0, bits, d))[metric], metric, budget, tolerance,
                             "uniformly sparse network", min(space.config.densities))

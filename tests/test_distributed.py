@@ -45,6 +45,7 @@ def _rank(rank: int, world: int, kind: str, rendezvous: str, out: str) -> None:
             with open(out, "w") as f:
                 json.dump({"loss": loss, "val": val, "states": gathered,
                            "state": {k: v.tolist() for k, v in state.items()}}, f)
+        dist.barrier()  # both ranks done before either tears its connections down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -78,6 +79,7 @@ def _refuse(rank: int, rendezvous: str) -> None:
     try:
         with pytest.raises(ConfigError, match="batch size 63 must be divisible by the 2 training processes"):
             Trainer(_model("plain"), load_dataset("digits"), "cpu", Recipe(epochs=1, batch_size=63, lr=0.05), progress=False)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -26,9 +26,10 @@ Several processes (``torchrun``, ``automlprune train --nproc N``): each rank tra
 every global batch and the gradients are averaged before every step (:mod:`automlprune.train.distributed`).
 
 Randomness: the data order comes from seeded generators; what draws from PyTorch's global
-generator inside the loop (dropout) runs under :func:`torch.random.fork_rng` seeded with
-``recipe.seed``, so training is reproducible and the caller's global random state is left
-as it was.
+generator inside the loop (dropout, BWCP's Gumbel noise) runs under :func:`torch.random.fork_rng`,
+seeded at the start of every epoch from ``recipe.seed`` and the epoch, so training is
+reproducible, a run resumed after an epoch draws what the uninterrupted run drew, and the
+caller's global random state is left as it was.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from automlprune.train.distributed import average_buffers, average_gradients, br
 
 SCHEDULES = ("cosine", "onecycle", "constant", "triangular")
 OPTIMIZERS = ("sgd", "adam")
+EPOCH_SEED_STRIDE = 1_000_003
+"""Epoch e of a recipe with seed s seeds PyTorch's global generator with s x stride + e."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ class Trainer:
     ``checkpoint``: a file written (atomically) after every epoch with the model, optimizer,
     schedule, history and every callback's :meth:`Callback.state_dict`; when it exists at the
     start, training resumes after its epoch, so a crash loses at most the epoch under way
-    (the file is removed once training ends). Randomness outside the seeded data order (dropout)
-    is not restored.
+    (the file is removed once training ends); the global generator is seeded per epoch, so the
+    resumed epochs draw what they would have drawn.
     Inside callbacks: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``batch_index`` (within
     the epoch), ``step`` (optimizer steps so far), ``history`` and ``log`` (a dict a callback
     fills with this epoch's figures; shown in progress lines and kept in ``history.logs``).
@@ -201,7 +204,7 @@ class Trainer:
         """Run the recipe; returns the history (the model is left in eval mode)."""
         forked = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
-            torch.manual_seed(self.recipe.seed)
+            torch.manual_seed(self.recipe.seed)  # what callbacks draw before the first epoch
             self._fit()
         return self.history
 
@@ -225,6 +228,7 @@ class Trainer:
             try:
                 for epoch in range(self.start_epoch, self.recipe.epochs):
                     self.epoch, self.log = epoch, {}
+                    torch.manual_seed(self.recipe.seed * EPOCH_SEED_STRIDE + epoch)  # what the epoch draws depends on it alone
                     self._run_epoch(epoch)
                     if self.world > 1:
                         average_buffers(self.model)

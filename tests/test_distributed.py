@@ -134,3 +134,15 @@ def test_search_refuses_several_processes_for_a_strategy_whose_ranks_would_disag
     err = capsys.readouterr().err
     assert f"strategy '{strategy}' cannot train on several processes (--nproc 2)" in err and reason in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_an_error_found_after_the_processes_start_is_one_sentence_with_exit_code_2(checkpoint, tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "automlprune", "search", "digits-cnn", "--strategy", "resrep", "--budget", "macs=0.0001",
+                           "--evals", "1", "--nproc", "2", "--run-dir", str(tmp_path / "run"), "--set", f"checkpoint={checkpoint}"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [next(line for line in done.stderr.splitlines() if line.strip())]  # one line
+    assert done.stderr.startswith("automlprune: error: budget macs=0.0001 is impossible") and "Traceback" not in done.stderr

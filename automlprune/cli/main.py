@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -158,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except AutomlpruneError as exc:
-        print(f"automlprune: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # several training processes: the same sentence once, from rank 0
+            print(f"automlprune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("automlprune: interrupted; files already written are kept", file=sys.stderr)

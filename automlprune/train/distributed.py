@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -92,14 +91,41 @@ def broadcast_object(value: Any = None) -> Any:
 
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``automlprune argv`` on ``nproc`` processes of this machine through ``torchrun``
-    (``torch.distributed.run --standalone``), the machine's cores shared out between them
-    (``OMP_NUM_THREADS``, unless set); its exit code."""
+    (``torch.distributed.run --standalone``, called in this process), the machine's cores shared
+    out between them (``OMP_NUM_THREADS``, unless set); its exit code. A rank that fails with a
+    user's error has said it in one sentence (rank 0 alone: :func:`automlprune.cli.main.main`)
+    and its exit code (2) is returned without torchrun's failure summary; any other failure adds
+    one sentence naming the rank and its exit code or signal."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be at least 1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "automlprune", *argv]
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "automlprune", *argv])
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))  # the cores shared out
-    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": threads})
+    elastic = logging.getLogger("torch.distributed.elastic")
+    saved = os.environ.get("OMP_NUM_THREADS"), elastic.level
+    os.environ["OMP_NUM_THREADS"] = threads
+    elastic.setLevel(logging.CRITICAL)  # its warnings and summary repeat what the failing rank said
+    try:
+        run(args)
+        return 0
+    except ChildFailedError as failed:
+        if any(f.exitcode == 2 for f in failed.failures.values()):  # a user's error: rank 0 said what and what to do
+            return 2
+        rank, failure = min(failed.failures.items())
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"automlprune: error: training process {rank} of {nproc} failed ({how}); its output above says why",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        elastic.setLevel(saved[1])
+        if saved[0] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[0]
 
 
 def broadcast_state(model: nn.Module) -> None:

@@ -146,3 +146,11 @@ def test_an_error_found_after_the_processes_start_is_one_sentence_with_exit_code
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [next(line for line in done.stderr.splitlines() if line.strip())]  # one line
     assert done.stderr.startswith("automlprune: error: budget macs=0.0001 is impossible") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["train", "digits-cnn"], ["search", "digits-cnn", "--strategy", "resrep", "--budget", "macs=0.5"]])
+def test_fewer_than_one_process_is_refused_in_one_sentence(command, capsys):
+    from automlprune.cli.main import main
+
+    assert main([*command, "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "automlprune: error: --nproc 0 must be at least 1"

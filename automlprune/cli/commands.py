@@ -56,12 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError("--epochs must be at least 1")
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
-    if args.nproc > 1 and not distributed.init_from_environment():  # start the N processes, each running this command
-        return distributed.launch(_without_option(args.argv, "--nproc"), args.nproc)
+    launched = _on_processes(args)
+    if launched is not None:
+        return launched
     task = _task(args)
-    distributed.init_from_environment()
     meta = train_baseline(task, resolve_device(args.device), epochs=args.epochs, progress=not args.json)
     if not distributed.is_main():
         return 0
@@ -69,6 +67,20 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"trained {task.spec.model} on {task.spec.dataset} for {meta['epochs']} epochs in {meta['train_seconds']:.0f}s: "
           f"val {_pct(meta['val_accuracy'])}, test {_pct(meta['test_accuracy'])}; saved {task.spec.checkpoint}")
     return 0
+
+
+def _on_processes(args: argparse.Namespace) -> int | None:
+    """``--nproc N`` > 1 outside ``torchrun``: run this command on N processes (torchrun) and
+    return its exit code; inside one (started here or by ``torchrun`` directly): join its
+    process group and return None, as with one process."""
+    from automlprune.train import distributed
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
+    if args.nproc > 1 and not distributed.init_from_environment():  # start the N processes, each running this command
+        return distributed.launch(_without_option(args.argv, "--nproc"), args.nproc)
+    distributed.init_from_environment()
+    return None
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -290,14 +302,14 @@ def _budgets(args: argparse.Namespace):
 
 
 def _options(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from automlprune.search.warm_start import parse_option
 
     options = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parsed = parse_option(item)
+        if parsed is None:
             raise ConfigError(f"strategy option '{item}' is not of the form key=value")
-        options[key] = yaml.safe_load(raw)
+        options[parsed[0]] = parsed[1]
     return options
 
 
@@ -358,21 +370,18 @@ def _open_run(args: argparse.Namespace, kind: str, name: str, budgets: list) -> 
 def cmd_search(args: argparse.Namespace) -> int:
     from automlprune.search import STRATEGIES
     from automlprune.search.run_dir import removed_if_left_empty
-    from automlprune.train import distributed
 
     _check_search_args(args)
     budgets, options = _budgets(args), _options(args.options)
     STRATEGIES.get(args.strategy).check_options(options)
     STRATEGIES.get(args.strategy).check_budgets(budgets)
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc} must be at least 1")
     refusal = STRATEGIES.get(args.strategy).ddp_refusal
     if args.nproc > 1 and refusal:
         raise ConfigError(f"strategy '{args.strategy}' cannot train on several processes (--nproc {args.nproc}): {refusal}; "
                           "run it without --nproc")
-    if args.nproc > 1 and not distributed.init_from_environment():  # start the N processes, each running this command
-        return distributed.launch(_without_option(args.argv, "--nproc"), args.nproc)
-    distributed.init_from_environment()  # started by torchrun directly
+    launched = _on_processes(args)
+    if launched is not None:
+        return launched
     with removed_if_left_empty(_run_dir(args, "runs", args.strategy)):
         return _search(args, budgets, options)
 

@@ -68,24 +68,26 @@ def parse_warm_start(value: str) -> list[str]:
 
 
 def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"uniform:bits=4"`` -> ``("uniform", {"bits": 4})`` (numbers read as numbers)."""
+    """``"uniform:bits=4"`` -> ``("uniform", {"bits": 4})`` (values read as ``--option`` reads them:
+    :func:`parse_option`)."""
     name, *items = [part.strip() for part in spec.split(":")]
     options: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parsed = parse_option(item)
+        if parsed is None:
             raise ConfigError(f"warm_start entry '{spec}' has an option '{item}' without a value; write name:option=value")
-        options[key] = _number(raw)
+        options[parsed[0]] = parsed[1]
     return name, options
 
 
-def _number(raw: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
+def parse_option(item: str) -> tuple[str, Any] | None:
+    """``"key=value"`` -> (key, the value read as YAML: numbers, booleans, words), or None when
+    ``item`` is not of that form: how strategy options are read, on the command line
+    (``--option``) and in warm-start entries."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    return (key, yaml.safe_load(raw)) if sep and key else None
 
 
 def one_shot_answers(context: Any, budget: Any, seed: int, names: list[str]) -> list[tuple[str, Candidate]]:

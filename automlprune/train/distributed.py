@@ -38,8 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from automlprune.errors import ConfigError
-
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, the number of processes); (0, 1) outside ``torch.distributed``."""
@@ -90,7 +88,7 @@ def broadcast_object(value: Any = None) -> Any:
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``automlprune argv`` on ``nproc`` processes of this machine through ``torchrun``
+    """Run ``automlprune argv`` on ``nproc`` (> 1) processes of this machine through ``torchrun``
     (``torch.distributed.run --standalone``, called in this process), the machine's cores shared
     out between them (``OMP_NUM_THREADS``, unless set); its exit code. A rank that fails with a
     user's error has said it in one sentence (rank 0 alone: :func:`automlprune.cli.main.main`)
@@ -101,8 +99,6 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc} must be at least 1")
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "automlprune", *argv])
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))  # the cores shared out
     elastic = logging.getLogger("torch.distributed.elastic")

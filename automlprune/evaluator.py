@@ -117,14 +117,17 @@ class Evaluator:
     """Scores candidates of ``space`` for the trained ``model`` on ``data``.
 
     The validation subset and the BN-recalibration batches (unaugmented training images,
-    chosen with ``seed``) are drawn once and kept on ``device``.
+    chosen with ``seed``) are drawn once and kept on ``device``. ``teacher``: the network
+    fine-tunes distil from (default ``model``; a pipeline's later stages pass the unpruned one).
     """
 
     def __init__(self, model: nn.Module, space: SearchSpace, data: DataSplits, settings: EvalSettings | None = None,
-                 device: torch.device | str = "cpu", seed: int = 0, cost_model: CostModel | None = None) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0, cost_model: CostModel | None = None,
+                 teacher: nn.Module | None = None) -> None:
         self.settings = settings or EvalSettings()
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.teacher = model if teacher is None else teacher.to(self.device).eval()
         self.space = space
         self.data = data
         self.seed = seed
@@ -298,7 +301,7 @@ class Evaluator:
         else:
             net, recipe = self.network(proposal, resolved), s.recipe()
             if s.distill:
-                callbacks.append(Distillation(self.model, s.distill_alpha, s.distill_temperature))
+                callbacks.append(Distillation(self.teacher, s.distill_alpha, s.distill_temperature))
         history = Trainer(net, self.data, self.device, recipe, callbacks, description="finetune", progress=progress).fit()
         histories = earlier + [history]
         return FinetuneResult(resolved.candidate, split_accuracy(net, self.data.val, self.data, self.device),

@@ -122,7 +122,7 @@ class SnapshotEnsemble:
 
     def distillation(self) -> Distillation:
         """The final phase's loss: the snapshots and the unpruned network as teachers, no cross-entropy."""
-        return Distillation(self.snapshots + [self.evaluator.model], alpha=1.0, temperature=self.settings.snapshot_temperature,
+        return Distillation(self.snapshots + [self.evaluator.teacher], alpha=1.0, temperature=self.settings.snapshot_temperature,
                             reduction="mean")
 
     def distill_recipe(self) -> Recipe:

@@ -18,7 +18,9 @@ SHIPPED = Path(__file__).resolve().parent
 """The package folder whose ``envs/`` and ``search_spaces/`` hold the shipped task and space files (package data)."""
 
 
-def _settings(cls: type, data: Any, where: str) -> Any:
+def read_settings(cls: type, data: Any, where: str) -> Any:
+    """A settings dataclass ``cls`` from a mapping, each value checked against its field's type
+    (``where`` names it in errors); absent keys keep the class defaults."""
     data = data or {}
     check_keys(data, [f.name for f in fields(cls)], where)
     kwargs = {}
@@ -113,9 +115,9 @@ class TaskSpec:
             dataset=str(dataset["name"]), dataset_options={k: v for k, v in dataset.items() if k != "name"},
             checkpoint=Path(data.get("checkpoint") or f"results/checkpoints/{name}.pt"),
             auto_train=bool(data.get("auto_train", False)), space=str(data.get("space", "default")),
-            train=_settings(TrainSettings, data.get("train"), f"{where} train"),
-            evaluation=_settings(EvalSettings, data.get("evaluation"), f"{where} evaluation"),
-            finetune=_settings(FinetuneSettings, data.get("finetune"), f"{where} finetune"),
+            train=read_settings(TrainSettings, data.get("train"), f"{where} train"),
+            evaluation=read_settings(EvalSettings, data.get("evaluation"), f"{where} evaluation"),
+            finetune=read_settings(FinetuneSettings, data.get("finetune"), f"{where} finetune"),
             strategies={str(k): dict(v) for k, v in strategies.items()},
             description=str(data.get("description", "")), source=source,
         )
@@ -131,7 +133,7 @@ class TaskSpec:
         """Inverse of :meth:`to_dict` (a run directory's saved task)."""
         data = dict(data)
         for key, settings in (("train", TrainSettings), ("evaluation", EvalSettings), ("finetune", FinetuneSettings)):
-            data[key] = _settings(settings, data.get(key), key)
+            data[key] = read_settings(settings, data.get(key), key)
         data["checkpoint"] = Path(data["checkpoint"])
         data["source"] = Path(data["source"]) if data.get("source") else None
         return cls(**data)

@@ -15,7 +15,8 @@ from automlprune.tasks import TaskSpec, list_configs, resolve_config
 def test_shipped_files_are_found_from_an_empty_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert {"digits-cnn", "fmnist-resnet20"} <= set(list_configs("envs"))
-    assert {"default", "mixed-precision", "bits-only"} <= set(list_configs("search_spaces"))
+    assert {"default", "mixed-precision", "bits-only", "kernel-sparse"} <= set(list_configs("search_spaces"))
+    assert {"two-stage-drl", "channels-then-bits"} <= set(list_configs("pipelines"))
     assert TaskSpec.load("digits-cnn").name == "digits-cnn"
 
 
@@ -33,4 +34,4 @@ def test_the_wheel_ships_the_task_and_space_files(tmp_path):
                    check=True, capture_output=True)
     wheel = next(tmp_path.glob("automlprune-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"automlprune/envs/digits-cnn.yaml", "automlprune/search_spaces/default.yaml"} <= names
+    assert {"automlprune/envs/digits-cnn.yaml", "automlprune/search_spaces/default.yaml", "automlprune/pipelines/two-stage-drl.yaml"} <= names

@@ -48,6 +48,9 @@ HAND_SIZES = [
     (Layout(64, 576, 3688, 32, block=(1, 4), blocks=922), {"bsr": 126042, "block-bitmask": 127232}, "bsr"),
     (Layout(64, 576, 8192, 32, library=8, kernels=2048), {"pconv": 281096, "bitmask": 36864 + 8192 * 32}, "pconv"),
     (Layout(64, 576, 9216, 32, largest_block=64, offsets=18432), {"darb": 313536, "bitmask": 36864 + 9216 * 32}, "darb"),
+    #   kernel, 25 % of the 4,096 3 x 3 kernels = 1,024 kept (9,216 weights): one bit per kernel 4,096 + 9,216 x 32
+    #       = 299,008 bits, under the per-weight bitmask's 36,864 + 294,912 = 331,776.
+    (Layout(64, 576, 9216, 32, kernels=1024, kernel_size=9), {"kernel-bitmask": 299008, "bitmask": 331776}, "kernel-bitmask"),
 ]
 
 
@@ -72,12 +75,12 @@ def test_break_even_densities():
 
 def _random_mask(pattern, geometry, density, seed=0):
     scores = torch.rand(geometry.rows, geometry.columns, generator=torch.Generator().manual_seed(seed))
-    return pattern.mask(scores, density), scores
+    return pattern.mask_layer(scores, density, geometry), scores
 
 
 @pytest.mark.parametrize("text,density", [("unstructured", 0.3), ("unstructured", 0.02), ("2:4", 0.5), ("1:8", 0.125),
                                           ("block:1x4", 0.25), ("block:4x4", 0.1), ("pconv", 0.3), ("pconv:4", 0.05),
-                                          ("darb", 0.3), ("darb:8", 0.02), ("darb", 1.0)])
+                                          ("darb", 0.3), ("darb:8", 0.02), ("darb", 1.0), ("kernel", 0.3), ("kernel", 0.01)])
 def test_every_format_packs_and_unpacks_exactly_at_its_size(text, density):
     pattern, geometry = parse_pattern(text), Geometry(16, 32, 9)
     mask, _ = _random_mask(pattern, geometry, density)
@@ -106,6 +109,12 @@ def test_patterns_keep_the_highest_scores_in_their_shapes():
     block = parse_pattern("block:2x4").mask(scores, 1 / 3)
     assert block.sum() == 16 and block[2:, 4:].all()  # 2 of 6 blocks: the last row of blocks, right-most two
     weight = torch.randn(8, 3, 3, 3)
+    kernels = from_matrix(parse_pattern("kernel").mask_layer(matrix_view(weight.abs()), 0.25, Geometry.of(weight)), weight.shape)
+    per_kernel = kernels.reshape(8, 3, 9)
+    assert torch.equal(per_kernel.any(-1), per_kernel.all(-1)) and int(per_kernel.all(-1).sum()) == 6  # whole kernels, 25 % of 24
+    top = weight.abs().sum(dim=(2, 3)).reshape(-1).topk(6).indices
+    assert per_kernel.all(-1).reshape(-1)[top].all()  # the six of largest summed |w|
+    assert "one weight" in parse_pattern("kernel").why_not(Geometry(8, 3, 1))  # a 1 x 1 conv or a Linear has no kernel to remove
     assert torch.equal(from_matrix(matrix_view(weight), weight.shape), weight)
     assert torch.equal(matrix_view(weight)[:, :3], weight[:, :, 0, 0])  # channels-last: consecutive columns are input channels
 

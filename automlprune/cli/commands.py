@@ -187,6 +187,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = {name: registry.metadata(name).get("description", "") for name in names}
         if args.what == "models":
             rows["torchvision:<name>"] = "any torchvision classification model, adapted to the task's channels and classes"
+    elif args.what == "pipelines":
+        from automlprune.config_files import read_yaml
+        from automlprune.tasks import resolve_config
+
+        rows = {name: str(read_yaml(resolve_config(name, "pipelines"), "pipeline").get("description", ""))
+                for name in list_configs("pipelines")}
     else:
         rows = {name: "" for name in list_configs("envs" if args.what == "envs" else "search_spaces")}
     _emit(args, rows, "\n".join(f"{k:<22} {v}".rstrip() for k, v in rows.items()))
@@ -483,6 +489,39 @@ def _compare(args: argparse.Namespace, strategies: list[str], budgets: list, opt
     command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."
     report = write_report(session, budgets, run_dir, command, notes)
     _emit(args, {"run_dir": str(run_dir), "report": str(report)}, f"wrote {report}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from automlprune.search.pipeline_spec import PipelineSpec
+    from automlprune.search.run_dir import removed_if_left_empty
+
+    if args.evals < 1:
+        raise ConfigError("--evals must be at least 1")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} is negative; give a seed of 0 or more")
+    spec = PipelineSpec.load(args.pipeline).with_final_budget(args.budget)
+    with removed_if_left_empty(_run_dir(args, "pipelines", spec.name)):
+        return _pipeline(args, spec)
+
+
+def _pipeline(args: argparse.Namespace, spec: Any) -> int:
+    from automlprune.report.pipeline import write_pipeline_report
+    from automlprune.search.pipeline import PipelineRun
+
+    session, run_dir = _open_run(args, "pipelines", spec.name, [])
+    final = spec.budget(len(spec.stages) - 1)
+    session.save_config([f"pipeline:{spec.name}"], [final], [args.seed], args.evals, None, {"pipeline": spec.to_dict()})
+    outcome = PipelineRun(session, spec, args.seed, args.evals, progress=not args.json).run()
+    payload = write_pipeline_report(session, outcome, run_dir, export=not args.no_export)
+    lines = [f"{s.index}. {s.name} ({s.strategy}, {s.budget}): validation {_pct(s.answer['accuracy'])}"
+             + (f", after {s.finetune['epochs']} fine-tune epochs {_pct(s.val_accuracy)}" if s.finetune else "")
+             + f"; {_pct(s.answer['relative']['macs'])} MACs, {_pct(s.answer['relative']['bytes'])} bytes" for s in outcome.stages]
+    lines.append(f"final network: test accuracy {_pct(outcome.final.test_accuracy)}; report {payload['report']}")
+    export = payload.get("export") or {}
+    if "packed" in export:
+        lines.append(f"  saved {export['packed']} ({export['file_bytes']:,} bytes on disk, {export['reported_bytes']:,.0f} bytes of parameters reported)")
+    _emit(args, payload, "\n".join(lines))
     return 0
 
 

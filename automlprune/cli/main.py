@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal training compute: every answer trains on E epochs of images in all, its strategy's training plus a fine-tune of the rest")
     p.add_argument("--notes", metavar="FILE", help="Markdown commentary added to the report under 'Notes' (e.g. why a strategy fell short)")
 
+    p = sub.add_parser("pipeline", help="run a compression pipeline: stages (prune, fine-tune, sparsify, quantize) of one run, "
+                                         "each searched on the network the stage before handed on")
+    _common(p)
+    p.add_argument("pipeline", metavar="PIPELINE", help="a shipped pipeline name (automlprune list pipelines) or a YAML path")
+    p.add_argument("--budget", help="the last stage's budget (replaces the file's), e.g. bytes=0.125")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage's strategy (default %(default)s)")
+    p.add_argument("--evals", type=int, default=50, help="evaluations of a stage whose file gives none (default %(default)s)")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the run directory)")
+    p.add_argument("--run-dir", help="run directory (default: results/pipelines/<task>/<pipeline>)")
+    p.add_argument("--no-export", action="store_true", help="do not save the final network")
+    p.set_defaults(space=None)
+
     p = sub.add_parser("plot", help="redraw a run's Pareto, progress and width-profile plots from its store")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
@@ -102,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default RUN_DIR/model-<budget>.<ext>)")
     p.add_argument("--storage", help="the run's Optuna storage URL, if not the SQLite file in RUN_DIR")
 
-    p = sub.add_parser("list", help="list models, datasets, criteria, strategies, envs or spaces")
-    p.add_argument("what", choices=["models", "datasets", "criteria", "weight-criteria", "formats", "strategies", "envs", "spaces"])
+    p = sub.add_parser("list", help="list models, datasets, criteria, strategies, envs, spaces or pipelines")
+    p.add_argument("what", choices=["models", "datasets", "criteria", "weight-criteria", "formats", "strategies", "envs", "spaces",
+                                    "pipelines"])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "

@@ -24,6 +24,9 @@ format                    bits                                                  
                           of L kernel patterns, I inputs per row, K' kept kernels
                           (per row its kernel count; per kernel its input channel,
                           pattern id and 4 values: PatDNN's FKW layout)
+``kernel-bitmask``        R I + K' s b (one bit per kernel, then the kept          kernel masks
+                          kernels' values) for I inputs per row, K' kept kernels
+                          of s = kh x kw weights
 ``darb``                  K b + O + R w(|B|) for the layer's limits K (kept        DARB masks
                           weights) and O (offset bits) and |B| block sizes: per
                           row its block size, per kept weight its offset in its
@@ -62,7 +65,8 @@ class Layout:
     """What a format's size depends on: ``rows`` x ``columns`` weights, ``kept`` of them, at
     ``bits`` bits each; ``run``: M of an N:M mask; ``block``: (r, c) and ``blocks``: kept blocks of
     a block mask; ``library``: the kernel-pattern library size of a PCONV mask and ``kernels``
-    its kept 3 x 3 kernels; ``largest_block``: a DARB mask's largest block and ``offsets`` its
+    its kept 3 x 3 kernels (also the kept kernels of a ``kernel`` mask, whose kernels hold
+    ``kernel_size`` weights); ``largest_block``: a DARB mask's largest block and ``offsets`` its
     offset-bit limit (None / 0 when the mask is not of that kind). For DARB ``kept`` is a limit the
     mask stays within."""
 
@@ -77,6 +81,7 @@ class Layout:
     kernels: int = 0
     largest_block: Optional[int] = None
     offsets: int = 0
+    kernel_size: Optional[int] = None
 
     @property
     def weights(self) -> int:
@@ -369,6 +374,32 @@ def _darb_unpack(arrays, layout):
     return mask, values
 
 
+# ---- kernel (whole kernels: connectivity pruning) --------------------------------------------------
+def _kernels_of(array: np.ndarray, layout: Layout) -> np.ndarray:
+    """(rows, columns) channels-last -> (rows, inputs, kernel_size) per-kernel entries."""
+    return array.reshape(layout.rows, layout.kernel_size, -1).transpose(0, 2, 1)
+
+
+def _kernel_bitmask_pack(mask, values, layout):
+    kept = _kernels_of(mask, layout).all(axis=2)
+    return {"mask": np.packbits(kept.reshape(-1), bitorder="little"),
+            "values": _packed(_kernels_of(values, layout)[kept].reshape(-1), layout.bits)}
+
+
+def _kernel_bitmask_unpack(arrays, layout):
+    inputs = layout.columns // layout.kernel_size
+    kept = np.unpackbits(arrays["mask"], bitorder="little")[: layout.rows * inputs].astype(bool).reshape(layout.rows, inputs)
+    kernels = np.zeros((layout.rows, inputs, layout.kernel_size), dtype=np.int64)
+    kernels[kept] = _read(arrays["values"], layout.bits, int(kept.sum()) * layout.kernel_size).reshape(-1, layout.kernel_size)
+    back = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(layout.rows, layout.columns)  # noqa: E731
+    return back(np.broadcast_to(kept[:, :, None], kernels.shape)), back(kernels)
+
+
+register(Format("kernel-bitmask", lambda l: l.weights // l.kernel_size + l.kernels * l.kernel_size * l.bits,
+                lambda l: l.kernel_size is not None, _kernel_bitmask_pack, _kernel_bitmask_unpack, True),
+         "one bit per kh x kw kernel, then the kept kernels' values (kernel masks): R I + K' s b")
+
+
 register(Format("darb", _darb_size, lambda l: l.largest_block is not None, _darb_pack, _darb_unpack, True),
          "DARB: per row its block size, per kept weight its offset in its block and its value (at most the layer's limits)")
 
@@ -379,14 +410,15 @@ def layout_of(pattern: Any, geometry: Any, density: float, bits: int, mask: Opti
     kept count is a limit (DARB), the layout holds the limits, or, given the layer's realized
     ``mask`` (the (rows, columns) pattern matrix), what that mask really keeps."""
     blocks = pattern.kept_blocks(geometry, density) if pattern.block else 0
-    kernels = pattern.kept_kernels(geometry, density) if pattern.library else 0
+    kernels = pattern.kept_kernels(geometry, density) if pattern.library or pattern.whole_kernels else 0
     darb = pattern.largest_block is not None
     if mask is not None and not pattern.exact_count:  # what the realized mask keeps
         kept, offsets = pattern.realized(torch.as_tensor(mask))
     else:  # the pattern's count, or its limits before the weights are known (DARB)
         kept, offsets = pattern.kept(geometry, density), pattern.offset_budget(geometry, density) if darb else 0
     return Layout(geometry.rows, geometry.columns, kept, int(bits), pattern.run, pattern.block, blocks,
-                  pattern.library, kernels, pattern.largest_for(geometry.columns) if darb else None, offsets)
+                  pattern.library, kernels, pattern.largest_for(geometry.columns) if darb else None, offsets,
+                  geometry.kernel if pattern.whole_kernels else None)
 
 
 def smallest(layout: Layout, sparse: bool = True) -> tuple[str, int]:

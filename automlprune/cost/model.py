@@ -241,6 +241,16 @@ class CostModel:
         self.latency_table = table
         self.base = self(self.space.full())
 
+    def rebase(self, reference: Costs) -> None:
+        """Measure relative costs (and bind relative budgets) against ``reference`` instead of this
+        space's full network: a pipeline's later stages search a network an earlier stage already
+        shrank, but every fraction they report or budget is of the unpruned network the pipeline
+        started from. Refused with a latency table attached (its predictions are of this network)."""
+        if self.latency_table is not None:
+            raise ConfigError("latency costs of a pipeline stage cannot be measured against the network the pipeline started from; "
+                              "budget the stage in macs, params, bytes or bitops")
+        self.base = Costs({m: reference[m] for m in reference if m in analytic_metrics()})
+
     def relative(self, candidate: Candidate) -> dict[str, float]:
         """Each cost of ``candidate`` as a fraction of the full network's (latency when a table is attached)."""
         return relative_costs(self(candidate), self.base)

@@ -36,6 +36,8 @@ for _name, _entry, _desc in [
     ("play-and-prune", "automlprune.search.play_and_prune:PlayAndPruneStrategy", "Play and Prune: an L1 pull on the weakest channels, removed below a threshold while training, at a rate an accuracy controller sets; takes accuracy_drop budgets (Singh et al., 2019)"),
     ("bwcp", "automlprune.search.bwcp:BWCPStrategy", "BWCP: batch whitening with Gumbel channel masks from activation probabilities, a budget term, folded (Shao et al., 2021)"),
     ("pconv-admm", "automlprune.search.pconv_admm:PConvADMMStrategy", "PCONV kernel patterns and connectivity pruning by ADMM, then masked retraining (Ma et al., 2020)"),
+    ("information-dropout", "automlprune.search.information_dropout:InformationDropoutStrategy",
+     "kernels pruned by learned information-dropout noise (log-uniform KL), saturated first, to the budget (Zhan et al., 2019)"),
 ]:
     STRATEGIES.register(_name, _entry, description=_desc)
 

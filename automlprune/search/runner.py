@@ -4,13 +4,14 @@ search per (strategy, seed, budget)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 import automlprune
 from automlprune.baseline import ensure_baseline
-from automlprune.cost import CostModel
+from automlprune.cost import CostModel, Costs
 from automlprune.evaluator import EvalResult, Evaluator
 from automlprune.latency_table import LatencyTable, measure_latency_table
 from automlprune.progress import Progress
@@ -24,26 +25,51 @@ from automlprune.tasks import Task
 from automlprune.train import distributed
 
 
+@dataclass(frozen=True)
+class StageInput:
+    """What a pipeline stage searches instead of the task's baseline (:mod:`automlprune.search.pipeline`):
+    ``network``, the network the earlier stages handed on (materialized, fine-tuned); ``bits`` and
+    ``sparsity``, the settings they gave its layers (:meth:`SearchSpace.carry`); ``reference``, the
+    unpruned network's costs, which every relative cost and budget is measured against;
+    ``teacher``, the unpruned network (fine-tunes distil from it); ``prefix``, put before the
+    stage's study names."""
+
+    network: nn.Module
+    bits: Mapping[str, int]
+    sparsity: Mapping[str, tuple[str, float]]
+    reference: Costs
+    teacher: nn.Module
+    prefix: str
+
+
 @dataclass
 class SearchSession:
-    """A task's baseline, space, cost model, evaluator and run store, ready to run searches."""
+    """A task's baseline, space, cost model, evaluator and run store, ready to run searches
+    (``stage``: a pipeline stage's network and frame instead of the baseline)."""
 
     task: Task
     device: torch.device
     store: RunStore
     space_name: str | None = None
     progress: bool = True
+    stage: StageInput | None = None
     model: Any = field(init=False)
 
     def __post_init__(self) -> None:
         for name, options in self.task.spec.strategies.items():
             STRATEGIES.get(name).check_options(options)
-        self.model = ensure_baseline(self.task, self.device, progress=self.progress)
+        stage = self.stage
+        self.model = ensure_baseline(self.task, self.device, progress=self.progress) if stage is None else stage.network.to(self.device)
         self.space = self.task.search_space(self.model, self.space_name)
+        if stage is not None:
+            self.space.carry(stage.bits, stage.sparsity)
         self.cost_model = CostModel(self.space, self.model)
         check_space(self.space, self.model, self.task.data.example_input(), self.cost_model)  # before any search uses it
+        if stage is not None:
+            self.cost_model.rebase(stage.reference)
+        self.teacher = None if stage is None else stage.teacher
         self.evaluator = Evaluator(self.model, self.space, self.task.data, self.task.spec.evaluation, self.device,
-                                   cost_model=self.cost_model)
+                                   cost_model=self.cost_model, teacher=self.teacher)
         self._evaluators = {self.evaluator.settings: self.evaluator}
 
     def evaluator_for(self, strategy: str) -> Evaluator:
@@ -53,7 +79,7 @@ class SearchSession:
         settings = STRATEGIES.get(strategy).evaluation_settings(self.task.spec.evaluation)
         if settings not in self._evaluators:
             self._evaluators[settings] = Evaluator(self.model, self.space, self.task.data, settings, self.device,
-                                                   cost_model=self.cost_model)
+                                                   cost_model=self.cost_model, teacher=self.teacher)
         return self._evaluators[settings]
 
     def prepare(self, budgets: Sequence[Budget]) -> None:
@@ -99,9 +125,11 @@ class SearchSession:
         self.check_budgets([budget])
         budget = budget.with_reference(self.record_unpruned())
         cls = STRATEGIES.get(strategy)
-        name = RunStore.study_name(strategy, budget.label, seed)
+        name = (self.stage.prefix if self.stage else "") + RunStore.study_name(strategy, budget.label, seed)
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
+        if self.stage is not None:
+            attrs["stage"] = self.stage.prefix.rstrip("/")
         with distributed.main_first():  # rank 0 makes the study; other training processes open it
             study = self.store.study(name, attrs if distributed.is_main() else None)
         evaluator = self.evaluator_for(strategy)

@@ -186,6 +186,9 @@ class RunSummary:
     """What ``latency_ms`` timed (``compare.TIMED``)."""
     val_accuracy: float | None = None
     """The unpruned network's validation accuracy (a fraction; the run's unpruned study only)."""
+    stage: dict[str, Any] | None = None
+    """A pipeline stage's frame: ``pipeline``, ``index`` (from 1), ``name``, ``network`` (the run
+    artifact holding the network it handed on) and the costs of its input (:mod:`automlprune.search.pipeline`)."""
 
 
 SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(RunSummary))

@@ -10,8 +10,8 @@ learns from them), and evaluated exactly as the allocators answered (never repai
 
 Option ``warm_start``: a comma-separated list of those strategies, each optionally with its
 options (``uniform:bits=4``, ``global-magnitude:bits=8``), or ``none``. The default
-(:func:`default_for`) is :data:`DEFAULT`, with ``global-magnitude`` in a space that searches
-unstructured weight densities; in a space that searches bits under a budget the bits change
+(:func:`default_for`) is :data:`DEFAULT` (in a space that prunes channels), with ``global-magnitude``
+in a space that searches unstructured weight densities; in a space that searches bits under a budget the bits change
 (bytes, BitOps), uniform quantization at :data:`QUANTIZED_BITS` comes first (``uniform:bits=8``,
 ``uniform:bits=4``, and ``global-magnitude`` at each where it applies): at 1/8 of the float32
 size a width allocation at float32 keeps a tenth of the MACs, where every channel at 4 bits fits.
@@ -37,7 +37,7 @@ QUANTIZED_BITS = (8, 4)
 def default_for(space: Any, cost_model: Any = None, metric: str | None = None) -> str:
     """The default warm start in ``space`` for a budget in ``metric`` (module docstring)."""
     unstructured = any(p.name == "unstructured" for options in space.layer_patterns.values() for p in options)
-    names = DEFAULT.split(",") + (["global-magnitude"] if unstructured else [])
+    names = (DEFAULT.split(",") if space.prunable else []) + (["global-magnitude"] if unstructured else [])
     if cost_model is not None and metric is not None and _bits_change(space, cost_model, metric):
         quantizers = ["uniform"] + (["global-magnitude"] if unstructured else [])
         names = [f"{n}:bits={b}" for b in QUANTIZED_BITS if b in space.config.bit_choices for n in quantizers] + names

@@ -92,6 +92,9 @@ class SearchSpace:
         """Layer -> the space's sparsity patterns that apply to it at full width (searched layers only)."""
         self.auto_pinned: dict[str, str] = {}
         """Groups pinned because automlprune cannot shrink them exactly: name -> why."""
+        self.carried_bits: dict[str, int] = {}
+        self.carried_sparsity: dict[str, tuple[Pattern, float]] = {}
+        """Settings an earlier stage of a pipeline gave this network's layers (see :meth:`carry`)."""
         self.pin({g.name: g.unprunable for g in self.groups if g.unprunable}, stacklevel=3)
 
     def pin(self, reasons: Mapping[str, str], stacklevel: int = 2) -> None:
@@ -112,12 +115,30 @@ class SearchSpace:
             if len(patterns) > 1:
                 self.dimensions.append(Dimension("pattern", layer, tuple(float(i) for i in range(len(patterns)))))
 
+    def carry(self, bits: Mapping[str, int], sparsity: Mapping[str, tuple[Pattern | str, float]]) -> None:
+        """Keep what an earlier stage of a pipeline decided for this (already narrower) network:
+        ``bits`` (layer -> weight bits) and ``sparsity`` (layer -> (pattern, density), a fraction
+        of the layer's weights here). A carried setting holds for every candidate on the axes this
+        space does not search for that layer (its bits when the layer is not bit-searchable, its
+        sparsity when no density is searched for it); where the space searches the axis, the
+        candidate decides, as it would on a fresh network. Costs and materialized networks include
+        carried settings (:meth:`resolve`); candidates and their keys do not (they are constant
+        for every candidate of the space)."""
+        for layer in [*bits, *sparsity]:
+            if layer not in self.quantizable:
+                raise CandidateError(f"an earlier stage set layer '{layer}', which is not a Conv2d/Linear layer of this network")
+        self.carried_bits = {layer: int(b) for layer, b in bits.items() if int(b) < 32}
+        self.carried_sparsity = {layer: (parse_pattern(p) if isinstance(p, str) else p, float(d))
+                                 for layer, (p, d) in sparsity.items() if float(d) < 1}
+
     # ---- structure -------------------------------------------------------------------------
     def _pinned_groups(self) -> set[str]:
         pinned = set(self.auto_pinned) | {g.name for g in self.groups if any(fnmatch.fnmatchcase(g.name, p) for p in self.config.pinned)}
         for pattern in self.config.pinned:
             if not any(fnmatch.fnmatchcase(g.name, pattern) for g in self.groups):
                 raise ConfigError(f"pinned pattern '{pattern}' in space '{self.config.name}' matches no group; run 'automlprune inspect' to list group names")
+        if self.config.ratios == (1.0,):  # the space keeps every channel (bits-only, sparse): no width is searched
+            pinned |= {g.name for g in self.groups}
         if self.config.pin_first and self.groups:
             first = self.layers[0].name
             pinned |= {g.name for g in self.groups if first in g.out_layers}
@@ -177,10 +198,12 @@ class SearchSpace:
 
     @property
     def fixed_bits(self) -> dict[str, int]:
-        """Bits imposed by the space regardless of the candidate (pinned first/last layers)."""
-        if self.config.pin_first_last_bits is None or len(self.config.bit_choices) < 2:
-            return {}
-        return {self.quantizable[0]: self.config.pin_first_last_bits, self.quantizable[-1]: self.config.pin_first_last_bits}
+        """Bits imposed regardless of the candidate: carried bits of layers the space does not
+        search bits for (:meth:`carry`), and the pinned first/last layers when bits are searched."""
+        out = {layer: b for layer, b in self.carried_bits.items() if layer not in self.bit_searchable}
+        if self.config.pin_first_last_bits is not None and len(self.config.bit_choices) >= 2:
+            out.update({self.quantizable[0]: self.config.pin_first_last_bits, self.quantizable[-1]: self.config.pin_first_last_bits})
+        return out
 
     @property
     def ndim(self) -> int:
@@ -215,7 +238,8 @@ class SearchSpace:
         kept = self.kept_channels(candidate)
         ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, kept) if k < g.channels}
         canonical = Candidate.make(ratios, candidate.bit_map, candidate.density_map, dict(candidate.patterns))
-        sparsity = {layer: (parse_pattern(p), d) for layer, (p, d) in candidate.sparsity().items()}
+        sparsity = {layer: setting for layer, setting in self.carried_sparsity.items() if layer not in self.layer_patterns}
+        sparsity.update({layer: (parse_pattern(p), d) for layer, (p, d) in candidate.sparsity().items()})
         return Resolved(canonical, kept, self.weight_bits(candidate), sparsity)
 
     def surviving_indices(self, kept: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
@@ -367,6 +391,9 @@ class SearchSpace:
             "quantizable_layers": self.quantizable,
             "sparsity_patterns": {layer: [p.name for p in patterns] for layer, patterns in self.layer_patterns.items()},
             "dimensions": self.ndim,
+            **({"carried": {"bits": self.carried_bits,
+                            "sparsity": {l: [p.name, d] for l, (p, d) in self.carried_sparsity.items()}}}
+               if self.carried_bits or self.carried_sparsity else {}),
         }
 
 

@@ -41,11 +41,12 @@ def sparsify_(model: nn.Module, sparsity: Mapping[str, tuple[Pattern, float]], s
     record = dict(sparsity_record(model))
     for layer, (pattern, density) in sparsity.items():
         weight = model.get_submodule(layer).weight
-        pattern.check(layer, Geometry.of(weight))
+        geometry = Geometry.of(weight)
+        pattern.check(layer, geometry)
         score = weight.abs() if scores is None or layer not in scores else scores[layer].to(weight.device)
         if score.shape != weight.shape:
             raise ValueError(f"scores of layer '{layer}' have shape {tuple(score.shape)}, its weight {tuple(weight.shape)}")
-        mask = from_matrix(pattern.mask(matrix_view(score), density), weight.shape)
+        mask = from_matrix(pattern.mask_layer(matrix_view(score), density, geometry), weight.shape)
         weight.mul_(mask)
         record[layer] = {"pattern": pattern.name, "density": float(density), "mask": mask.cpu()}
     if record:

@@ -26,6 +26,12 @@ Families (a pattern is written as in a candidate or a space file):
   density is at most 4/9. No official PCONV code exists. The pattern is cut from trained
   weights here; the ``pconv-admm`` strategy (:mod:`automlprune.search.pconv_admm`) trains the
   weights towards it by ADMM first.
+* ``kernel``: connectivity pruning of whole kernels: the kh x kw weights one output channel
+  reads from one input channel are kept or removed together, those with the highest summed
+  score kept; round(d x kernels) kernels stay (at least one). For convolutions with kernels of
+  more than one weight (a 1 x 1 convolution or a Linear layer has none: use ``unstructured``).
+  The pattern of the information-dropout stage of the two-stage DRL pipeline
+  (:mod:`automlprune.search.information_dropout`) and of PCONV's connectivity part alone.
 * ``darb`` (``darb:B``, B = 64 by default): DARB, density-adaptive regular blocks (Ren et al.,
   AAAI 2020). Each row i gets a block size b_i, a power of two up to B (and up to the row's
   length), and keeps the highest-scoring weight of each of its ceil(C / b_i) blocks of b_i
@@ -116,6 +122,8 @@ class Pattern:
     run: Optional[int] = None
     block: Optional[tuple[int, int]] = None
     library: Optional[int] = None
+    whole_kernels: bool = False
+    """True when the pattern keeps or removes whole kernels (``kernel``)."""
     largest_block: Optional[int] = None
     exact_count: bool = True
     """False when :meth:`kept` is an upper bound the mask may stay below (DARB)."""
@@ -125,7 +133,7 @@ class Pattern:
         return self.fixed_density if self.fixed_density is not None else min(density, self.max_density)
 
     def kept_kernels(self, geometry: "Geometry", density: float) -> int:
-        """Kernels kept (kernel-pattern families only)."""
+        """Kernels kept (the families that keep whole kernels: pconv, kernel)."""
         raise NotImplementedError
 
     def why_not(self, geometry: Geometry) -> Optional[str]:
@@ -154,6 +162,10 @@ class Pattern:
     def realized(self, mask: torch.Tensor) -> tuple[int, int]:
         """(weights kept, offset bits) of a mask of a pattern whose count is a limit (DARB only)."""
         raise NotImplementedError
+
+    def mask_layer(self, scores: torch.Tensor, density: float, geometry: "Geometry") -> torch.Tensor:
+        """:meth:`mask` of a layer of ``geometry`` (patterns that need the kernel size read it here)."""
+        return self.mask(scores, density)
 
     def mask(self, scores: torch.Tensor, density: float) -> torch.Tensor:
         """Boolean mask (the shape of the (rows, columns) matrix ``scores``): True = kept;
@@ -312,6 +324,39 @@ class PConv(Pattern):
         return ((chosen[:, None] >> torch.arange(9)) & 1).bool()
 
 
+class Kernel(Pattern):
+    """Whole kh x kw kernels (connectivity pruning; see the module docstring)."""
+
+    name = family = "kernel"
+    whole_kernels = True
+
+    def why_not(self, geometry):
+        if geometry.kernel < 2:
+            return "its kernels hold one weight each (a 1 x 1 convolution or a Linear layer), so there is no kernel to remove whole; give it unstructured"
+        return None
+
+    def kept_kernels(self, geometry, density):
+        return _count(density, geometry.rows * geometry.inputs)
+
+    def kept(self, geometry, density):
+        return self.kept_kernels(geometry, density) * geometry.kernel
+
+    @staticmethod
+    def kernel_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+        """The (rows, columns) channels-last matrix ``scores`` summed per kernel: (rows, inputs)."""
+        rows, columns = scores.shape
+        return scores.double().reshape(rows, kernel, columns // kernel).sum(dim=1)
+
+    def mask_layer(self, scores, density, geometry):
+        rows = scores.shape[0]
+        per_kernel = self.kernel_scores(scores, geometry.kernel)
+        keep = _top(per_kernel.reshape(-1), self.kept_kernels(geometry, density)).reshape(per_kernel.shape)
+        return keep[:, None, :].expand(rows, geometry.kernel, per_kernel.shape[1]).reshape(scores.shape)
+
+    def mask(self, scores, density):
+        raise TypeError("kernel masks need the layer's kernel size: call mask_layer")
+
+
 def block_max(scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Block-max weight masking: in each row i of the (rows, columns) ``scores``, the
     highest-scoring entry of each of its ceil(columns / sizes[i]) blocks of ``sizes[i]``
@@ -402,7 +447,7 @@ class DARB(Pattern):
         return int(sum(counts)), int(sum(k * offset_bits(by_count.get(k, 1)) for k in counts))
 
 
-FAMILIES = ("unstructured", "n:m", "block", "pconv", "darb")
+FAMILIES = ("unstructured", "n:m", "block", "pconv", "kernel", "darb")
 """The pattern families, as a space's ``sparsity.patterns`` may list them (``N:M`` and ``block:RxC`` with their sizes)."""
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -435,6 +480,8 @@ def parse_pattern(text: object) -> Pattern:
         if not 1 <= library <= 56:  # C(8, 3) = 56 centre-plus-3 shapes exist
             raise CandidateError(f"sparsity pattern '{text}' needs a library of 1 to 56 kernel patterns, such as pconv:8")
         return PConv(library)
+    if spelled == "kernel":
+        return Kernel()
     match = _DARB.match(spelled)
     if match:
         largest = int(match.group(1) or 64)
@@ -442,7 +489,7 @@ def parse_pattern(text: object) -> Pattern:
             raise CandidateError(f"sparsity pattern '{text}' needs its largest block to be a power of two of at least 2, such as darb:64")
         return DARB(largest)
     raise CandidateError(f"unknown sparsity pattern '{text}'; use unstructured, N:M (such as 2:4), block:RxC (such as block:1x4), "
-                         "pconv or darb")
+                         "pconv, kernel or darb")
 
 
 def check_density(density: object, where: str) -> float:

@@ -200,3 +200,31 @@ def test_carried_settings_hold_where_the_space_does_not_search_them(trained_digi
     assert fixed.resolve(Candidate.make()).bits["features.3"] == 4 and fixed.fixed_bits == {"features.3": 4}
     with pytest.raises(CandidateError, match="not a Conv2d/Linear"):
         fixed.carry({"nowhere": 4}, {})
+
+
+def test_compare_puts_a_pipeline_beside_single_strategies(tmp_path, checkpoint, capsys):
+    spec = {"stages": [THREE_STAGES["stages"][0], {"name": "bits", "strategy": "optuna-random", "space": "bits-only", "evals": 4,
+                                                   "finetune": 1}]}
+    pipeline, run_dir = _write(tmp_path, spec, "cb"), tmp_path / "compare"
+    args = ["compare", "digits-cnn", "--strategies", f"uniform,pipeline:{pipeline}", "--budgets", "bytes=0.3,0.2", "--evals", "3",
+            "--finetune-epochs", "1", "--run-dir", str(run_dir), "--set", f"checkpoint={checkpoint}", "--json"]
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+    rows = {(r["strategy"], r["budget"]): r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    assert set(rows) == {("uniform", "bytes=0.3"), ("uniform", "bytes=0.2"), ("pipeline:cb", "bytes=0.3"), ("pipeline:cb", "bytes=0.2")}
+    for label, limit in (("bytes=0.3", 0.3), ("bytes=0.2", 0.2)):
+        row = rows[("pipeline:cb", label)]
+        assert row["bytes_fraction"] <= limit and row["macs_fraction"] <= 0.5  # its final network, against the unpruned one
+        assert 0.5 < row["test_accuracy"] <= 1 and row["latency_ms_b1"] > 0  # fine-tuned by its stages, timed with the others
+        assert row["evaluations"] == 1 + 4  # every stage's evaluations
+        assert row["finetune_images"] > 0 and row["training_images"] > 0  # the last fine-tune, and the earlier one
+    assert "pipeline:cb" in (run_dir / "report.md").read_text()
+    assert not [n for n in optuna.get_all_study_names(f"sqlite:///{run_dir / 'study.db'}") if n.startswith("prunenet|")]  # stages stay inside
+    stage1 = next((run_dir / "pipeline").glob("stage1-*.pt"))
+    stamp = stage1.stat().st_mtime_ns
+    code, _, err = _run(args, capsys)  # a rerun serves everything from the store
+    assert code == 0, err
+    assert stage1.stat().st_mtime_ns == stamp
+    at = args.index("--finetune-epochs")
+    code, _, err = _run(args[:at] + ["--train-budget", "2"] + args[at + 2:], capsys)
+    assert code == 2 and "--train-budget" in err

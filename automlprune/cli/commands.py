@@ -465,27 +465,55 @@ def cmd_compare(args: argparse.Namespace) -> int:
     budgets, options = _budgets(args), _options(args.options)
     notes = _read_notes(args.notes)
     per_strategy = {name: _options_for(name, options, strategies) for name in strategies}
-    for name in strategies:
+    pipelines = _pipelines_of(strategies, budgets, options, args.train_budget)
+    for name in (n for n in strategies if n not in pipelines):
         STRATEGIES.get(name).check_options(per_strategy[name])
         STRATEGIES.get(name).check_budgets(budgets)
     with removed_if_left_empty(_run_dir(args, "compare", "")):
-        return _compare(args, strategies, budgets, options, per_strategy, notes)
+        return _compare(args, strategies, budgets, options, per_strategy, notes, pipelines)
+
+
+def _pipelines_of(strategies: list[str], budgets: list, options: dict[str, Any], train_budget: float | None) -> dict[str, Any]:
+    """The pipelines among a comparison's strategies (``pipeline:NAME``): name -> its spec,
+    checked with every budget as its last stage's (options for all strategies do not reach them)."""
+    from automlprune.search.pipeline import PIPELINE_PREFIX
+    from automlprune.search.pipeline_spec import PipelineSpec
+
+    out = {}
+    for name in (n for n in strategies if n.startswith(PIPELINE_PREFIX)):
+        if any(key.startswith(f"{name}.") for key in options):
+            raise ConfigError(f"{name} takes no --option: a pipeline's stages take their options from its file")
+        if train_budget is not None:
+            raise ConfigError(f"{name} fine-tunes as its file says, so --train-budget cannot equalize it; "
+                              "give every strategy the same --finetune-epochs and the pipeline's file the same epochs in all")
+        spec = PipelineSpec.load(name[len(PIPELINE_PREFIX):])
+        for budget in budgets:
+            spec.with_final_budget(budget.label)
+        out[name] = spec
+    return out
 
 
 def _compare(args: argparse.Namespace, strategies: list[str], budgets: list, options: dict[str, Any],
-             per_strategy: dict[str, dict[str, Any]], notes: str | None) -> int:
+             per_strategy: dict[str, dict[str, Any]], notes: str | None, pipelines: dict[str, Any]) -> int:
     from automlprune.search import STRATEGIES
     from automlprune.search.compare import finish_answers, write_report
+    from automlprune.search.pipeline import PipelineRun
 
     session, run_dir = _open_run(args, "compare", "", budgets)
     seeds = list(range(args.seeds))
     session.save_config(strategies, budgets, seeds, args.evals, args.time_limit, options)
+    networks = {}  # a pipeline's final network, to be timed with the other answers
     for name in strategies:
-        for seed in seeds if STRATEGIES.get(name).uses_seed else seeds[:1]:
+        for seed in seeds if name in pipelines or STRATEGIES.get(name).uses_seed else seeds[:1]:
             for budget in budgets:
-                session.run(name, budget, seed, args.evals, args.time_limit, per_strategy[name])
+                if name in pipelines:
+                    run = PipelineRun(session, pipelines[name].with_final_budget(budget.label), seed, args.evals, progress=not args.json)
+                    outcome = run.run()
+                    networks[run.record(outcome)] = outcome.network
+                else:
+                    session.run(name, budget, seed, args.evals, args.time_limit, per_strategy[name])
     epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs
-    finish_answers(session, epochs, progress=not args.json, train_budget=args.train_budget)
+    finish_answers(session, epochs, progress=not args.json, train_budget=args.train_budget, networks=networks)
     command = "automlprune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("automlprune") else f"automlprune compare {args.env} ..."
     report = write_report(session, budgets, run_dir, command, notes)
     _emit(args, {"run_dir": str(run_dir), "report": str(report)}, f"wrote {report}")

@@ -69,6 +69,26 @@ def _bound_budget(attrs: dict[str, Any], summary: RunSummary, records: list) -> 
     return budget.bind(base)
 
 
+def _evaluations(store: RunStore, study: Any, summary: RunSummary) -> tuple[list, list[float]]:
+    """A search's stored evaluations and their elapsed search times (s); for a pipeline in a
+    comparison (:meth:`~automlprune.search.pipeline.PipelineRun.record`), every stage's in order,
+    each stage's times after the stages before it."""
+    import optuna
+
+    stages = (summary.stage or {}).get("stages")
+    if not stages:
+        records = store.records(study)
+        return records, [r.elapsed_s for r in records]
+    records, elapsed, offset = [], [], 0.0
+    for name in stages:
+        stage = optuna.load_study(study_name=name, storage=store.storage)
+        mine = store.records(stage)
+        records += mine
+        elapsed += [offset + r.elapsed_s for r in mine]
+        offset += float(store.summary(stage).search_seconds or max((r.elapsed_s for r in mine), default=0.0))
+    return records, elapsed
+
+
 def collect(store: RunStore) -> list[SearchRecord]:
     """Every search of the run, in (strategy, budget, seed) order."""
     import optuna
@@ -77,11 +97,11 @@ def collect(store: RunStore) -> list[SearchRecord]:
     for name in store.study_names():
         study = optuna.load_study(study_name=name, storage=store.storage)
         attrs = study.user_attrs
-        if "strategy" not in attrs:
+        if "strategy" not in attrs or "pipeline_stage" in attrs:  # a pipeline's stages are read through the pipeline's own study
             continue
-        records = store.records(study)
         summary = store.summary(study)
-        out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, summary, records), int(attrs["seed"]),
-                                [r.result for r in records], [r.elapsed_s for r in records], summary.answer,
+        points, elapsed = _evaluations(store, study, summary)
+        out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, summary, points), int(attrs["seed"]),
+                                [r.result for r in points], elapsed, summary.answer,
                                 summary.finetune, summary.latency_ms, summary.scoring_seconds, summary.spent))
     return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

@@ -10,10 +10,11 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import optuna
+from torch import nn
 
 from automlprune.cost import METRICS, Costs, analytic_metrics
 from automlprune.export import fold_batch_norms
@@ -43,21 +44,29 @@ def finetune_for_images(settings: FinetuneSettings, images: float, train_size: i
 
 
 def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool = True,
-                   train_budget: float | None = None) -> None:
+                   train_budget: float | None = None, networks: Mapping[str, nn.Module] | None = None) -> None:
     """Fine-tune every answer of the run identically, then time every answer and the unpruned
     network together in interleaved rounds (:meth:`Evaluator.latencies`; all again when one is
     missing). Results are stored on the studies, so a rerun skips what is done.
 
     With ``train_budget`` (epochs of the training split) every answer trains on the same number
     of images in all: what its strategy trained on (``spent["training_images"]``, 0 for
-    strategies that do not train) plus a fine-tune of the rest (equal training compute)."""
+    strategies that do not train) plus a fine-tune of the rest (equal training compute).
+
+    A pipeline's answer (:meth:`~automlprune.search.pipeline.PipelineRun.record`) was fine-tuned by
+    its stages as its file says and is not fine-tuned again; ``networks`` (study name -> the
+    pipeline's final network) lets it be timed with the others."""
     base = replace(session.task.spec.finetune, epochs=finetune_epochs)
     train_size = len(session.task.data.train)
-    answered = []
+    answered, pipelines = [], []
     for record in collect(session.store):
         if not record.answer:
             continue
         study = optuna.load_study(study_name=record.study_name, storage=session.store.storage)
+        if (record.finetune or {}).get("pipeline"):
+            if networks and record.study_name in networks:
+                pipelines.append((study, networks[record.study_name]))
+            continue
         proposal = session.store.proposal(record.answer, session.model)  # trained answers start from their weights
         evaluator = session.evaluator_for(record.strategy)
         answered.append((evaluator, study, proposal))
@@ -74,14 +83,17 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                                              "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images,
                                              "strategy_images": strategy_images})
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
-    summaries = [session.store.summary(study) for _, study, _ in answered]
+    summaries = [session.store.summary(study) for _, study, _ in answered] + [session.store.summary(study) for study, _ in pipelines]
     if all(s.latency_ms and s.latency_of == TIMED for s in summaries):
         return
     # All at once, or the ratios would mix timings from different moments of a drifting machine.
     if progress:
-        print(f"timing {len(answered)} networks (the answers and the unpruned one) in interleaved rounds", file=sys.stderr, flush=True)
+        print(f"timing {len(answered) + len(pipelines)} networks (the answers and the unpruned one) in interleaved rounds",
+              file=sys.stderr, flush=True)
     nets = [fold_batch_norms(evaluator.network(proposal)) for evaluator, _, proposal in answered]
-    for (_, study, _), lat in zip(answered, session.evaluator.latencies(nets)):
+    nets += [fold_batch_norms(network) for _, network in pipelines]
+    studies = [study for _, study, _ in answered] + [study for study, _ in pipelines]
+    for study, lat in zip(studies, session.evaluator.latencies(nets)):
         session.store.update_summary(study, latency_ms={str(b): ms for b, ms in lat.items()}, latency_of=TIMED)
 
 
@@ -218,7 +230,10 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
               "plane, reference (1, 0); mean over seeds. Training: wall time a strategy spent training networks (DMCP's "
               "supernet, the training-time methods), part of its search time; images trained: the images the strategy "
               "trained on plus those of the fine-tune, the training compute behind each answer. Scoring: the one-off channel-importance scoring of the "
-              "strategy's evaluator (shared by its budgets and seeds, not counted in the search time).", ""]
+              "strategy's evaluator (shared by its budgets and seeds, not counted in the search time)."
+              + (" A pipeline (pipeline:NAME) is fine-tuned by its own stages as its file says, not by the comparison's "
+                 "fine-tune; its evaluations, search time and images trained are all its stages' together, its costs those of "
+                 "its final network against the unpruned one." if any(r["strategy"].startswith("pipeline:") for r in rows) else ""), ""]
     if tuned and baseline.get("test_accuracy") is not None and any(not r.budget.tolerance for r in records):
         tolerances = {r.budget.label for r in records if r.budget.tolerance}
         lines += _best_per_budget([r for r in rows if r["budget"] not in tolerances], baseline["test_accuracy"]) + [""]

@@ -73,6 +73,9 @@ class StageOutcome:
     test_accuracy: float
     budget_fraction: float = float("nan")
     """The budget's limit as a fraction of the unpruned network's cost."""
+    network_candidate: dict[str, Any] = field(default_factory=dict)
+    """The network this stage hands on, as a candidate of the unpruned network (:meth:`Candidate.to_dict`):
+    each group's kept channels over the unpruned network's, every layer's bits and sparsity so far."""
 
 
 @dataclass
@@ -88,6 +91,15 @@ class PipelineOutcome:
     @property
     def final(self) -> StageOutcome:
         return self.stages[-1]
+
+    @property
+    def strategy(self) -> str:
+        """The pipeline's name as a comparison lists it beside single strategies."""
+        return f"{PIPELINE_PREFIX}{self.pipeline.name}"
+
+
+PIPELINE_PREFIX = "pipeline:"
+"""How ``compare --strategies`` names a pipeline (``pipeline:two-stage-drl``)."""
 
 
 class PipelineRun:
@@ -147,7 +159,47 @@ class PipelineRun:
             resolved = session.space.resolve(session.space.canonical(_candidate(outcome.answer)))
             bits = {layer: b for layer, b in resolved.bits.items() if b < 32}
             sparsity = {layer: (p.name, d) for layer, (p, d) in resolved.sparsity.items()}
+            outcome.network_candidate = self._on_unpruned(session, resolved, bits, sparsity)
         return PipelineOutcome(self.pipeline, self.seed, outcomes, network, unpruned)
+
+    def _on_unpruned(self, session: SearchSession, resolved: Any, bits: dict[str, int],
+                     sparsity: dict[str, tuple[str, float]]) -> dict[str, Any]:
+        """A stage's output network as a candidate of the unpruned network (group names are kept
+        by materialization; a density is of the weights the narrower layer has)."""
+        from automlprune.space import Candidate
+
+        full = self.base.space.group_by_name
+        ratios = {g.name: int(kept) / full[g.name].channels for g, kept in zip(session.space.groups, resolved.kept)
+                  if int(kept) < full[g.name].channels}
+        return Candidate.make(ratios, bits, {l: d for l, (_, d) in sparsity.items()}, {l: p for l, (p, _) in sparsity.items()}).to_dict()
+
+    def record(self, outcome: PipelineOutcome) -> str:
+        """Store ``outcome`` as one search of a comparison (study ``pipeline:NAME|budget|seedS``, no
+        trials of its own): its answer is the last stage's (weights source ``pipeline``: the network
+        is the pipeline's, not a cut of the original), its evaluations those of every stage
+        (:func:`~automlprune.report.collect.collect` reads them through ``summary.stage``), its search
+        time their sum, its training every stage strategy's training and every fine-tune but the
+        last, and its fine-tune the last stage's (``finetune.pipeline`` True: compare does not
+        fine-tune it again). Returns the study name."""
+        final, budget = outcome.final, self.budgets[-1]
+        name = RunStore.study_name(outcome.strategy, budget.label, self.seed)
+        study = self.store.study(name, {"task": self.base.task.spec.name, "strategy": outcome.strategy, "budget": budget.label,
+                                        "seed": self.seed})
+        stored = self.store.study(final.study_name)
+        answer = {**final.answer, "candidate": final.network_candidate, "stage_candidate": final.answer["candidate"],
+                  "weights": {"source": "pipeline", "pipeline": self.pipeline.name, "network": final.network_path}}
+        fine_tunes = [s.finetune for s in outcome.stages if s.finetune]
+        earlier_images = sum(float(f.get("images", 0)) for f in fine_tunes) - float((final.finetune or {}).get("images", 0))
+        training = sum(s.training_images for s in outcome.stages) + earlier_images
+        finetune = {"epochs": (final.finetune or {}).get("epochs", 0), "val_accuracy": final.val_accuracy,
+                    "test_accuracy": final.test_accuracy, "images": float((final.finetune or {}).get("images", 0)),
+                    "seconds": float((final.finetune or {}).get("seconds", 0.0)), "pipeline": True,
+                    "stage_epochs": [int((s.finetune or {}).get("epochs", 0)) for s in outcome.stages]}
+        self.store.update_summary(study, bound_budget=self.store.summary(stored).bound_budget, answer=answer,
+                                  search_seconds=sum(s.seconds for s in outcome.stages), finetune=finetune,
+                                  spent={"training_images": training, "training_seconds": sum(float(f.get("seconds", 0.0)) for f in fine_tunes)},
+                                  stage={"pipeline": self.pipeline.name, "stages": [s.study_name for s in outcome.stages]})
+        return name
 
     def prefix(self, k: int) -> str:
         stage = self.pipeline.stages[k]

@@ -129,7 +129,7 @@ class SearchSession:
         attrs = {"task": self.task.spec.name, "strategy": strategy, "budget": budget.label, "seed": seed,
                  "automlprune_version": automlprune.__version__, "torch_version": str(torch.__version__)}
         if self.stage is not None:
-            attrs["stage"] = self.stage.prefix.rstrip("/")
+            attrs["pipeline_stage"] = self.stage.prefix.rstrip("/")
         with distributed.main_first():  # rank 0 makes the study; other training processes open it
             study = self.store.study(name, attrs if distributed.is_main() else None)
         evaluator = self.evaluator_for(strategy)

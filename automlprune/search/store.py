@@ -621,6 +621,9 @@ class RunStore:
         the run's artifacts into a copy of ``model`` (the original network)."""
         candidate = Candidate.from_dict(result["candidate"])
         weights = result.get("weights") or {}
+        if weights.get("source") == "pipeline":
+            raise ConfigError(f"this answer is the network of pipeline '{weights.get('pipeline')}', saved in the run as "
+                              f"{weights.get('network')}; run 'automlprune pipeline' on it to export or fine-tune it")
         if weights.get("source") != "trained":
             return Proposal(candidate)
         return Proposal(candidate, self.load_weights(weights["artifact"], copy.deepcopy(model)),

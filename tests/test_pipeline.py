@@ -228,3 +228,38 @@ def test_compare_puts_a_pipeline_beside_single_strategies(tmp_path, checkpoint, 
     at = args.index("--finetune-epochs")
     code, _, err = _run(args[:at] + ["--train-budget", "2"] + args[at + 2:], capsys)
     assert code == 2 and "--train-budget" in err
+
+
+def test_information_dropout_noise_kl_and_removal(trained_digits_model, digits):
+    from automlprune.search.base import SearchContext
+    from automlprune.search.budget import parse_budget
+    from automlprune.search.information_dropout import InformationDropoutStrategy, KernelNoise
+
+    weight = torch.randn(4, 3, 3, 3)
+    noise = KernelNoise(weight, max_alpha=0.7, init_alpha=0.05)
+    assert torch.allclose(noise.alpha(), torch.full((4, 3), 0.05))
+    assert float(noise.kl().detach()) == pytest.approx(-12 * float(torch.log(torch.tensor(0.05 / 0.701))), rel=1e-5)
+    noisy = noise.train()(weight).detach()
+    ratio = (noisy / weight).reshape(4, 3, 9)
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio)) and not torch.allclose(ratio, torch.ones_like(ratio))  # one draw per kernel
+    assert torch.equal(noise.eval()(weight), weight)  # no noise at evaluation
+
+    config = SpaceConfig(ratios=(1.0,), densities=(0.1, 0.5, 1.0), patterns=("kernel",))
+    space = SearchSpace(trained_digits_model, digits.example_input(), config)
+    context = SearchContext(space, CostModel(space), model=trained_digits_model, data=digits)
+    layers = list(space.layer_patterns)
+    assert layers == ["features.3", "features.7"]  # the 3x3 convs between the dense first and last layers
+    shapes = {l: space.layer_by_name[l] for l in layers}
+    alphas = {l: torch.rand(s.out_channels, s.in_channels, generator=torch.Generator().manual_seed(i)) * 0.5
+              for i, (l, s) in enumerate(shapes.items())}
+    alphas["features.3"][0, :3] = 0.69  # saturated (>= 0.9 x 0.7)
+    loose = InformationDropoutStrategy(context, parse_budget("bytes=1"), epochs=1)
+    kept = loose.removal(alphas)
+    assert int((~kept["features.3"]).sum()) == 3 and bool(kept["features.7"].all())  # saturated kernels go, whatever the budget
+    tight = InformationDropoutStrategy(context, parse_budget("bytes=0.6"), epochs=1)
+    kept = tight.removal(alphas)
+    assert tight.feasible(tight._densities({l: int(m.sum()) for l, m in kept.items()}))
+    threshold = max(float(alphas[l][kept[l]].max()) for l in layers)
+    assert all(bool((alphas[l][~kept[l]] >= threshold).all()) for l in layers)  # removed in decreasing order of alpha, globally
+    with pytest.raises(ConfigError, match="one kernel left"):
+        InformationDropoutStrategy(context, parse_budget("bytes=0.1"), epochs=1)

@@ -16,12 +16,14 @@ SHORT_TRAINING = {**{name: dict(batch_size=64, update_interval=2, reg_steps=40, 
                   "gate-decorator": dict(batch_size=64, p=0.1, tock_epochs=1, tock_steps=4, tick_steps=3),
                   "movement": dict(epochs=2, batch_size=64), **dict.fromkeys(("l0-anneal", "prune-while-training"), dict(epochs=2, batch_size=64)),
                   "gradual-frs": dict(epochs=2, batch_size=64, score_samples=128), "play-and-prune": dict(epochs=2, batch_size=64),
-                  "bwcp": dict(epochs=1, batch_size=64, budget_penalty=10.0), "pconv-admm": dict(epochs=1, retrain_epochs=1, batch_size=64, admm_steps=3, steps_per_epoch=8)}
+                  "bwcp": dict(epochs=1, batch_size=64, budget_penalty=10.0), "pconv-admm": dict(epochs=1, retrain_epochs=1, batch_size=64, admm_steps=3, steps_per_epoch=8),
+                  "information-dropout": dict(epochs=1, retrain_epochs=1, batch_size=64, steps_per_epoch=8)}
 """Training-time methods run the contract with a few dozen steps (tests/test_greg.py trains them longer)."""
 CONTRACT_CASES = [pytest.param(s, marks=pytest.mark.slow) if s in AGENT_TRAINING else s for s in STRATEGY_NAMES]
 BITS_ONLY = {"haq": {"macs=0.5": "bytes=0.3", "params=0.3": "bytes=0.15"}}  # channels stay whole: budgets in bytes
 SPARSE_ONLY = {**dict.fromkeys(("global-magnitude", "movement"), {"macs=0.5": "bytes=0.4", "params=0.3": "bytes=0.2"}),
-               "pconv-admm": {"macs=0.5": "bytes=0.7", "params=0.3": "bytes=0.55", "bytes=0.2": "bytes=0.5"}}  # PCONV reaches only the two 3x3 inner convs
+               "pconv-admm": {"macs=0.5": "bytes=0.7", "params=0.3": "bytes=0.55", "bytes=0.2": "bytes=0.5"},  # PCONV reaches only the two 3x3 inner convs
+               "information-dropout": {"macs=0.5": "bytes=0.7", "params=0.3": "bytes=0.6", "bytes=0.2": "bytes=0.5"}}  # whole kernels of the two 3x3 inner convs (at least 42 %)
 """Weight-sparsity methods: on a densities space, budgets in bytes."""
 
 
@@ -30,7 +32,7 @@ def sparse_space(trained_digits_model, digits):
     from automlprune.space import SearchSpace
     from automlprune.space.config import SpaceConfig
 
-    config = SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "block:1x4", "pconv"),
+    config = SpaceConfig(ratios=(1.0,), densities=(0.05, 0.1, 0.2, 0.4, 0.7, 1.0), patterns=("unstructured", "block:1x4", "pconv", "kernel"),
                          bit_choices=(4, 8, 32), pin_first_last_bits=8)
     return SearchSpace(trained_digits_model, digits.example_input(), config)
 

@@ -73,6 +73,8 @@ class StageOutcome:
     test_accuracy: float
     budget_fraction: float = float("nan")
     """The budget's limit as a fraction of the unpruned network's cost."""
+    training_seconds: float = 0.0
+    """Wall time the stage's strategy spent training (part of ``seconds``)."""
     network_candidate: dict[str, Any] = field(default_factory=dict)
     """The network this stage hands on, as a candidate of the unpruned network (:meth:`Candidate.to_dict`):
     each group's kept channels over the unpruned network's, every layer's bits and sparsity so far."""
@@ -178,8 +180,8 @@ class PipelineRun:
         trials of its own): its answer is the last stage's (weights source ``pipeline``: the network
         is the pipeline's, not a cut of the original), its evaluations those of every stage
         (:func:`~automlprune.report.collect.collect` reads them through ``summary.stage``), its search
-        time their sum, its training every stage strategy's training and every fine-tune but the
-        last, and its fine-tune the last stage's (``finetune.pipeline`` True: compare does not
+        time their sum, its training seconds its stage strategies', its images trained those of
+        every stage strategy and every fine-tune but the last, and its fine-tune the last stage's (``finetune.pipeline`` True: compare does not
         fine-tune it again). Returns the study name."""
         final, budget = outcome.final, self.budgets[-1]
         name = RunStore.study_name(outcome.strategy, budget.label, self.seed)
@@ -197,7 +199,7 @@ class PipelineRun:
                     "stage_epochs": [int((s.finetune or {}).get("epochs", 0)) for s in outcome.stages]}
         self.store.update_summary(study, bound_budget=self.store.summary(stored).bound_budget, answer=answer,
                                   search_seconds=sum(s.seconds for s in outcome.stages), finetune=finetune,
-                                  spent={"training_images": training, "training_seconds": sum(float(f.get("seconds", 0.0)) for f in fine_tunes)},
+                                  spent={"training_images": training, "training_seconds": sum(s.training_seconds for s in outcome.stages)},
                                   stage={"pipeline": self.pipeline.name, "stages": [s.study_name for s in outcome.stages]})
         return name
 
@@ -243,7 +245,8 @@ class PipelineRun:
         return StageOutcome(k + 1, stage.name, stage.strategy, budget.label, result.study_name, answer, result.evaluations,
                             float(stored.search_seconds or result.seconds), float(spent.get("training_images", 0.0)), input_costs,
                             tuned if tuned.get("epochs") else None, name, float(tuned["val_accuracy"]),
-                            float(tuned["test_accuracy"]), result.budget.fraction), network
+                            float(tuned["test_accuracy"]), result.budget.fraction,
+                            training_seconds=float(spent.get("training_seconds", 0.0))), network
 
     def _say(self, text: str) -> None:
         if self.progress:

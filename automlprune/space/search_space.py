@@ -237,7 +237,9 @@ class SearchSpace:
         self.validate(candidate)
         kept = self.kept_channels(candidate)
         ratios = {g.name: int(k) / g.channels for g, k in zip(self.groups, kept) if k < g.channels}
-        canonical = Candidate.make(ratios, candidate.bit_map, candidate.density_map, dict(candidate.patterns))
+        fixed = self.fixed_bits  # bits the space imposes whatever the candidate says: not part of its key
+        canonical = Candidate.make(ratios, {l: b for l, b in candidate.bit_map.items() if l not in fixed}, candidate.density_map,
+                                   dict(candidate.patterns))
         sparsity = {layer: setting for layer, setting in self.carried_sparsity.items() if layer not in self.layer_patterns}
         sparsity.update({layer: (parse_pattern(p), d) for layer, (p, d) in candidate.sparsity().items()})
         return Resolved(canonical, kept, self.weight_bits(candidate), sparsity)

@@ -51,6 +51,7 @@ from automlprune.space import Candidate
 from automlprune.sparsity.masks import KeepSparse, sparsify_
 from automlprune.sparsity.patterns import Kernel
 from automlprune.train import FitHistory, Recipe, Trainer
+from automlprune.train.callbacks import SeparateAdam
 from automlprune.train.trainer import Callback
 
 FLOOR = 0.001
@@ -92,8 +93,7 @@ class InformationDropout(Callback):
         self.layers, self.s, self.train_size = layers, settings, train_size
         self.noise: dict[str, KernelNoise] = {}
         self.alphas: dict[str, torch.Tensor] = {}
-        self.adam: torch.optim.Adam | None = None
-        self._adam_state: dict[str, Any] | None = None
+        self.adam = SeparateAdam(settings.alpha_lr)
 
     def on_start(self, trainer: Trainer) -> None:
         for layer in self.layers:
@@ -103,21 +103,14 @@ class InformationDropout(Callback):
             self.noise[layer] = noise
 
     def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        logits = [n.logits for n in self.noise.values()]
-        out = [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in logits)])]
-        self.adam = torch.optim.Adam(logits, lr=self.s.alpha_lr)
-        if self._adam_state is not None:
-            self.adam.load_state_dict(self._adam_state)
-        return out
+        return self.adam.split(groups, [n.logits for n in self.noise.values()])
 
     def loss(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         kl = torch.stack([n.kl() for n in self.noise.values()]).sum()
         return loss + self.s.beta * kl / self.train_size
 
     def before_step(self, trainer: Trainer) -> None:
-        if self.adam is not None:
-            self.adam.step()
-            self.adam.zero_grad(set_to_none=True)
+        self.adam.step()
 
     def after_step(self, trainer: Trainer) -> None:
         if trainer.step % 50 == 0:
@@ -130,12 +123,10 @@ class InformationDropout(Callback):
         return {"mean_alpha": float(alphas.mean()), "saturated": float((alphas >= self.s.saturation * self.s.max_alpha).float().mean())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adam": self.adam.state_dict()} if self.adam is not None else {}
+        return self.adam.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._adam_state = state.get("adam")
-        if self.adam is not None and self._adam_state is not None:
-            self.adam.load_state_dict(self._adam_state)
+        self.adam.load_state_dict(state)
 
     def on_end(self, trainer: Trainer) -> None:
         for layer, noise in self.noise.items():

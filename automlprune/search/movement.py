@@ -55,6 +55,7 @@ from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
 from automlprune.sparsity.patterns import Unstructured
 from automlprune.train import FitHistory, Recipe, Trainer
+from automlprune.train.callbacks import SeparateAdam
 from automlprune.train.trainer import Callback
 
 
@@ -134,8 +135,7 @@ class MovementPruning(Callback):
         self.masks: dict[str, MovementMask] = {}
         self.soft = settings.method == "soft"
         self.lam = 0.0  # soft movement's current L1 strength
-        self.adam: torch.optim.Adam | None = None
-        self._adam_state: dict[str, Any] | None = None
+        self.adam = SeparateAdam(settings.scores_lr) if settings.scores_optimizer_for() == "adam" else None
 
     def on_start(self, trainer: Trainer) -> None:
         for layer in self.densities:
@@ -147,18 +147,10 @@ class MovementPruning(Callback):
 
     def param_groups(self, trainer: Trainer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         scores = [m.scores for m in self.masks.values()]
-        out = []
-        for group in groups:
-            rest = [p for p in group["params"] if all(p is not q for q in scores)]
-            if rest:
-                out.append({**group, "params": rest})
-        if self.s.scores_optimizer_for() == "adam":  # the scores step in their own Adam (before_step)
-            self.adam = torch.optim.Adam(scores, lr=self.s.scores_lr)
-            if self._adam_state is not None:
-                self.adam.load_state_dict(self._adam_state)
-        else:
-            out.append({"params": scores, "lr": self.s.scores_lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False})
-        return out
+        if self.adam is not None:  # the scores step in their own Adam (before_step)
+            return self.adam.split(groups, scores)
+        out = [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in scores)])]
+        return out + [{"params": scores, "lr": self.s.scores_lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}]
 
     def _schedule(self, trainer: Trainer) -> None:
         cooling = trainer.step >= (1.0 - self.s.cooldown) * trainer.total_steps
@@ -183,7 +175,6 @@ class MovementPruning(Callback):
     def before_step(self, trainer: Trainer) -> None:
         if self.adam is not None:
             self.adam.step()
-            self.adam.zero_grad(set_to_none=True)
 
     def after_step(self, trainer: Trainer) -> None:
         self._schedule(trainer)
@@ -192,12 +183,11 @@ class MovementPruning(Callback):
             trainer.log.update(density=sum(m.density() * n for m, n in zip(self.masks.values(), sizes)) / sum(sizes))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adam": self.adam.state_dict()} if self.adam is not None else {}
+        return self.adam.state_dict() if self.adam is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._adam_state = state.get("adam")
-        if self.adam is not None and self._adam_state is not None:
-            self.adam.load_state_dict(self._adam_state)
+        if self.adam is not None:
+            self.adam.load_state_dict(state)
 
     def on_end(self, trainer: Trainer) -> None:
         for layer, mask in self.masks.items():

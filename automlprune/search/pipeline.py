@@ -42,7 +42,7 @@ from automlprune.cost import Costs, CostModel
 from automlprune.errors import ConfigError
 from automlprune.quantization import RECORD_ATTRIBUTE
 from automlprune.search.budget import Budget
-from automlprune.search.pipeline_spec import PipelineSpec, StageSpec, finetune_settings
+from automlprune.search.pipeline_spec import PipelineSpec, finetune_settings
 from automlprune.search.runner import SearchSession, StageInput
 from automlprune.search.store import RunStore
 from automlprune.sparsity.masks import SPARSITY_ATTRIBUTE, sparsity_record

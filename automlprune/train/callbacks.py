@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,39 @@ from torch.nn.utils import parametrize
 
 from automlprune.quantization import RECORD_ATTRIBUTE, WeightFakeQuant, quantize_weights_
 from automlprune.train.trainer import Callback, Trainer
+
+
+class SeparateAdam:
+    """Parameters a callback steps in an Adam of their own (a reparametrization's learned scores
+    or noise logits), kept out of the Trainer's optimizer: :meth:`split` takes them out of the
+    Trainer's parameter groups (call it from ``param_groups``), :meth:`step` from ``before_step``,
+    and the Adam's state travels in the callback's checkpoint (:meth:`state_dict`)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.adam: torch.optim.Adam | None = None
+        self._state: dict[str, Any] | None = None
+
+    def split(self, groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """``groups`` without ``params``, which this Adam steps from now on."""
+        out = [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in params)])]
+        self.adam = torch.optim.Adam(params, lr=self.lr)
+        if self._state is not None:
+            self.adam.load_state_dict(self._state)
+        return out
+
+    def step(self) -> None:
+        if self.adam is not None:
+            self.adam.step()
+            self.adam.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adam": self.adam.state_dict()} if self.adam is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state.get("adam")
+        if self.adam is not None and self._state is not None:
+            self.adam.load_state_dict(self._state)
 
 
 class Distillation(Callback):

@@ -496,6 +496,7 @@ def _pipelines_of(strategies: list[str], budgets: list, options: dict[str, Any],
 def _compare(args: argparse.Namespace, strategies: list[str], budgets: list, options: dict[str, Any],
              per_strategy: dict[str, dict[str, Any]], notes: str | None, pipelines: dict[str, Any]) -> int:
     from automlprune.search import STRATEGIES
+    from automlprune.report.pipeline import write_pipeline_report
     from automlprune.search.compare import finish_answers, write_report
     from automlprune.search.pipeline import PipelineRun
 
@@ -510,6 +511,7 @@ def _compare(args: argparse.Namespace, strategies: list[str], budgets: list, opt
                     run = PipelineRun(session, pipelines[name].with_final_budget(budget.label), seed, args.evals, progress=not args.json)
                     outcome = run.run()
                     networks[run.record(outcome)] = outcome.network
+                    write_pipeline_report(session, outcome, run_dir)  # its stages, path plot and packed network
                 else:
                     session.run(name, budget, seed, args.evals, args.time_limit, per_strategy[name])
     epochs = session.task.spec.finetune.epochs if args.finetune_epochs is None else args.finetune_epochs

@@ -5,6 +5,7 @@ bytes."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def _export(session: SearchSession, outcome: PipelineOutcome, run_dir: Path, slu
     from automlprune.quantization import RECORD_ATTRIBUTE
     from automlprune.sparsity.masks import sparsity_record
 
-    network = outcome.network.cpu().eval()
+    network = copy.deepcopy(outcome.network).cpu().eval()  # the outcome's network stays where it is
     example = session.task.data.example_input()
     out: dict[str, Any] = {"pt2": str(export_model(network, example, run_dir / f"{slug}.pt2"))}
     if sparsity_record(network) or getattr(network, RECORD_ATTRIBUTE, None):

@@ -22,6 +22,7 @@ from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
 from automlprune.search.budget import Budget
+from automlprune.search.pipeline import PIPELINE_PREFIX
 from automlprune.search.runner import SearchSession
 from automlprune.search.store import UNPRUNED_STUDY
 from automlprune.settings import EvalSettings, FinetuneSettings
@@ -184,7 +185,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     tuned = any(r["test_accuracy"] == r["test_accuracy"] for r in rows)
     if tuned:
         plot_finetuned(rows, out_dir / "finetuned.png", baseline.get("test_accuracy"))
-    epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None}
+    epochs = {r["finetune_epochs"] for r in rows if r["finetune_epochs"] is not None and not r["strategy"].startswith(PIPELINE_PREFIX)}
     budgets_used = {r["train_budget"] for r in rows if r["train_budget"] is not None}
     if budgets_used:
         images = max(budgets_used) * len(session.task.data.train)
@@ -233,7 +234,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
               "strategy's evaluator (shared by its budgets and seeds, not counted in the search time)."
               + (" A pipeline (pipeline:NAME) is fine-tuned by its own stages as its file says, not by the comparison's "
                  "fine-tune; its evaluations, search time and images trained are all its stages' together, its costs those of "
-                 "its final network against the unpruned one." if any(r["strategy"].startswith("pipeline:") for r in rows) else ""), ""]
+                 "its final network against the unpruned one; its stages are in pipeline-NAME-BUDGET-seedS.md." if any(r["strategy"].startswith(PIPELINE_PREFIX) for r in rows) else ""), ""]
     if tuned and baseline.get("test_accuracy") is not None and any(not r.budget.tolerance for r in records):
         tolerances = {r.budget.label for r in records if r.budget.tolerance}
         lines += _best_per_budget([r for r in rows if r["budget"] not in tolerances], baseline["test_accuracy"]) + [""]

@@ -14,4 +14,4 @@ BASE=results/benchmarks/fmnist-resnet20-training/baseline.pt
 automlprune compare fmnist-resnet20 --space joint \
   --strategies ddpg,optuna-tpe,pipeline:two-stage-drl,pipeline:channels-then-bits,pipeline:channels-then-haq \
   --option ddpg.mode=joint --budgets bytes=0.125,0.0625 --evals 60 --finetune-epochs 3 \
-  --set checkpoint=$BASE --run-dir $DIR "$@"
+  --notes $DIR/notes.md --set checkpoint=$BASE --run-dir $DIR "$@"

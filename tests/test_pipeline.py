@@ -183,6 +183,8 @@ def test_a_pipeline_without_a_final_budget_asks_for_one_and_unknown_names_are_re
         assert spec.stages[-1].budget == "bytes=0.125"
     with pytest.raises(ConfigError, match="not tighter"):
         PipelineSpec.load("two-stage-drl").with_final_budget("bytes=0.5")  # its kernel stage already reaches 0.35
+    mixed = {"stages": [{"strategy": "prunenet", "budget": "bytes=0.5"}, {"strategy": "uniform", "budget": "bytes=20k"}]}
+    assert PipelineSpec.from_dict(mixed).stages[1].budget == "bytes=20k"  # a fraction and an amount: compared on the network
 
 
 def test_carried_settings_hold_where_the_space_does_not_search_them(trained_digits_model, digits):

@@ -103,23 +103,27 @@ class PipelineSpec:
                 raise ConfigError(f"the last stage of pipeline '{self.name}' has no budget; give one with --budget, e.g. --budget bytes=0.125")
             return self
         final = replace(self.stages[-1], budget=budget)
-        _parse(final, f"pipeline '{self.name}' stage '{final.name}'")
+        from automlprune.search import STRATEGIES
+
+        STRATEGIES.get(final.strategy).check_budgets([_parse(final, f"pipeline '{self.name}' stage '{final.name}'")])
         spec = replace(self, stages=self.stages[:-1] + (final,))
         spec.check_budgets()
         return spec
 
     def check_budgets(self) -> None:
-        """Refuse a stage whose budget is not tighter than an earlier stage's of the same metric."""
-        seen: dict[str, tuple[float, str]] = {}
+        """Refuse a stage whose budget is not tighter than an earlier stage's of the same metric
+        (both fractions, or both amounts; a fraction and an amount are compared when the stage
+        starts, on the network)."""
+        seen: dict[tuple[str, bool], tuple[float, str]] = {}
         for stage in self.stages:
             if stage.budget is None:
                 continue
             budget = _parse(stage, f"pipeline '{self.name}' stage '{stage.name}'")
-            earlier = seen.get(budget.metric)
+            earlier = seen.get((budget.metric, budget.relative))
             if earlier is not None and budget.value >= earlier[0]:
                 raise ConfigError(f"pipeline '{self.name}' stage '{stage.name}' budget {stage.budget} is not tighter than stage "
                                   f"'{earlier[1]}''s {budget.metric}={earlier[0]:g}, which its input already meets; tighten it or drop the stage")
-            seen[budget.metric] = (budget.value, stage.name)
+            seen[(budget.metric, budget.relative)] = (budget.value, stage.name)
 
     def budget(self, k: int) -> Any:
         """The :class:`~automlprune.search.budget.Budget` of stage ``k`` (0-based)."""

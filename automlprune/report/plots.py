@@ -180,9 +180,9 @@ def plot_progress(records: list[SearchRecord], path: Path, unpruned: float | Non
     return path
 
 
-PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^", "pconv": "P", "darb": "D"}
+PATTERN_MARKERS = {"unstructured": "o", "n:m": "s", "block": "^", "pconv": "P", "kernel": "X", "darb": "D"}
 """Marker of each sparsity pattern family in the density panels (named in their titles)."""
-MARKER_WORDS = {"o": "o", "s": "□", "^": "△", "P": "+", "D": "◇"}
+MARKER_WORDS = {"o": "o", "s": "□", "^": "△", "P": "+", "X": "x", "D": "◇"}
 
 
 def profile_panels(space: SearchSpace) -> list[tuple[str, list[str]]]:

@@ -55,7 +55,7 @@ from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
 from automlprune.sparsity.patterns import Unstructured
 from automlprune.train import FitHistory, Recipe, Trainer
-from automlprune.train.callbacks import SeparateAdam
+from automlprune.train.callbacks import SeparateAdam, without
 from automlprune.train.trainer import Callback
 
 
@@ -149,8 +149,7 @@ class MovementPruning(Callback):
         scores = [m.scores for m in self.masks.values()]
         if self.adam is not None:  # the scores step in their own Adam (before_step)
             return self.adam.split(groups, scores)
-        out = [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in scores)])]
-        return out + [{"params": scores, "lr": self.s.scores_lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}]
+        return without(groups, scores) + [{"params": scores, "lr": self.s.scores_lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}]
 
     def _schedule(self, trainer: Trainer) -> None:
         cooling = trainer.step >= (1.0 - self.s.cooldown) * trainer.total_steps

@@ -13,6 +13,11 @@ from automlprune.quantization import RECORD_ATTRIBUTE, WeightFakeQuant, quantize
 from automlprune.train.trainer import Callback, Trainer
 
 
+def without(groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with ``params`` taken out (groups left empty are dropped)."""
+    return [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in params)])]
+
+
 class SeparateAdam:
     """Parameters a callback steps in an Adam of their own (a reparametrization's learned scores
     or noise logits), kept out of the Trainer's optimizer: :meth:`split` takes them out of the
@@ -26,7 +31,7 @@ class SeparateAdam:
 
     def split(self, groups: list[dict[str, Any]], params: list[torch.Tensor]) -> list[dict[str, Any]]:
         """``groups`` without ``params``, which this Adam steps from now on."""
-        out = [{**g, "params": rest} for g in groups if (rest := [p for p in g["params"] if all(p is not q for q in params)])]
+        out = without(groups, params)
         self.adam = torch.optim.Adam(params, lr=self.lr)
         if self._state is not None:
             self.adam.load_state_dict(self._state)

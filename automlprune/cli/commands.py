@@ -278,6 +278,20 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                        overrides=args.overrides, progress=not args.json)
         _emit(args, report, f"wrote {out / 'signals.md'}")
         return 0
+    if args.suite == "latency":
+        from automlprune.benchmarks.latency import ROUND_TO, SUBJECTS, TARGETS, run_latency_benchmark
+
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else list(SUBJECTS)
+        try:
+            steps = tuple(int(s) for s in args.round_to.split(",") if s.strip()) if args.round_to else ROUND_TO
+        except ValueError:
+            steps = ()
+        if not steps or min(steps) < 2:
+            raise ConfigError("--round-to must list whole numbers of channels of at least 2, e.g. 8,16")
+        report = run_latency_benchmark(out, subjects, targets.get("targets", TARGETS), steps, random=args.candidates or 4,
+                                       progress=not args.json)
+        _emit(args, report, f"wrote {out / 'report.md'}")
+        return 0
     if args.suite == "models":
         from automlprune.benchmarks.models import CANDIDATES, FAMILIES, run_models_benchmark
 

@@ -120,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
     p = sub.add_parser("benchmark", help="benchmarks that write reports: the engine (cost model, evaluator, latency), "
-                                         "the importance criteria, or the coverage of torchvision CNN families")
+                                         "the importance criteria, the coverage of torchvision CNN families, where pruned "
+                                         "networks spend their CPU time, ...")
     _common(p, env=False)
-    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity", "chaos", "workers"], default="engine",
+    p.add_argument("--suite", choices=["engine", "criteria", "models", "signals", "sparsity", "chaos", "workers", "latency"],
+                   default="engine",
                    help="which benchmark (default %(default)s)")
     p.add_argument("--families", help="models suite: comma-separated torchvision model names (default: one per family)")
     p.add_argument("--env", default=None, help="task of the criteria, signals, sparsity and chaos suites (default fmnist-resnet20; chaos: digits-cnn)")
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: results/runs/benchmark-<suite>)")
     p.add_argument("--candidates", type=int, default=None,
                    help="random candidates per measurement (engine suite: timed, default 30; models suite: checked, default 3; "
-                        "signals suite: random allocations per budget beside the allocators', default 8)")
+                        "signals suite: random allocations per budget beside the allocators', default 8; "
+                        "latency suite: random allocations whose latency the table predicts, default 4)")
     p.add_argument("--quick", action="store_true", help="a small model and few repeats (for smoke tests)")
     p.add_argument("--sizes", help="sparsity suite: comma-separated fractions of the float32 size (default 0.25,0.125,0.0625)")
     p.add_argument("--arms", help="sparsity suite: comma-separated arms (default: all: channels, bits, unstructured, 2:4, block:1x4, pconv, darb, joint)")
@@ -144,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=int, default=20, help="chaos suite: SIGKILLs spread over the strategies (default %(default)s)")
     p.add_argument("--strategies", help="chaos suite: comma-separated strategies (default random, optuna-tpe, greedy, ppo, dmcp, l0-anneal)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="sparsity suite: epochs of the identical fine-tune (default %(default)s)")
-    p.add_argument("--macs", help="criteria and signals suites: comma-separated MACs fractions to prune to "
-                                  "(default 0.7,0.5,0.3 and 0.5,0.3)")
+    p.add_argument("--macs", help="criteria, signals and latency suites: comma-separated MACs fractions to prune to "
+                                  "(default 0.7,0.5,0.3; 0.5,0.3; 0.5)")
+    p.add_argument("--subjects", help="latency suite: comma-separated tasks or torchvision:NAME@PIXELS "
+                                      "(default fmnist-resnet20,torchvision:mobilenet_v2@64,fmnist-vgg11)")
+    p.add_argument("--round-to", help="latency suite: comma-separated channel alignments of the rounded prunings (default 8,16)")
     return parser
 
 

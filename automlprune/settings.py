@@ -57,6 +57,9 @@ class EvalSettings:
     ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
     first N validation samples (None = all). criterion: which channels survive;
     criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
+    latency_batch_sizes: the batch sizes reports time answers at. latency_batch: the batch size a
+    latency budget is measured and predicted at (its per-layer table's; 1 = one image at a time,
+    the default; 64 for a throughput budget).
     reconstruction: "none", or "least_squares" to fold removed channels into the kept ones at
     the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's).
     screening: multi-fidelity search (see :mod:`automlprune.search.screening`): each proposal is
@@ -75,6 +78,7 @@ class EvalSettings:
     criterion: str = "l1"
     criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
     latency_batch_sizes: tuple[int, ...] = (1, 64)
+    latency_batch: int = 1
     reconstruction: str = "none"
     screening: float | None = None
     screening_keep: float = 1 / 3
@@ -84,7 +88,7 @@ class EvalSettings:
         check_ranges(self, {"screening": (lambda v: 0 < v < 1, "must be a fraction in (0, 1), or null for no screening"),
                             "screening_keep": (lambda v: 0 < v <= 1, "must be a fraction in (0, 1]"),
                             "batch_size": AT_LEAST_ONE, "val_samples": AT_LEAST_ONE, "bn_batches": NOT_NEGATIVE,
-                            "bn_batch_size": AT_LEAST_ONE,
+                            "bn_batch_size": AT_LEAST_ONE, "latency_batch": AT_LEAST_ONE,
                             "criterion_combine": (lambda v: v in ("sum", "max", "mean"), "must be sum, max or mean"),
                             "latency_batch_sizes": (lambda v: len(v) > 0 and all(isinstance(b, int) and b >= 1 for b in v),
                                                     "must list whole numbers of at least 1"),

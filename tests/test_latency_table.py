@@ -70,6 +70,16 @@ def test_latency_budget_search_answers_within_the_predicted_budget(tmp_path, cap
     code = main(["search", "digits-cnn", "--strategy", "random", "--budget", "latency=0.97", "--evals", "5", "--run-dir", str(run),
                  "--set", f"checkpoint={checkpoint}", "--no-export", "--json"])
     assert code == 0  # resumed with the saved table
+    assert LatencyTable.load(run / "latency_table.json").batch_size == 1
+    code = main(["search", "digits-cnn", "--strategy", "random", "--budget", "latency=0.97", "--evals", "3", "--run-dir", str(run),
+                 "--set", f"checkpoint={checkpoint}", "--set", "evaluation.latency_batch=16", "--no-export", "--json"])
+    assert code == 2 and "latency_batch" in capsys.readouterr().err  # another meaning of latency: another run directory
+    other = tmp_path / "run16"
+    code = main(["search", "digits-cnn", "--strategy", "random", "--budget", "latency=0.97", "--evals", "3", "--run-dir", str(other),
+                 "--set", f"checkpoint={checkpoint}", "--set", "evaluation.latency_batch=16", "--no-export", "--json"])
+    capsys.readouterr()
+    assert code in (0, 2)  # 2: impossible at this batch on this machine, said clearly
+    assert LatencyTable.load(other / "latency_table.json").batch_size == 16
 
 
 def test_networks_are_timed_in_interleaved_rounds_and_keep_their_median(monkeypatch):

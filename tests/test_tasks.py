@@ -5,7 +5,7 @@ from automlprune.tasks import Task, TaskSpec, apply_overrides, list_configs
 
 
 def test_shipped_tasks_parse():
-    for name in ("digits-cnn", "fmnist-resnet20", "fmnist-vgg11", "cifar10-resnet56"):
+    for name in ("digits-cnn", "fmnist-resnet20", "fmnist-vgg11", "fmnist-mobilenetv2", "cifar10-resnet56"):
         spec = TaskSpec.load(name)
         assert spec.name == name and spec.checkpoint.name == f"{name}.pt"
     assert {"default", "hw-friendly", "mixed-precision"} <= set(list_configs("search_spaces"))

@@ -56,7 +56,7 @@ from torch import nn
 
 from automlprune.errors import ConfigError
 
-SUBJECTS = ("fmnist-resnet20", "torchvision:mobilenet_v2@64", "fmnist-vgg11")
+SUBJECTS = ("fmnist-resnet20", "fmnist-mobilenetv2", "fmnist-vgg11")
 """Default subjects: the issue's ResNet-20, MobileNetV2 and VGG."""
 TARGETS = (0.5,)
 """Default MACs fractions of the uniform prunings."""

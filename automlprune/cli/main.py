@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--macs", help="criteria, signals and latency suites: comma-separated MACs fractions to prune to "
                                   "(default 0.7,0.5,0.3; 0.5,0.3; 0.5)")
     p.add_argument("--subjects", help="latency suite: comma-separated tasks or torchvision:NAME@PIXELS "
-                                      "(default fmnist-resnet20,torchvision:mobilenet_v2@64,fmnist-vgg11)")
+                                      "(default fmnist-resnet20,fmnist-mobilenetv2,fmnist-vgg11)")
     p.add_argument("--round-to", help="latency suite: comma-separated channel alignments of the rounded prunings (default 8,16)")
     return parser
 

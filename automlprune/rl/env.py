@@ -338,5 +338,6 @@ def make_layer_width_env(task: str | None = None, budget: str | Budget = "macs=0
         from automlprune.latency_table import measure_latency_table
 
         evaluator.cost_model.attach_latency_table(
-            measure_latency_table(evaluator.model, evaluator.space, evaluator.device, progress=False))
+            measure_latency_table(evaluator.model, evaluator.space, evaluator.device, evaluator.settings.latency_batch,
+                                  progress=False))
     return LayerWidthEnv(evaluator, wanted, **kwargs)

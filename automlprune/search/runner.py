@@ -84,14 +84,16 @@ class SearchSession:
 
     def prepare(self, budgets: Sequence[Budget]) -> None:
         """Attach the latency table when a budget needs it: reloaded from the run directory (so a
-        resumed run keeps its numbers), else measured once (batch 1, this device) and saved there."""
+        resumed run keeps its numbers), else measured once (at the evaluation's ``latency_batch``,
+        on this device) and saved there."""
         if self.cost_model.latency_table is not None or all(b.metric != "latency" for b in budgets):
             return
-        path = self.store.run_dir / "latency_table.json"
+        batch = self.evaluator.settings.latency_batch
+        path = self.store.run_dir / "latency_table.json"  # one per run: the evaluation settings, batch included, are the run's
         with distributed.main_first():  # several training processes: rank 0 measures, the others read its table
             table = LatencyTable.load(path) if path.is_file() else None
-            if table is None or table.device != str(self.device):
-                table = measure_latency_table(self.model, self.space, self.device, progress=self.progress)
+            if table is None or table.device != str(self.device) or table.batch_size != batch:
+                table = measure_latency_table(self.model, self.space, self.device, batch_size=batch, progress=self.progress)
                 table.save(path)
         self.cost_model.attach_latency_table(table)
 

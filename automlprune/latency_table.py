@@ -5,9 +5,15 @@ padding and input size) over a grid of kept input and output widths — the spac
 ratios applied to each dimension — on the target device and batch size. A candidate's
 latency is then ``overhead + sum over layers of the time interpolated (bilinearly) at its
 kept widths``. The overhead (batch norm, activations, additions, pooling, dispatch) is what
-the layer sum misses on two networks measured whole — the unpruned one and the space's
-smallest — and is interpolated linearly in the candidate's MACs fraction between them.
-This is the lookup-table approach of NetAdapt and AMC's latency variant.
+the layer sum misses on networks measured whole. It grows with the activations the network
+writes, not with its MACs (an elementwise layer's time is proportional to its output; a
+pruned layer keeps a larger fraction of its outputs than of its MACs), so it is fitted as
+``fixed + per-element cost x activation elements`` (the sum over Conv/Linear/BN layers of kept
+output channels x output positions) by least squares on :data:`CALIBRATION` networks: the
+unpruned one, the space's smallest, uniform prunings and seeded random allocations. Tables
+saved before the fit existed interpolate the overhead linearly in the MACs fraction between
+the unpruned and the smallest network (which over-predicted irregular allocations of ResNet-20
+by 13-24%). This is the lookup-table approach of NetAdapt and AMC's latency variant.
 """
 
 from __future__ import annotations
@@ -67,9 +73,15 @@ class LatencyTable:
     info: dict[str, Any] = field(default_factory=dict)
     small_overhead_ms: float | None = None
     small_macs_fraction: float = 0.0
+    overhead_fit: tuple[float, float] | None = None
+    """(fixed ms, ms per million activation elements) of the overhead; None in older tables."""
 
-    def overhead(self, macs_fraction: float) -> float:
-        """Overhead (ms) at a MACs fraction: linear between the smallest and the full network."""
+    def overhead(self, macs_fraction: float, activations: float | None = None) -> float:
+        """Overhead (ms) of a network writing ``activations`` elements (the fit), or, in a table
+        without the fit, at a MACs fraction: linear between the smallest and the full network."""
+        if self.overhead_fit is not None and activations is not None:
+            fixed, per_million = self.overhead_fit
+            return max(0.0, fixed + per_million * activations / 1e6)
         if self.small_overhead_ms is None or self.small_macs_fraction >= 1:
             return self.overhead_ms
         t = (macs_fraction - self.small_macs_fraction) / (1 - self.small_macs_fraction)
@@ -84,23 +96,26 @@ class LatencyTable:
                 total += max(table(i, o), 0.0)
         return total
 
-    def predict(self, names: list[str], kept_in: np.ndarray, kept_out: np.ndarray, macs_fraction: float = 1.0) -> float:
+    def predict(self, names: list[str], kept_in: np.ndarray, kept_out: np.ndarray, macs_fraction: float = 1.0,
+                activations: float | None = None) -> float:
         """Latency (ms) of a network whose layer ``names[i]`` keeps ``kept_in[i]`` inputs and
-        ``kept_out[i]`` outputs, ``macs_fraction`` of the unpruned MACs."""
-        return self.overhead(macs_fraction) + self.layer_sum(names, kept_in, kept_out)
+        ``kept_out[i]`` outputs, ``macs_fraction`` of the unpruned MACs, writing ``activations``
+        elements per image (:meth:`overhead`)."""
+        return self.overhead(macs_fraction, activations) + self.layer_sum(names, kept_in, kept_out)
 
     # ---- persistence -----------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps({"layers": {n: {"inputs": t.inputs, "outputs": t.outputs, "ms": t.ms} for n, t in self.layers.items()},
                            "overhead_ms": self.overhead_ms, "device": self.device, "batch_size": self.batch_size,
                            "info": self.info, "small_overhead_ms": self.small_overhead_ms,
-                           "small_macs_fraction": self.small_macs_fraction}, indent=1)
+                           "small_macs_fraction": self.small_macs_fraction, "overhead_fit": self.overhead_fit}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "LatencyTable":
         data = json.loads(text)
         return cls({n: LayerTable(**t) for n, t in data["layers"].items()}, data["overhead_ms"], data["device"],
-                   data["batch_size"], data.get("info", {}), data.get("small_overhead_ms"), data.get("small_macs_fraction", 0.0))
+                   data["batch_size"], data.get("info", {}), data.get("small_overhead_ms"), data.get("small_macs_fraction", 0.0),
+                   tuple(data["overhead_fit"]) if data.get("overhead_fit") else None)
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())
@@ -145,25 +160,52 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
             ms = [[v[0]] for v in ms]
             outs = [info.out_channels]
         layers[info.name] = LayerTable(ins, outs, ms)
-    shape = tuple(space.example_input.shape[1:])
-    full = measure_latency(model, shape, (batch_size,), device, warmup=5, repeats=max(20, 3 * repeats))[batch_size]
     from automlprune.cost import CostModel
+    from automlprune.latency import measure_latencies
     from automlprune.materialize import materialize
 
     cost = CostModel(space)
-    smallest = space.smallest()
-    small = measure_latency(materialize(model, smallest, space), shape, (batch_size,), device, warmup=5,
-                            repeats=max(20, 3 * repeats))[batch_size]
+    calibration = calibration_candidates(space)
+    shape = tuple(space.example_input.shape[1:])
+    nets = [model] + [materialize(model, c, space).eval() for c in calibration[1:]]
+    measured = [m[batch_size] for m in measure_latencies(nets, shape, (batch_size,), device, rounds=3, repeats=max(10, repeats))]
     names = cost.layer_names
-
-    def widths(candidate: Any) -> tuple[np.ndarray, np.ndarray]:
-        out = cost.from_kept(space.kept_channels(candidate).astype(float))
-        return out["kept_in"], out["kept_out"]
-
     table = LatencyTable(layers, 0.0, str(device), batch_size,
-                         {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "full_measured_ms": full,
-                          "smallest_measured_ms": small, "seconds": time.perf_counter() - start})
-    table.overhead_ms = max(0.0, full - table.layer_sum(names, *widths(space.full())))
-    table.small_overhead_ms = max(0.0, small - table.layer_sum(names, *widths(smallest)))
-    table.small_macs_fraction = cost(smallest)["macs"] / cost.base["macs"]
+                         {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "full_measured_ms": measured[0],
+                          "smallest_measured_ms": measured[1], "calibration_measured_ms": measured,
+                          "seconds": time.perf_counter() - start})
+    features, residuals = [], []
+    for candidate, ms in zip(calibration, measured):
+        out = cost.from_kept(space.kept_channels(candidate).astype(float))
+        features.append(cost.activations(out) / 1e6)
+        residuals.append(ms - table.layer_sum(names, out["kept_in"], out["kept_out"]))
+    table.overhead_ms, table.small_overhead_ms = max(0.0, residuals[0]), max(0.0, residuals[1])
+    table.small_macs_fraction = cost(calibration[1])["macs"] / cost.base["macs"]
+    table.overhead_fit = fit_overhead(np.array(features), np.array(residuals))
+    table.info["calibration_activations_m"] = features
     return table
+
+
+CALIBRATION = 6
+"""Networks measured whole to fit the overhead: the unpruned one, the space's smallest, uniform
+prunings at 3/4 and 1/2 of the widths and two seeded random allocations."""
+
+
+def calibration_candidates(space: Any, seed: int = 0) -> list[Any]:
+    """The :data:`CALIBRATION` candidates (unpruned first, smallest second)."""
+    from automlprune.space import Candidate
+
+    rng = np.random.default_rng(seed)
+    randoms = [Candidate.make({g: float(rng.uniform(space.config.ratios[0], 1.0)) for g in space.prunable}) for _ in range(2)]
+    return [space.full(), space.smallest(), space.uniform(0.75), space.uniform(0.5), *randoms]
+
+
+def fit_overhead(activations_m: np.ndarray, residual_ms: np.ndarray) -> tuple[float, float]:
+    """(fixed ms, ms per million elements): least squares of the residuals on the activations,
+    the slope at least 0 (an overhead never shrinks as a network writes more)."""
+    if len(activations_m) < 2 or np.ptp(activations_m) == 0:
+        return float(max(0.0, residual_ms.mean())), 0.0
+    slope, fixed = np.polyfit(activations_m, residual_ms, 1)
+    if slope < 0:
+        return float(max(0.0, residual_ms.mean())), 0.0
+    return float(fixed), float(slope)

@@ -1,7 +1,9 @@
 """The per-layer latency table and latency budgets."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -9,7 +11,7 @@ from automlprune.cli.main import main
 from automlprune.cost import CostModel
 from automlprune.errors import ConfigError
 from automlprune.latency import measure_latencies
-from automlprune.latency_table import LatencyTable, measure_latency_table
+from automlprune.latency_table import CALIBRATION, LatencyTable, calibration_candidates, fit_overhead, measure_latency_table
 from automlprune.rl.env import LayerWidthEnv
 
 
@@ -18,18 +20,37 @@ def table(trained_digits_model, digits_space):
     return measure_latency_table(trained_digits_model, digits_space, repeats=3, progress=False)
 
 
-def test_table_reproduces_its_two_anchor_measurements(table, trained_digits_model, digits_space):
+def test_table_fits_its_overhead_on_the_activations_of_the_networks_it_measured(table, trained_digits_model, digits_space):
     cost = CostModel(digits_space, trained_digits_model)
     assert "latency" not in cost.base
     cost.attach_latency_table(table)
-    assert cost.base["latency"] == pytest.approx(table.info["full_measured_ms"], rel=1e-9)
-    smallest = cost(digits_space.smallest())["latency"]
-    if table.small_overhead_ms > 0:
-        assert smallest == pytest.approx(table.info["smallest_measured_ms"], rel=1e-9)
-    else:  # on a loaded machine the layers timed alone can add up to more than the whole: overhead clamped at 0
-        assert smallest >= table.info["smallest_measured_ms"]
+    fixed, per_million = table.overhead_fit
+    assert per_million >= 0
+    full = cost.from_kept(digits_space.kept_channels(digits_space.full()).astype(float))
+    layers = table.layer_sum(cost.layer_names, full["kept_in"], full["kept_out"])
+    assert cost.base["latency"] == pytest.approx(max(0.0, fixed + per_million * cost.activations(full) / 1e6) + layers, rel=1e-9)
+    measured = table.info["calibration_measured_ms"]
+    predicted = [cost(c)["latency"] for c in calibration_candidates(digits_space)]
+    assert len(predicted) == len(measured) == CALIBRATION
+    # a least-squares line through the calibration networks: its errors average out (noise of a busy machine allowed)
+    assert abs(sum(predicted) - sum(measured)) / sum(measured) < 0.15
     assert set(table.layers) == {l.name for l in digits_space.layers if l.kind != "bn"}
     assert cost.relative(digits_space.uniform(0.5))["latency"] > 0
+
+
+def test_overhead_fit_recovers_a_line_and_never_shrinks_with_more_activations():
+    fixed, slope = fit_overhead(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.7, 0.9]))
+    assert fixed == pytest.approx(0.3) and slope == pytest.approx(0.2)
+    assert fit_overhead(np.array([1.0, 2.0]), np.array([0.9, 0.5])) == (pytest.approx(0.7), 0.0)
+    assert fit_overhead(np.array([1.0]), np.array([0.4])) == (pytest.approx(0.4), 0.0)
+
+
+def test_tables_saved_before_the_fit_interpolate_in_macs(table, digits_space):
+    old = replace(table, overhead_fit=None, small_overhead_ms=0.1, overhead_ms=0.3, small_macs_fraction=0.2)
+    assert old.overhead(0.6, activations=123.0) == pytest.approx(0.2)
+    data = json.loads(table.to_json())
+    del data["overhead_fit"]
+    assert LatencyTable.from_json(json.dumps(data)).overhead_fit is None
 
 
 def test_table_round_trips_through_json(table, tmp_path, digits_space):

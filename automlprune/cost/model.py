@@ -233,8 +233,15 @@ class CostModel:
         values = {name: float(out[name]) for name in analytic_metrics()}
         if self.latency_table is not None:
             values["latency"] = self.latency_table.predict(self.layer_names, out["kept_in"], out["kept_out"],
-                                                           values["macs"] / self.base["macs"])  # set before a table can be attached
+                                                           values["macs"] / self.base["macs"],  # set before a table can be attached
+                                                           self.activations(out))
         return Costs(values)
+
+    def activations(self, out: Mapping[str, Any]) -> float:
+        """Activation elements one image makes the network write (every Conv/Linear/BN layer's kept
+        output channels x output positions), from :meth:`from_kept`'s result: what elementwise
+        layers' time grows with."""
+        return float(np.sum(np.asarray(out["kept_out"], dtype=np.float64) * self.positions))
 
     def attach_latency_table(self, table: Any) -> None:
         """Predict latency (the ``latency`` metric) with ``table`` from now on."""

@@ -89,8 +89,6 @@ def test_bwcp_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_s
     monkeypatch.setattr(bwcp, "differentiable_metrics", lambda: ["macs"])  # as latency is, in a real run
     with pytest.raises(ConfigError, match="bwcp's budget term needs a differentiable cost; a params budget is not one"):
         search_with(tmp_path / "a", BWCPStrategy, trained_digits_model, digits_space, digits, "params=0.5")
-    with pytest.raises(ConfigError, match="bwcp prunes internal groups only"):
-        search_with(tmp_path / "b", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", groups="all")
     with pytest.raises(ConfigError, match="budget_loss 'magic' is unknown"):
         search_with(tmp_path / "c", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", budget_loss="magic")
 
@@ -111,3 +109,37 @@ def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path,
                                        "macs=0.5", **options)
     assert again.spent["resumed_after_epoch"] >= 1 and again.spent["training_steps"] == whole.spent["training_steps"]
     assert outcome.answer.candidate == whole_outcome.answer.candidate
+
+
+def test_residual_groups_share_one_mask_and_the_materialized_network_computes_the_trained_one(tmp_path, digits):
+    from automlprune.models import build_model
+    from automlprune.nn.randomize import randomize_norms
+    from automlprune.space import SearchSpace
+
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("resnet20", 10, 1), 0)
+    space = SearchSpace(model, digits.example_input())
+    residual = [g for g in space.prunable
+                if sum(m.dim == "out" and space.layer_by_name[m.layer].has_weights for m in space.group_by_name[g].members) > 1]
+    assert residual  # the stem's and the downsampling blocks' streams
+    strategy, outcome, evaluator, store = search_with(tmp_path, BWCPStrategy, model, space, digits, "macs=0.5", groups="all",
+                                                  epochs=1, steps_per_epoch=15, budget_penalty=10.0, lr=0.05)
+    assert set(residual) <= set(strategy.groups)
+    members = {}
+    for producer, feature, w in strategy.members:
+        group = next(g for g in strategy.groups if any(m.layer == feature for m in space.group_by_name[g].members))
+        members.setdefault(group, []).append(w)
+    for group in residual:
+        leader, *followers = members[group]
+        assert followers and all(w.leader is leader for w in followers) and leader.leader is None
+        assert all(torch.equal(w.hard_mask(), leader.hard_mask()) for w in followers)  # one mask per group
+    answer = outcome.answer
+    assert answer.trained and answer.relative["macs"] <= 0.5 + 1e-9
+    assert any(answer.candidate.ratio_map.get(g, 1.0) < 1 for g in residual)  # a residual stream is narrower
+    # the folded full-width network (removed channels exactly zero in every member) computes what the materialized one does
+    trained = store.proposal(answer.to_dict(), model)
+    x = digits.example_input().repeat(16, 1, 1, 1) + 0.5 * torch.randn(16, *digits.example_input().shape[1:])
+    with torch.no_grad():
+        folded = trained.weights.model.eval()(x)
+        materialized = evaluator.network(trained)(x)
+    assert torch.allclose(folded, materialized, atol=1e-4)

@@ -37,8 +37,18 @@ Deviations, stated:
 * **Start and length.** The paper trains from scratch for 160 epochs; here the trained network
   is the start and ``epochs`` the length (the equal-training-budget comparison). The whitening
   changes the function at the start; training adapts to it.
-* **Groups.** Internal groups only (one producer each, their batch norm a BatchNorm2d): the
-  residual groups' shared masks (App. A.6) are not built yet.
+* **Groups.** ``groups: internal`` (the default) whitens and masks the groups with one producer.
+  ``groups: all`` also prunes the residual groups (several producers whose outputs are added),
+  with one mask per group shared by every member's BWCP (App. A.6: "residual groups share
+  masks"), each member keeping its own whitening and regularizer. The paper's shared mask is
+  the product m^s m^last of the shortcut's and the block's last BWCP for a conv-BN shortcut, and
+  "the mask in the previous layer" for an identity shortcut. Here the mask of a group is the one
+  its first member in forward order samples (the stem's or the downsampling block's batch
+  norm), which every later member applies: the paper's rule for identity shortcuts, but one of
+  the two masks instead of their product at a conv-BN shortcut (the later member's probability
+  is only known after the earlier member's output has left its hook). The group's expected
+  width and final selection are its first member's. Groups whose members are not all followed by
+  a BatchNorm2d are not pruned.
 * The "sigmoid-alike" sharpening of P the paper mentions for a stable inference is not specified
   and is not applied: the train (soft) / eval (hard) mismatch is what the evaluation measures.
 """
@@ -56,7 +66,7 @@ from torch import nn
 from automlprune.cost import differentiable_metrics
 from automlprune.data import cached_batches
 from automlprune.errors import ConfigError
-from automlprune.search.resrep import STATISTICS_SAMPLES, fold_compactors_, give_batch_norms_statistics_
+from automlprune.search.resrep import STATISTICS_SAMPLES, fold_matrix_, give_batch_norms_statistics_
 from automlprune.search.training import TrainingSettings, TrainingStrategy
 from automlprune.space import Candidate
 from automlprune.train import Callback, FitHistory, Recipe, Trainer
@@ -97,11 +107,15 @@ def newton_inverse_sqrt(sigma: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class Whitening(nn.Module):
-    """BWCP after one group's batch norm (steps 1-4 of the module docstring), as a forward hook."""
+    """BWCP after one batch norm (steps 1-4 of the module docstring), as a forward hook; with a
+    ``leader`` (the first member of a residual group) it applies the mask the leader sampled in
+    the same forward pass instead of its own."""
 
-    def __init__(self, norm: nn.BatchNorm2d, settings: BWCPSettings) -> None:
+    def __init__(self, norm: nn.BatchNorm2d, settings: BWCPSettings, leader: "Whitening | None" = None) -> None:
         super().__init__()
-        self.norm, self.s = norm, settings
+        self.norm, self.s, self.leader = norm, settings, leader
+        self.mask: torch.Tensor | None = None
+        """The mask applied in the last forward pass (a leader's is its followers')."""
         channels = norm.num_features
         self.register_buffer("running_inverse_sqrt", torch.eye(channels))
         self.slices = [slice(i, min(i + settings.whitening_group, channels)) for i in range(0, channels, settings.whitening_group)]
@@ -134,18 +148,28 @@ class Whitening(nn.Module):
         gamma_hat, beta_hat = w @ self.norm.weight, w @ self.norm.bias
         p = 0.5 * (1 + torch.erf((beta_hat - self.s.delta) / (math.sqrt(2) * gamma_hat.abs()).clamp_min(1e-12)))
         self.probability = p
-        if module.training:
+        if self.leader is not None:
+            if self.leader.mask is None:
+                raise RuntimeError(f"BWCP: the group's first batch norm did not run before {self.norm}")
+            mask = self.leader.mask
+        elif module.training:
             p = p.clamp(P_CLAMP, 1 - P_CLAMP)
             u = torch.rand_like(p).clamp(1e-6, 1 - 1e-6)
             mask = torch.sigmoid((p.log() - torch.log1p(-p) + u.log() - torch.log1p(-u)) / self.s.tau)
         else:
-            mask = self.hard if self.hard is not None else (p > 0.5).to(whitened.dtype)
+            mask = self.hard_mask().to(whitened.dtype)
+        self.mask = mask
         return whitened * mask.view(1, -1, 1, 1)
+
+    def hard_mask(self) -> torch.Tensor:
+        """The 0/1 mask in eval: the final selection, else 1[P > 0.5] (the leader's, in a residual group)."""
+        if self.leader is not None:
+            return self.leader.hard_mask()
+        return self.hard if self.hard is not None else (self.probability > 0.5).float()
 
     def folded_matrix(self) -> torch.Tensor:
         """diag(hard mask) S^-1/2 (running): what the fold puts after the batch norm."""
-        mask = self.hard if self.hard is not None else (self.probability > 0.5).float()
-        return mask.detach()[:, None] * self.running_inverse_sqrt
+        return self.hard_mask().detach().to(self.running_inverse_sqrt.dtype)[:, None] * self.running_inverse_sqrt
 
     def remove(self) -> None:
         self.handle.remove()
@@ -158,21 +182,21 @@ class BWCPTraining(Callback):
         self.strategy, self.s = strategy, strategy.settings
 
     def on_start(self, trainer):
-        for w in self.strategy.whitenings:
+        for w in self.strategy.all_whitenings:
             w.to(trainer.device)
 
     def loss(self, trainer, x, y, logits, loss):
         strategy = self.strategy
-        sparse = sum(self.s.lambda1 * w.norm.weight.abs().sum() + self.s.lambda2 * w.norm.bias.sum() for w in strategy.whitenings)
+        sparse = sum(self.s.lambda1 * w.norm.weight.abs().sum() + self.s.lambda2 * w.norm.bias.sum() for w in strategy.all_whitenings)
         ratio = strategy.expected_cost_fraction()
         trainer.log.update(expected_cost=float(ratio.detach()))
         return loss + sparse + self.s.budget_penalty * budget_loss(self.s.budget_loss, ratio, strategy.budget.fraction).to(loss.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"whitening": [w.running_inverse_sqrt for w in self.strategy.whitenings]}
+        return {"whitening": [w.running_inverse_sqrt for w in self.strategy.all_whitenings]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for w, saved in zip(self.strategy.whitenings, state["whitening"]):
+        for w, saved in zip(self.strategy.all_whitenings, state["whitening"]):
             w.running_inverse_sqrt.copy_(saved)
 
 
@@ -186,17 +210,21 @@ class BWCPStrategy(TrainingStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         s = self.settings
-        if s.groups != "internal":
-            raise ConfigError("bwcp prunes internal groups only (one producing layer each); drop --option groups")
         if self.budget.metric not in differentiable_metrics():
             raise ConfigError(f"bwcp's budget term needs a differentiable cost; a {self.budget.metric} budget is not one: "
                               f"use one of {', '.join(differentiable_metrics())}")
         if s.budget_loss not in BUDGET_LOSSES:
             raise ConfigError(f"bwcp budget_loss '{s.budget_loss}' is unknown; use one of: {', '.join(BUDGET_LOSSES.names())}")
         self.whitenings: list[Whitening] = []
+        """One per pruned group: its first member's, whose mask the group shares."""
         self.groups: list[str] = []
-        self.feature_layers: list[str] = []
+        self.members: list[tuple[str, str, Whitening]] = []
+        """(producing layer, its batch norm, the BWCP after it) of every member of every pruned group."""
         self.forced = False
+
+    @property
+    def all_whitenings(self) -> list[Whitening]:
+        return [w for _, _, w in self.members]
 
     # ---- expected and final widths --------------------------------------------------------------
     def expected_cost_fraction(self) -> torch.Tensor:
@@ -237,14 +265,20 @@ class BWCPStrategy(TrainingStrategy):
     # ---- the training-strategy hooks -----------------------------------------------------------
     def train(self, net: nn.Module, candidate: Candidate) -> list[FitHistory]:
         s = self.settings
+        order = {layer.name: layer.order for layer in self.space.layers}
         for group in self.pruned_groups():
-            feature = self.space.feature_layers(self.space.group_by_name[group])[0].layer
-            if isinstance(net.get_submodule(feature), nn.BatchNorm2d):
-                self.groups.append(group)
-                self.feature_layers.append(feature)
+            features = [m.layer for m in self.space.feature_layers(self.space.group_by_name[group])]
+            if not all(isinstance(net.get_submodule(f), nn.BatchNorm2d) for f in features):
+                continue
+            pairs = sorted(zip(self.producers(group), features), key=lambda pair: order[pair[1]])  # forward order
+            leader = Whitening(net.get_submodule(pairs[0][1]), s)
+            self.groups.append(group)
+            self.whitenings.append(leader)
+            self.members += [(producer, feature, leader if i == 0 else Whitening(net.get_submodule(feature), s, leader))
+                             for i, (producer, feature) in enumerate(pairs)]
         if not self.groups:
-            raise ConfigError("bwcp finds no internal group with a 2-D batch norm to whiten in this network; use another strategy")
-        self.whitenings = [Whitening(net.get_submodule(f), s) for f in self.feature_layers]
+            raise ConfigError(f"bwcp finds no {'' if s.groups == 'all' else 'internal '}group with a 2-D batch norm to whiten "
+                              "in this network; use another strategy")
         recipe = Recipe(s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, "cosine", steps_per_epoch=s.steps_per_epoch,
                         seed=self.seed)
         trainer = Trainer(net, self.context.data, self.device, recipe, [BWCPTraining(self)],
@@ -260,11 +294,12 @@ class BWCPStrategy(TrainingStrategy):
             self.select_masks()
             self.log_state(trainer)
         finally:
-            for w in self.whitenings:
+            for w in self.all_whitenings:
                 w.remove()
         self.resumed_from = trainer.resumed_from
-        fold_compactors_(net, self.space, self.groups, [w.folded_matrix() for w in self.whitenings], self.feature_layers)
-        give_batch_norms_statistics_(net, self.feature_layers, batches)
+        for producer, feature, w in self.members:
+            fold_matrix_(net, producer, feature, w.folded_matrix())
+        give_batch_norms_statistics_(net, [feature for _, feature, _ in self.members], batches)
         return [history]
 
     def log_state(self, trainer: Trainer) -> None:

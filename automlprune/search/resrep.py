@@ -263,27 +263,34 @@ def fold_compactors_(model: nn.Module, space: Any, groups: list[str], matrices: 
     for group, q, feature in zip(groups, matrices, feature_layers):
         producer = next(m.layer for m in space.group_by_name[group].members
                         if m.dim == "out" and space.layer_by_name[m.layer].has_weights)
-        conv, norm = model.get_submodule(producer), model.get_submodule(feature)
-        q = q.detach().to(conv.weight.dtype)
-        weight = conv.weight.detach()
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
-        if norm is not conv:  # fuse the batch norm first
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-            bias = norm.bias + (bias - norm.running_mean) * scale
-        weight = torch.einsum("oc,c...->o...", q, weight)
-        bias = q @ bias
-        conv.weight.copy_(weight)
-        if norm is conv:
-            if conv.bias is not None:  # a bias-less layer without batch norm has nothing to fold: Q @ 0
-                conv.bias.copy_(bias)
-            continue
-        if conv.bias is not None:
-            conv.bias.zero_()
-        norm.weight.fill_(1.0)
-        norm.bias.copy_(bias)
-        norm.running_mean.zero_()
-        norm.running_var.fill_(1.0 - norm.eps)
+        fold_matrix_(model, producer, feature, q)
+
+
+@torch.no_grad()
+def fold_matrix_(model: nn.Module, producer: str, feature: str, q: torch.Tensor) -> None:
+    """In place: fuse the C x C matrix ``q``, applied after ``feature`` (``producer``'s batch norm,
+    fused first, or ``producer`` itself), into ``producer`` (see :func:`fold_compactors_`)."""
+    conv, norm = model.get_submodule(producer), model.get_submodule(feature)
+    q = q.detach().to(conv.weight.dtype)
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+    if norm is not conv:  # fuse the batch norm first
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        bias = norm.bias + (bias - norm.running_mean) * scale
+    weight = torch.einsum("oc,c...->o...", q, weight)
+    bias = q @ bias
+    conv.weight.copy_(weight)
+    if norm is conv:
+        if conv.bias is not None:  # a bias-less layer without batch norm has nothing to fold: Q @ 0
+            conv.bias.copy_(bias)
+        return
+    if conv.bias is not None:
+        conv.bias.zero_()
+    norm.weight.fill_(1.0)
+    norm.bias.copy_(bias)
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1.0 - norm.eps)
 
 
 @torch.no_grad()

@@ -251,7 +251,11 @@ class Evaluator:
         return result
 
     def _measure(self, net: nn.Module) -> dict[int, float]:
-        return measure_latency(net, self.data.example_input().shape[1:], self.settings.latency_batch_sizes, self.device)
+        """Latency of ``net`` as it is deployed (:func:`automlprune.export.deployable`), ms per batch size."""
+        from automlprune.export import deployable
+
+        return measure_latency(deployable(net), self.data.example_input().shape[1:], self.settings.latency_batch_sizes,
+                               self.device)
 
     def latencies(self, networks: Sequence[nn.Module]) -> list[dict[int, float]]:
         """Latency of several networks on this task's inputs, batch sizes and device, timed together

@@ -1,8 +1,10 @@
 """A per-layer latency table, measured once, that predicts a candidate's inference latency.
 
-Every Conv2d/Linear layer is timed on its own (a fresh layer of the same kernel, stride,
-padding and input size) over a grid of kept input and output widths — the space's keep
-ratios applied to each dimension — on the target device and batch size. A candidate's
+Latency is that of the network as automlprune exports it (:func:`automlprune.export.deployable`:
+batch norms folded, channels-last memory format). Every Conv2d/Linear layer is timed on its
+own (a fresh layer of the same kernel, stride, padding and input size, channels-last) over a
+grid of kept input and output widths — the space's keep ratios applied to each dimension — on
+the target device and batch size. A candidate's
 latency is then ``overhead + sum over layers of the time interpolated (bilinearly) at its
 kept widths``. The overhead (batch norm, activations, additions, pooling, dispatch) is what
 the layer sum misses on networks measured whole. It grows with the activations the network
@@ -31,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from automlprune.errors import ConfigError
+from automlprune.export import ChannelsLast, deployable
 from automlprune.latency import measure_latency
 from automlprune.nn import layer_types
 
@@ -152,7 +155,7 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
         for i in ins:
             row = []
             for o in (outs if not info.depthwise else [None]):
-                layer = layer_types.of(module).standalone(module, i, i if info.depthwise else o).to(device).eval()
+                layer = ChannelsLast(layer_types.of(module).standalone(module, i, i if info.depthwise else o).to(device)).eval()
                 ms_per_call = measure_latency(layer, (i, *shape[1:]), (batch_size,), device, warmup=2, repeats=repeats)[batch_size]
                 row.append(info.calls * ms_per_call)  # a shared layer runs once per call (timed at its first call's input)
             ms.append(row)
@@ -167,7 +170,7 @@ def measure_latency_table(model: nn.Module, space: Any, device: torch.device | s
     cost = CostModel(space)
     calibration = calibration_candidates(space)
     shape = tuple(space.example_input.shape[1:])
-    nets = [model] + [materialize(model, c, space).eval() for c in calibration[1:]]
+    nets = [deployable(model)] + [deployable(materialize(model, c, space)) for c in calibration[1:]]
     measured = [m[batch_size] for m in measure_latencies(nets, shape, (batch_size,), device, rounds=3, repeats=max(10, repeats))]
     names = cost.layer_names
     table = LatencyTable(layers, 0.0, str(device), batch_size,

@@ -81,14 +81,14 @@ def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
 
     unpruned_study = optuna.load_study(study_name="unpruned", storage=f"sqlite:///{run / 'study.db'}")
     unpruned = unpruned_study.user_attrs["latency_ms"]
-    assert unpruned_study.user_attrs["latency_of"] == "exported"  # the network a user deploys: batch norms folded
+    assert unpruned_study.user_attrs["latency_of"] == "deployable"  # the network a user deploys: batch norms folded, channels-last
     for r in rows:  # each ratio is the answer's latency over the unpruned network's, measured in the same run
         for b in ("1", "64"):
             assert float(r[f"latency_ms_b{b}"]) > 0
             assert float(r[f"latency_ratio_b{b}"]) == pytest.approx(float(r[f"latency_ms_b{b}"]) / unpruned[b])
         assert float(r["scoring_seconds"]) > 0
     text = (run / "report.md").read_text()
-    assert "its ratio to the unpruned network's" in text and "batch norms folded" in text
+    assert "its ratio to the unpruned network's" in text and "batch norms folded" in text and "channels-last" in text
     assert "| random | macs=0.5 |" in text and "pareto.png" in text
     assert "test accuracy" in text.split("\n")[4] and "trained" in text.split("\n")[4]  # the baseline's epochs and accuracy
     assert "(1 epochs x 5 steps of batch" in text.split("\n")[4]  # the fine-tune, as cut by --set

@@ -8,8 +8,9 @@ measures, on this machine and its thread count:
 
 1. **Latency of the forms a user can deploy**: the unpruned network and uniform prunings to each
    MACs target (widths rounded to 1 channel, i.e. irregular, and to each ``round_to``), each as
-   the materialized module, with batch norms folded into the convolutions (what ``export``
-   writes) and folded in channels-last memory format (the input converted inside the timed call).
+   the materialized module, with batch norms folded into the convolutions, and folded in
+   channels-last memory format (the input converted inside the timed call: what ``export``
+   writes, :func:`automlprune.export.deployable`).
    All are timed together in interleaved rounds (:func:`automlprune.latency.measure_latencies`),
    so their ratios hold on a machine whose speed drifts.
 2. **Where the time goes**: ``torch.profiler`` self CPU time per forward pass, by kind of operator
@@ -28,7 +29,7 @@ measures, on this machine and its thread count:
 4. **Latency table error**: the per-layer table (:mod:`automlprune.latency_table`, measured on the
    subject's default space, batch 1 as searches use it) predicts every network above and random
    allocations (off-grid keep ratios: irregular widths; and the same rounded to 8), each measured
-   whole as a module; the report gives the relative error of each kind.
+   whole as exported; the report gives the relative error of each kind.
 
 Results go to ``<out>/latency.json`` (per subject, kept on a rerun: delete a subject's entry's
 file ``<out>/subjects/<name>.json`` to measure it again), ``<out>/report.md`` and one figure per
@@ -111,27 +112,12 @@ def uniform_at(model: nn.Module, x: torch.Tensor, macs: float, round_to: int = 1
     return space, candidate, fraction(low)
 
 
-class ChannelsLast(nn.Module):
-    """``net`` in channels-last memory format; the input is converted inside the call (a deployed
-    network receives NCHW tensors), so the conversion is part of its latency."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last))
-
-
 def deployable_forms(net: nn.Module) -> dict[str, nn.Module]:
     """The forms of a materialized network timed: as it is, batch norms folded, folded and channels-last."""
-    import copy
-
-    from automlprune.export import fold_batch_norms
+    from automlprune.export import deployable, fold_batch_norms
 
     net = net.eval()
-    folded = fold_batch_norms(copy.deepcopy(net))
-    return {"module": net, "folded": folded, "folded, channels-last": ChannelsLast(copy.deepcopy(folded)).eval()}
+    return {"module": net, "folded": fold_batch_norms(net), "folded, channels-last": deployable(net)}
 
 
 # ---- where the time goes ----------------------------------------------------------------------
@@ -196,7 +182,7 @@ def _quiet_native_stderr() -> Iterator[None]:
 
 
 # ---- alignment ---------------------------------------------------------------------------------
-def heaviest_convs(model: nn.Module, x: torch.Tensor, count: int = 2) -> list[dict[str, Any]]:
+def heaviest_convs(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[dict[str, Any]]:
     """The ``count`` ungrouped convolutions of distinct shape with the most MACs (all calls)."""
     from automlprune.space import SearchSpace
 
@@ -270,10 +256,11 @@ def recommended_round_to(gains: dict[int, float]) -> int:
 # ---- latency table error -------------------------------------------------------------------------
 def table_error(model: nn.Module, x: torch.Tensor, networks: dict[str, tuple[Any, Any]], random: int,
                 seed: int = 0) -> dict[str, Any]:
-    """Predicted (latency table on the default space, batch 1) against measured (module, batch 1)
-    latency of ``networks`` (label -> (space, candidate)) and ``random`` random allocations with
+    """Predicted (latency table on the default space, batch 1) against measured (as exported,
+    batch 1) latency of ``networks`` (label -> (space, candidate)) and ``random`` random allocations with
     irregular widths and the same rounded to 8 channels."""
     from automlprune.cost import CostModel
+    from automlprune.export import deployable
     from automlprune.latency import measure_latencies
     from automlprune.latency_table import measure_latency_table
     from automlprune.materialize import materialize
@@ -299,7 +286,7 @@ def table_error(model: nn.Module, x: torch.Tensor, networks: dict[str, tuple[Any
         costs = cost(exact)
         rows.append({"network": label, "macs_fraction": costs.macs / cost.base["macs"], "predicted_ms": costs["latency"],
                      "predicted_by_macs_ms": legacy(exact)["latency"]})
-        nets.append(materialize(model, exact, space).eval())
+        nets.append(deployable(materialize(model, exact, space)))
     for row, measured in zip(rows, measure_latencies(nets, tuple(x.shape[1:]), (1,), rounds=5)):
         row["measured_ms"] = measured[1]
         row["error"] = row["predicted_ms"] / row["measured_ms"] - 1
@@ -317,10 +304,14 @@ def measure_subject(spec: str, targets: Sequence[float] = TARGETS, round_to: Seq
     say = print if progress else (lambda *a, **k: None)
     model, x = load_subject(spec)
     networks: dict[str, tuple[Any, Any, float]] = {}
+    unreached = []
     for macs in targets:
         for step in (1, *round_to):
             space, candidate, fraction = uniform_at(model, x, macs, step)
             label = f"uniform {macs:.0%}" + (" (irregular)" if step == 1 else f" (round_to {step})")
+            if fraction > macs + 1e-9:  # widths in multiples of `step` cannot go that low (a layer narrower than `step`)
+                unreached.append(f"{label}: the narrowest uniform network keeps {fraction:.1%} of the MACs")
+                continue
             networks[label] = (space, candidate, fraction)
     nets = {"unpruned": model}
     nets.update({label: materialize(model, c, s).eval() for label, (s, c, _) in networks.items()})
@@ -332,8 +323,6 @@ def measure_subject(spec: str, targets: Sequence[float] = TARGETS, round_to: Seq
     say(f"{spec}: profiling ...", flush=True)
     breakdown = []
     for (label, form), module in forms.items():
-        if form == "folded, channels-last":
-            continue
         ms = next(r["ms"] for r in latency if r["network"] == label and r["form"] == form)
         for b in batch_sizes:
             xb = torch.randn(b, *x.shape[1:])
@@ -352,7 +341,7 @@ def measure_subject(spec: str, targets: Sequence[float] = TARGETS, round_to: Seq
     say(f"{spec}: latency table ...", flush=True)
     error = table_error(model, x, {label: (s, c) for label, (s, c, _) in networks.items()}, random)
     return {"subject": spec, "input": list(x.shape[1:]), "latency": latency, "breakdown": breakdown, "alignment": alignment,
-            "table_error": error}
+            "table_error": error, "unreached": unreached}
 
 
 def run_latency_benchmark(out: Path, subjects: Sequence[str] = SUBJECTS, targets: Sequence[float] = TARGETS,
@@ -392,18 +381,22 @@ def render(report: dict[str, Any]) -> str:
     lines = ["# Where pruned networks spend their CPU time", "",
              f"Command: `automlprune benchmark --suite latency` ({machine['cpu']}, {machine['threads']} threads, "
              f"torch {machine['torch']}; random weights, random batch-norm statistics).", "",
-             "Latency in ms (median of interleaved rounds), in brackets the ratio to the unpruned network in the same form. "
+             "Latency in ms (median of interleaved rounds), in brackets its ratio to the unpruned network in the same form / "
+             "to the unpruned module. "
              "*module*: the materialized network as PyTorch runs it; *folded*: batch norms folded into the convolutions "
-             "(what `export` writes); *channels-last*: folded, in channels-last memory format, the input converted inside "
-             "the timed call.", ""]
+             "(what `export` wrote before channels-last); *channels-last*: folded, in channels-last memory format, the input "
+             "converted inside the timed call (what `export` writes, `compare` times and latency budgets predict).", ""]
     for result in report["subjects"]:
         batches = sorted({int(b) for r in result["latency"] for b in r["ms"]})
-        lines += [f"## {result['subject']} (input {'x'.join(map(str, result['input']))})", "",
+        lines += [f"## {result['subject']} (input {'x'.join(map(str, result['input']))})", ""]
+        lines += [f"- Not measured: {u}." for u in result.get("unreached", [])] + ([""] if result.get("unreached") else [])
+        lines += [
                   "| network | MACs | form | " + " | ".join(f"batch {b} ms" for b in batches) + " |",
                   "|---|---:|---|" + "---:|" * len(batches)]
         unpruned = {r["form"]: r["ms"] for r in result["latency"] if r["network"] == "unpruned"}
         for r in result["latency"]:
-            cells = [f"{r['ms'][str(b)]:.3f} ({r['ms'][str(b)] / unpruned[r['form']][str(b)]:.2f})" for b in batches]
+            cells = [f"{r['ms'][str(b)]:.3f} ({r['ms'][str(b)] / unpruned[r['form']][str(b)]:.2f} / "
+                     f"{r['ms'][str(b)] / unpruned['module'][str(b)]:.2f})" for b in batches]
             lines.append(f"| {r['network']} | {r['macs_fraction']:.1%} | {r['form']} | " + " | ".join(cells) + " |")
         lines += ["", "Where the time goes (ms per forward pass, `torch.profiler` self CPU time by operator kind, "
                       "scaled to the unprofiled latency; *outside ops*: Python, module calls and dispatch):", "",
@@ -420,7 +413,7 @@ def render(report: dict[str, Any]) -> str:
                          + " | ".join(f"{r['gains'][str(a)]:.3f}" for a in ALIGNMENTS) + f" | {r['recommended_round_to']} |")
         rows = result["table_error"]["rows"]
         fixed, per_million = result["table_error"]["overhead_fit"]
-        lines += ["", "Latency table (default space, batch 1) against the clock (module, batch 1). *predicted*: the table "
+        lines += ["", "Latency table (default space, batch 1) against the clock (the network as exported, batch 1). *predicted*: the table "
                       f"as shipped, its overhead fitted on the activations the network writes ({fixed:.3f} ms + "
                       f"{per_million:.3f} ms per million elements); *by MACs*: the same layer times with the overhead "
                       "interpolated in the MACs fraction, as tables did before:", "",

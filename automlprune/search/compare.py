@@ -17,7 +17,7 @@ import optuna
 from torch import nn
 
 from automlprune.cost import METRICS, Costs, analytic_metrics
-from automlprune.export import fold_batch_norms
+from automlprune.export import deployable
 from automlprune.report.collect import SearchRecord, collect
 from automlprune.report.pareto import hypervolume
 from automlprune.report.plots import best_curve, plot_allocations, plot_finetuned, plot_pareto, plot_profiles, plot_progress
@@ -91,17 +91,17 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
     if progress:
         print(f"timing {len(answered) + len(pipelines)} networks (the answers and the unpruned one) in interleaved rounds",
               file=sys.stderr, flush=True)
-    nets = [fold_batch_norms(evaluator.network(proposal)) for evaluator, _, proposal in answered]
-    nets += [fold_batch_norms(network) for _, network in pipelines]
+    nets = [deployable(evaluator.network(proposal)) for evaluator, _, proposal in answered]
+    nets += [deployable(network) for _, network in pipelines]
     studies = [study for _, study, _ in answered] + [study for study, _ in pipelines]
     for study, lat in zip(studies, session.evaluator.latencies(nets)):
         session.store.update_summary(study, latency_ms={str(b): ms for b, ms in lat.items()}, latency_of=TIMED)
 
 
-TIMED = "exported"
+TIMED = "deployable"
 """What the latency columns time: the network as exported (materialized, batch norms folded into
-the convolutions before them: :func:`automlprune.export.fold_batch_norms`). Runs timed before
-this was recorded are timed again."""
+the convolutions before them, channels-last: :func:`automlprune.export.deployable`). Runs timed
+before this was recorded (``exported``: folded, NCHW) are timed again."""
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -222,7 +222,7 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
     unpruned_text = " and ".join(f"{unpruned_ms[b]:.3f} ms (batch {b})" for b in batches if b in unpruned_ms)
     lines += ["", "Costs are fractions of the unpruned network"
               + (f"; latency is the median CPU time of the exported network (materialized, batch norms folded into the "
-                 f"convolutions), in brackets its ratio to the unpruned "
+                 f"convolutions, channels-last memory format), in brackets its ratio to the unpruned "
                  f"network's {unpruned_text}, measured in the same run "
                  "(the MACs fraction is the ideal)" if set(batches) <= set(unpruned_ms) else "") + ". An empty accuracy means no feasible answer was found. "
               "Evals: evaluations spent (in brackets the full ones, when screenings ran: multi-fidelity search); "

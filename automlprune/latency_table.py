@@ -14,8 +14,8 @@ pruned layer keeps a larger fraction of its outputs than of its MACs), so it is 
 output channels x output positions) by least squares on :data:`CALIBRATION` networks: the
 unpruned one, the space's smallest, uniform prunings and seeded random allocations. Tables
 saved before the fit existed interpolate the overhead linearly in the MACs fraction between
-the unpruned and the smallest network (which over-predicted irregular allocations of ResNet-20
-by 13-24%). This is the lookup-table approach of NetAdapt and AMC's latency variant.
+the unpruned and the smallest network. ``automlprune benchmark --suite latency`` reports both
+models' errors. This is the lookup-table approach of NetAdapt and AMC's latency variant.
 """
 
 from __future__ import annotations

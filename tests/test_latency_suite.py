@@ -80,3 +80,19 @@ def test_latency_suite_writes_its_report_and_refuses_bad_input(tmp_path, capsys)
     assert "--round-to" in capsys.readouterr().err
     assert main(["benchmark", "--suite", "latency", "--subjects", "no-such-task", "--out", str(tmp_path / "y")]) == 2
     assert main(["benchmark", "--suite", "latency", "--subjects", "torchvision:mobilenet_v2@big", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_deployable_form_takes_non_image_inputs_and_leaves_the_model_alone():
+    from torch import nn
+
+    from automlprune.export import deployable
+
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(deployable(mlp)(x), mlp(x), atol=1e-6)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    deployed = deployable(conv)
+    assert conv[0].weight.is_contiguous() and deployed.net.training is False  # the caller's model keeps its layout
+    with torch.no_grad():
+        assert torch.allclose(deployed(torch.ones(2, 3, 6, 6)), conv(torch.ones(2, 3, 6, 6)), atol=1e-5)

@@ -18,9 +18,9 @@ measures, on this machine and its thread count:
    the time spent outside operators (Python, module calls, the dispatcher's entry): the profiled
    wall time minus the operators' self times. The profiler slows small operators down; the
    shares are read from the profiled run and scaled to the unprofiled latency.
-3. **Alignment**: the heaviest convolutions of the subject (distinct shapes, ungrouped), alone, at
-   every output width from a quarter of theirs to all (inputs scaled alike, as uniform pruning
-   does). For an alignment ``a`` the *gain* (:func:`alignment_gains`) says how much cheaper than
+3. **Alignment**: the heaviest convolutions of the subject (distinct shapes, ungrouped), alone and
+   channels-last as deployed, at every output width from a quarter of theirs to all (inputs
+   scaled alike, as uniform pruning does). For an alignment ``a`` the *gain* (:func:`alignment_gains`) says how much cheaper than
    the layer's own affine trend (a fixed cost plus time per channel) rounding a width up to a
    multiple of ``a`` is: 1 when the time follows the trend, above 1 at ``a = 8`` when the time
    is a staircase in steps of 8 channels (the channels up to the next multiple come free). The
@@ -208,8 +208,9 @@ def _conv_macs(module: nn.Conv2d, input_shape: Sequence[int]) -> float:
 
 
 def width_sweep(module: nn.Conv2d, input_shape: Sequence[int], batch_size: int, repeats: int = 15) -> dict[int, float]:
-    """Median milliseconds of ``module``'s shape alone at each output width from a quarter to all
-    (inputs scaled in proportion, at least 1)."""
+    """Median milliseconds of ``module``'s shape alone, channels-last as deployed, at each output
+    width from a quarter to all (inputs scaled in proportion, at least 1)."""
+    from automlprune.export import ChannelsLast
     from automlprune.latency import measure_latency
     from automlprune.nn import layer_types
 
@@ -217,7 +218,7 @@ def width_sweep(module: nn.Conv2d, input_shape: Sequence[int], batch_size: int, 
     full_out, full_in = module.out_channels, module.in_channels
     for width in range(max(1, full_out // 4), full_out + 1):
         kept_in = max(1, round(full_in * width / full_out))
-        layer = layer_types.of(module).standalone(module, kept_in, width).eval()
+        layer = ChannelsLast(layer_types.of(module).standalone(module, kept_in, width)).eval()  # as deployed
         out[width] = measure_latency(layer, (kept_in, *input_shape[1:]), (batch_size,), warmup=2, repeats=repeats,
                                      min_seconds=0.02)[batch_size]
     return out

@@ -19,3 +19,29 @@ rows = json.load(open('$DIR/tolerance/results.json'))['rows']
 print(','.join(sorted({f\"{r['macs_fraction']:.4f}\" for r in rows if r['strategy'] == 'play-and-prune' and r['macs_fraction'] == r['macs_fraction']})))")
 automlprune compare fmnist-resnet20 --strategies uniform,prunenet,tp-global \
   --budgets macs=$MACS --train-budget 4 --run-dir $DIR/at-its-macs --set checkpoint=$BASE "$@"
+# 3. table.md: tolerance -> MACs play-and-prune reached -> each strategy's test accuracy at those MACs (equal training).
+python3 - "$DIR" <<'PY'
+import json, sys
+from pathlib import Path
+folder = Path(sys.argv[1])
+tolerance = json.loads((folder / "tolerance/results.json").read_text())["rows"]
+at_macs = json.loads((folder / "at-its-macs/results.json").read_text())["rows"]
+others = sorted({r["strategy"] for r in at_macs})
+lines = ["| tolerance (points) | play-and-prune MACs | play-and-prune val / test | "
+         + " | ".join(f"{s} test at those MACs" for s in others) + " | cheapest one-shot within the tolerance (no training) |",
+         "|---:|---:|---:|" + "---:|" * len(others) + "---|"]
+for row in sorted((r for r in tolerance if r["strategy"] == "play-and-prune"), key=lambda r: float(r["budget"].split("=")[1])):
+    label = f"macs={row['macs_fraction']:.4f}"
+    cells = []
+    for s in others:
+        match = [r for r in at_macs if r["strategy"] == s and r["budget"] == label]
+        cells.append(f"{100 * match[0]['test_accuracy']:.2f} ({match[0]['macs_fraction']:.1%})" if match else "-")
+    one_shot = [r for r in tolerance if r["budget"] == row["budget"] and r["strategy"] != "play-and-prune"
+                and r["macs_fraction"] == r["macs_fraction"]]
+    best = min(one_shot, key=lambda r: r["macs_fraction"]) if one_shot else None
+    lines.append(f"| {row['budget'].split('=')[1]} | {row['macs_fraction']:.1%} | {100 * row['val_accuracy']:.2f} / "
+                 f"{100 * row['test_accuracy']:.2f} | " + " | ".join(cells) + " | "
+                 + (f"{best['strategy']} at {best['macs_fraction']:.1%} MACs ({100 * best['test_accuracy']:.2f} test)" if best else "-") + " |")
+(folder / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY

@@ -69,7 +69,8 @@ def test_latency_suite_writes_its_report_and_refuses_bad_input(tmp_path, capsys)
     assert {r["batch"] for r in subject["alignment"]} == {1, 64}
     kinds = [r["network"] for r in subject["table_error"]["rows"]]
     assert "random 0 (irregular)" in kinds and "random 0 (round_to 8)" in kinds
-    assert all(np.isfinite(r["error"]) for r in subject["table_error"]["rows"])
+    assert all(np.isfinite(r["error"]) and np.isfinite(r["ratio_error"]) for r in subject["table_error"]["rows"])
+    assert subject["table_error"]["unpruned"]["macs_fraction"] == pytest.approx(1.0)
     text = (out / "report.md").read_text()
     assert "Where the time goes" in text and "recommended round_to" in text and (out / "digits-cnn.png").stat().st_size > 0
     mtime = (out / "subjects" / "digits-cnn.json").stat().st_mtime_ns

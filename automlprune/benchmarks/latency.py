@@ -272,7 +272,7 @@ def table_error(model: nn.Module, x: torch.Tensor, networks: dict[str, tuple[Any
     cost = CostModel(space)
     cost.attach_latency_table(table)
     rng = np.random.default_rng(seed)
-    cases = dict(networks)
+    cases = {"unpruned": (space, space.full()), **networks}
     rounded = SearchSpace(model, x, replace(SpaceConfig(), round_to=8, name="round-to-8"))
     for i in range(random):
         ratios = {g: float(rng.uniform(0.25, 1.0)) for g in space.prunable}
@@ -292,7 +292,10 @@ def table_error(model: nn.Module, x: torch.Tensor, networks: dict[str, tuple[Any
         row["measured_ms"] = measured[1]
         row["error"] = row["predicted_ms"] / row["measured_ms"] - 1
         row["error_by_macs"] = row["predicted_by_macs_ms"] / row["measured_ms"] - 1
-    return {"table_seconds": table.info.get("seconds"), "overhead_fit": table.overhead_fit, "rows": rows}
+    unpruned, rows = rows[0], rows[1:]
+    for row in rows:  # what a latency budget compares: the ratio to the unpruned network, both timed in the same rounds
+        row["ratio_error"] = (row["predicted_ms"] / unpruned["predicted_ms"]) / (row["measured_ms"] / unpruned["measured_ms"]) - 1
+    return {"table_seconds": table.info.get("seconds"), "overhead_fit": table.overhead_fit, "unpruned": unpruned, "rows": rows}
 
 
 # ---- the suite ------------------------------------------------------------------------------------
@@ -418,10 +421,12 @@ def render(report: dict[str, Any]) -> str:
                       f"as shipped, its overhead fitted on the activations the network writes ({fixed:.3f} ms + "
                       f"{per_million:.3f} ms per million elements); *by MACs*: the same layer times with the overhead "
                       "interpolated in the MACs fraction, as tables did before:", "",
-                  "| network | MACs | measured ms | predicted ms | error | by MACs ms | error |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| network | MACs | measured ms | predicted ms | error | error of the ratio to the unpruned | by MACs ms | error |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
+            ratio = f"{r['ratio_error']:+.1%}" if "ratio_error" in r else "-"
             lines.append(f"| {r['network']} | {r['macs_fraction']:.1%} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
-                         f"{r['error']:+.1%} | {r['predicted_by_macs_ms']:.3f} | {r['error_by_macs']:+.1%} |")
+                         f"{r['error']:+.1%} | {ratio} | {r['predicted_by_macs_ms']:.3f} | {r['error_by_macs']:+.1%} |")
         lines.append("")
         kinds = {"uniform prunings": lambda n: n.startswith("uniform"),
                  "random allocations, irregular widths": lambda n: n.startswith("random") and "irregular" in n,
@@ -429,8 +434,11 @@ def render(report: dict[str, Any]) -> str:
         for kind, member in kinds.items():
             chosen = [r for r in rows if member(r["network"])]
             if chosen:
+                ratios = [abs(r["ratio_error"]) for r in chosen if "ratio_error" in r]
                 lines.append(f"- {kind}: mean |error| {statistics.fmean(abs(r['error']) for r in chosen):.1%} "
-                             f"(by MACs {statistics.fmean(abs(r['error_by_macs']) for r in chosen):.1%}) over {len(chosen)} networks.")
+                             f"(by MACs {statistics.fmean(abs(r['error_by_macs']) for r in chosen):.1%})"
+                             + (f", of the ratio to the unpruned {statistics.fmean(ratios):.1%}" if ratios else "")
+                             + f" over {len(chosen)} networks.")
         lines += ["", f"![{result['subject']}]({_slug(result['subject'])}.png)", ""]
     return "\n".join(lines)
 

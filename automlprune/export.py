@@ -121,8 +121,8 @@ class ChannelsLast(nn.Module):
 def deployable(model: nn.Module) -> nn.Module:
     """The form of ``model`` automlprune deploys, times and budgets latency for: batch norms folded
     into the convolutions (:func:`fold_batch_norms`) and channels-last memory format (on 2 CPU
-    cores channels-last runs ResNet-20 at batch 64 in 0.69x the time of the folded NCHW network,
-    MobileNetV2 in 0.50x, VGG-11 in 0.90x: ``automlprune benchmark --suite latency``). A new
+    cores channels-last runs ResNet-20 at batch 64 in 0.76x the time of the folded NCHW network,
+    MobileNetV2 in 0.47x, VGG-11 in 0.82x: ``automlprune benchmark --suite latency``). A new
     module in eval mode; ``model`` is not changed."""
     folded = fold_batch_norms(model)
     return ChannelsLast(copy.deepcopy(model).eval() if folded is model else folded).eval()

@@ -97,19 +97,19 @@ def load_subject(spec: str) -> tuple[nn.Module, torch.Tensor]:
 
 def uniform_at(model: nn.Module, x: torch.Tensor, macs: float, round_to: int = 1) -> tuple[Any, Any, float]:
     """(space, candidate, MACs fraction): every group at one keep ratio, the largest whose network
-    keeps at most ``macs`` of the MACs, widths rounded to ``round_to`` channels."""
-    from automlprune.cost import CostModel
+    keeps at most ``macs`` of the MACs (:func:`~automlprune.cost.uniform_ratio_for_budget`), widths
+    rounded to ``round_to`` channels; the space's narrowest uniform network when none fits."""
+    from automlprune.cost import CostModel, uniform_ratio_for_budget
     from automlprune.space import SearchSpace, SpaceConfig
 
     space = SearchSpace(model, x, replace(SpaceConfig(), round_to=round_to, name=f"round-to-{round_to}"))
     cost = CostModel(space)
-    fraction = lambda r: cost(space.uniform(r)).macs / cost.base["macs"]
-    low, high = 1e-3, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if fraction(mid) <= macs else (low, mid)
-    candidate = space.canonical(space.uniform(low))
-    return space, candidate, fraction(low)
+    try:
+        ratio = uniform_ratio_for_budget(cost, "macs", macs * cost.base["macs"])
+    except ConfigError:  # widths in multiples of round_to cannot go that low
+        ratio = min(space.config.ratios)
+    candidate = space.canonical(space.uniform(ratio))
+    return space, candidate, cost(candidate).macs / cost.base["macs"]
 
 
 def deployable_forms(net: nn.Module) -> dict[str, nn.Module]:

@@ -124,7 +124,7 @@ class Evaluator:
     def __init__(self, model: nn.Module, space: SearchSpace, data: DataSplits, settings: EvalSettings | None = None,
                  device: torch.device | str = "cpu", seed: int = 0, cost_model: CostModel | None = None,
                  teacher: nn.Module | None = None) -> None:
-        self.settings = settings or EvalSettings()
+        self.settings = (settings or EvalSettings()).with_defaults({})  # criterion and reconstruction left None: plain
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.teacher = model if teacher is None else teacher.to(self.device).eval()

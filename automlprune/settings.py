@@ -3,7 +3,7 @@ YAML reading and ``--set`` overrides live in :mod:`automlprune.tasks`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from automlprune.train.trainer import Recipe
@@ -55,13 +55,15 @@ class EvalSettings:
 
     bn_recalibration: re-estimate batch-norm statistics on ``bn_batches`` training batches of
     ``bn_batch_size`` before scoring (adaptive BN, as in EagleEye). val_samples: score on the
-    first N validation samples (None = all). criterion: which channels survive;
+    first N validation samples (None = all). criterion: which channels survive (None = the
+    strategy's default, :data:`SEARCH_SIGNAL` for the black-box searches, else :data:`PLAIN_EVALUATION`);
     criterion_combine: how a coupled group combines its layers' scores (sum, max, mean).
     latency_batch_sizes: the batch sizes reports time answers at. latency_batch: the batch size a
     latency budget is measured and predicted at (its per-layer table's; 1 = one image at a time,
     the default; 64 for a throughput budget).
     reconstruction: "none", or "least_squares" to fold removed channels into the kept ones at
-    the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's).
+    the layers reading them (see :mod:`automlprune.reconstruction`; the prunenet strategy's);
+    None = the strategy's default, as for ``criterion``.
     screening: multi-fidelity search (see :mod:`automlprune.search.screening`): each proposal is
     first scored on this fraction of the validation samples and BN batches, and evaluated in full
     only when its screening accuracy ranks in the top ``screening_keep`` of the search's
@@ -75,11 +77,11 @@ class EvalSettings:
     bn_recalibration: bool = True
     bn_batches: int = 10
     bn_batch_size: int = 64
-    criterion: str = "l1"
+    criterion: str | None = None
     criterion_combine: str = "sum"  # how a coupled group combines its layers' normalised scores: sum, max or mean
     latency_batch_sizes: tuple[int, ...] = (1, 64)
     latency_batch: int = 1
-    reconstruction: str = "none"
+    reconstruction: str | None = None
     screening: float | None = None
     screening_keep: float = 1 / 3
     weight_criterion: str = "magnitude"
@@ -92,7 +94,27 @@ class EvalSettings:
                             "criterion_combine": (lambda v: v in ("sum", "max", "mean"), "must be sum, max or mean"),
                             "latency_batch_sizes": (lambda v: len(v) > 0 and all(isinstance(b, int) and b >= 1 for b in v),
                                                     "must list whole numbers of at least 1"),
-                            "reconstruction": (lambda v: v in ("none", "least_squares"), "must be none or least_squares")})
+                            "reconstruction": (lambda v: v in (None, "none", "least_squares"), "must be none or least_squares")})
+
+    def with_defaults(self, defaults: dict[str, Any]) -> EvalSettings:
+        """These settings with ``defaults`` filling the fields left None (the strategy's choice),
+        then :data:`PLAIN_EVALUATION` filling the rest."""
+        return replace(self, **{k: v for k, v in {**PLAIN_EVALUATION, **defaults}.items() if getattr(self, k) is None})
+
+
+PLAIN_EVALUATION: dict[str, Any] = {"criterion": "l1", "reconstruction": "none"}
+"""What an evaluation left to its default means outside a black-box search (the evaluator on its
+own, the one-shot allocators, the training-time methods): channels ranked by their L1 norm
+(Li et al.), removed channels simply dropped."""
+
+SEARCH_SIGNAL: dict[str, Any] = {"criterion": "prunenet", "reconstruction": "least_squares"}
+"""The black-box searches' default evaluation (random, the Optuna samplers, the RL agents): channels
+in PruneNet's reconstruction-loss order and the least-squares fold of the removed ones. Measured on
+Fashion-MNIST ResNet-20 (issue 22): with repair and warm starts, TPE's best validation accuracy after
+40 evaluations rose from 84.55 (l1) to 90.20 at 50% MACs and from 52.40 to 86.60 at 30%
+(``results/benchmarks/fmnist-resnet20-repair``); over 8 allocations at 50% MACs its Spearman rank
+correlation with the accuracy after a 200-step fine-tune was +0.83 against +0.72 for l1
+(``results/benchmarks/fmnist-resnet20-signals``). It costs 2-3x the time per evaluation."""
 
 
 FINETUNE_METHODS = ("standard", "snapshot_ensemble")

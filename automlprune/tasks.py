@@ -28,8 +28,8 @@ def read_settings(cls: type, data: Any, where: str) -> Any:
         if f.name not in data:
             continue
         default = getattr(cls(), f.name)
-        if default is None and "float" in str(f.type) and data[f.name] is not None:  # an optional number: coerced as one
-            default = 0.0
+        if default is None and data[f.name] is not None:  # an optional value: coerced as its type
+            default = 0.0 if "float" in str(f.type) else "" if "str" in str(f.type) else default
         kwargs[f.name] = _coerce(data[f.name], default, f"{where}.{f.name}")
     try:
         return cls(**kwargs)

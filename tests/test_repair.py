@@ -13,6 +13,7 @@ from automlprune.models import build_model
 from automlprune.search import STRATEGIES
 from automlprune.search.budget import parse_budget
 from automlprune.search.repair import repair_to_budget
+from automlprune.search.store import RunStore
 from automlprune.space import SearchSpace
 
 from conftest import run_search
@@ -180,3 +181,65 @@ def test_repair_scales_the_densities_of_a_sparse_proposal_by_one_factor_and_leav
         factors = {round(after[l] / densities[l], 2) for l in layers if patterns[l] == "unstructured" and 0 < after[l] < 1}
         assert len(factors) == 1  # one common factor keeps the proposal's shape
         assert all(after[l] == 0.5 and repaired.sparsity()[l][0] == "2:4" for l in layers if patterns[l] == "2:4")
+
+
+def test_a_search_whose_proposals_all_repeat_stops_and_says_why(tmp_path, trained_digits_model, digits_space, digits,
+                                                                monkeypatch):
+    """Near a tight budget repair sends every proposal to the same few networks: the loop stops after
+    MAX_REPEATED_ASKS repeats in a row, and the store, the outcome and the report's records say why."""
+    from automlprune.evaluator import Evaluator
+    from automlprune.report.collect import collect
+    from automlprune.search import base
+    from automlprune.settings import EvalSettings
+
+    class SameNetwork(base.Strategy):
+        name = "same-network"
+
+        def ask(self):
+            return self.space.uniform(0.5)
+
+    monkeypatch.setattr(base, "MAX_REPEATED_ASKS", 3)
+    evaluator = Evaluator(trained_digits_model, digits_space, digits, EvalSettings(bn_batches=2, bn_batch_size=64))
+    store = RunStore(tmp_path / "run")
+    budget = parse_budget("macs=0.9")
+    study = store.study("same-network|macs=0.9|seed0", {"strategy": "same-network", "budget": budget.label, "seed": 0})
+    context = base.SearchContext(digits_space, evaluator.cost_model, study, evaluator.scores, trained_digits_model,
+                                 store.artifacts, digits)
+    outcome = base.run_strategy(SameNetwork(context, budget), evaluator, store, study, max_evals=10)
+    assert outcome.evaluations == 1 and outcome.answer is not None
+    assert "last 3 proposals were all networks it had already evaluated" in outcome.stopped
+    assert RunStore.summary(study).stopped == outcome.stopped
+    (record,) = collect(store)
+    assert record.stopped == outcome.stopped
+
+
+def test_a_one_shot_answer_is_not_reported_as_stopped_early(tmp_path, trained_digits_model, digits_space, digits):
+    outcome, store, study, _ = run_search(tmp_path, trained_digits_model, digits_space, digits, "uniform", max_evals=10)
+    assert outcome.evaluations == 1 and outcome.stopped is None and RunStore.summary(study).stopped is None
+
+
+@pytest.mark.parametrize("strategy, task_settings, expected", [
+    ("optuna-tpe", {}, ("prunenet", "least_squares")),  # a black-box search: the measured search signal
+    ("random", {}, ("prunenet", "least_squares")),
+    ("ddpg", {}, ("prunenet", "least_squares")),
+    ("uniform", {}, ("l1", "none")),  # an anchor keeps what it stands for (uniform L1)
+    ("global", {}, ("l1", "none")),
+    ("tp-global", {}, ("tp_magnitude", "none")),  # a strategy's own criterion wins
+    ("prunenet", {}, ("prunenet", "least_squares")),
+    ("optuna-tpe", {"criterion": "l2"}, ("l2", "least_squares")),  # the task's choice wins, the rest is filled
+    ("optuna-tpe", {"criterion": "l1", "reconstruction": "none"}, ("l1", "none")),
+])
+def test_the_search_signal_is_the_black_box_searches_default_and_the_task_can_override_it(strategy, task_settings, expected):
+    from automlprune.settings import EvalSettings
+
+    settings = STRATEGIES.get(strategy).evaluation_settings(EvalSettings(**task_settings))
+    assert (settings.criterion, settings.reconstruction) == expected
+
+
+def test_an_evaluator_on_its_own_evaluates_plainly(trained_digits_model, digits_space, digits):
+    from automlprune.evaluator import Evaluator
+    from automlprune.settings import EvalSettings
+
+    evaluator = Evaluator(trained_digits_model, digits_space, digits, EvalSettings(bn_batches=1))
+    assert (evaluator.settings.criterion, evaluator.settings.reconstruction) == ("l1", "none")
+    assert evaluator.reconstruction is None

@@ -24,7 +24,10 @@ def test_crashed_search_resumes_without_losing_or_repeating(strategy, tmp_path, 
     from automlprune.evaluator import Evaluator
     from automlprune.tasks import EvalSettings
 
-    crashing = Evaluator(trained_digits_model, digits_space, digits, EvalSettings(bn_batches=2, bn_batch_size=64))
+    from automlprune.search import STRATEGIES
+
+    settings = STRATEGIES.get(strategy).evaluation_settings(EvalSettings(bn_batches=2, bn_batch_size=64))  # as a run would
+    crashing = Evaluator(trained_digits_model, digits_space, digits, settings)
     real, calls = crashing.evaluate, []
 
     def evaluate(candidate, latency=False):

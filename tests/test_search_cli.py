@@ -193,6 +193,7 @@ def test_strategy_evaluators(checkpoint, tmp_path):
     assert prunenet is session.evaluator_for("prunenet") and prunenet is not session.evaluator
     assert prunenet.settings.criterion == "prunenet" and prunenet.reconstruction is not None
     assert prunenet.cost_model is session.cost_model
+    assert session.evaluator_for("optuna-tpe") is prunenet  # the black-box searches' default signal is prunenet's evaluation
 
 
 def test_unknown_strategy_option_in_the_task_is_exit_2(checkpoint, tmp_path, capsys):

@@ -18,6 +18,14 @@ def test_overrides_are_parsed_as_yaml():
         apply_overrides({}, ["epochs"])
 
 
+def test_an_optional_string_setting_is_read_as_a_string():
+    spec = TaskSpec.load("digits-cnn", ["evaluation.criterion=prunenet", "evaluation.reconstruction=least_squares"])
+    assert spec.evaluation.criterion == "prunenet" and spec.evaluation.reconstruction == "least_squares"
+    assert TaskSpec.load("digits-cnn").evaluation.criterion is None  # left to the strategy
+    with pytest.raises(ConfigError, match="evaluation.criterion must be a string"):
+        TaskSpec.load("digits-cnn", ["evaluation.criterion=3"])
+
+
 def test_wrong_types_are_refused_with_the_key():
     with pytest.raises(ConfigError, match="train.epochs must be a whole number"):
         TaskSpec.load("digits-cnn", ["train.epochs=2.5"])

@@ -29,6 +29,8 @@ class SearchRecord:
     scoring_seconds: float | None = None
     spent: dict[str, float] | None = None
     """What the strategy spent besides evaluations (training seconds, steps, images)."""
+    stopped: str | None = None
+    """Why the search ended before its evaluation budget (:attr:`RunSummary.stopped`)."""
 
     @property
     def metric(self) -> str:
@@ -103,5 +105,5 @@ def collect(store: RunStore) -> list[SearchRecord]:
         points, elapsed = _evaluations(store, study, summary)
         out.append(SearchRecord(name, attrs["strategy"], _bound_budget(attrs, summary, points), int(attrs["seed"]),
                                 [r.result for r in points], elapsed, summary.answer,
-                                summary.finetune, summary.latency_ms, summary.scoring_seconds, summary.spent))
+                                summary.finetune, summary.latency_ms, summary.scoring_seconds, summary.spent, summary.stopped))
     return sorted(out, key=lambda r: (r.strategy, r.budget.metric, r.budget.value, r.seed))

@@ -327,12 +327,14 @@ def make_layer_width_env(task: str | None = None, budget: str | Budget = "macs=0
             raise ConfigError("automlprune/LayerWidth-v0 needs task=NAME_OR_YAML or evaluator=Evaluator(...)")
         from automlprune.baseline import ensure_baseline
         from automlprune.device import resolve_device
+        from automlprune.settings import SEARCH_SIGNAL
         from automlprune.tasks import Task, TaskSpec
 
         the_task = Task(TaskSpec.load(task, overrides))
         dev = resolve_device(device)
         model = ensure_baseline(the_task, dev, progress=False)
-        evaluator = Evaluator(model, the_task.search_space(model, space), the_task.data, the_task.spec.evaluation, dev)
+        settings = the_task.spec.evaluation.with_defaults(SEARCH_SIGNAL)  # an agent in this env is a black-box search
+        evaluator = Evaluator(model, the_task.search_space(model, space), the_task.data, settings, dev)
     wanted = parse_budget(budget) if isinstance(budget, str) else budget
     if wanted.metric == "latency" and evaluator.cost_model.latency_table is None:
         from automlprune.latency_table import measure_latency_table

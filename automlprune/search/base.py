@@ -34,7 +34,7 @@ from automlprune.search.repair import repair_to_budget
 from automlprune.search.screening import Screening
 from automlprune.search.warm_start import default_for, parse_warm_start
 from automlprune.search.store import WAIT_S, Artifacts, Claim, RunStore
-from automlprune.settings import EvalSettings
+from automlprune.settings import SEARCH_SIGNAL, EvalSettings
 from automlprune.space import Candidate, SearchSpace
 from automlprune.train import distributed
 
@@ -140,6 +140,10 @@ class Strategy:
         self.spent: dict[str, float] = {}
         """What the strategy spent besides evaluations (e.g. training steps, training seconds); recorded on the study."""
         self.pending_trial: optuna.Trial | None = None
+        self.stopped: str | None = None
+        """Why the strategy stopped asking before its evaluation budget was spent, when that says
+        something a user should read (set before :meth:`ask` returns None); None for a one-shot
+        strategy's single answer."""
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -168,8 +172,10 @@ class Strategy:
 
     @classmethod
     def evaluation_settings(cls, task_settings: EvalSettings) -> EvalSettings:
-        """The task's evaluation settings with the strategy's own (``evaluation``) applied."""
-        return replace(task_settings, **cls.evaluation)
+        """The task's evaluation settings with the strategy's own (``evaluation``) applied, and the
+        fields the task left to the strategy filled: a black-box search's (``repairs``) with
+        :data:`~automlprune.settings.SEARCH_SIGNAL`, any other's with the plain evaluation."""
+        return replace(task_settings, **cls.evaluation).with_defaults(SEARCH_SIGNAL if cls.repairs else {})
 
     # ---- helpers for subclasses ------------------------------------------------------------------
     def cost(self, candidate: Candidate) -> float:
@@ -246,6 +252,9 @@ class SearchOutcome:
     seconds: float
     study_name: str
     history: list[EvalResult] = field(default_factory=list)
+    stopped: str | None = None
+    """Why the search ended before ``max_evals`` evaluations, when it is not the strategy's nature
+    (a one-shot answer) or the time limit (:attr:`RunSummary.stopped`)."""
 
 
 ProgressFn = Callable[[int, int, EvalResult | None, float], None]
@@ -330,6 +339,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     start = time.perf_counter()
     elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
     repeats = 0
+    stopped: str | None = None
     deferred: dict[str, tuple[Candidate | Proposal, Proposal, dict[str, Any]]] = {}
 
     def claim_and_evaluate(proposal: Proposal, key: str, repaired: dict[str, Any], skip_held: bool) -> EvalResult | str | None:
@@ -373,6 +383,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
             relay("ask")
             asked = strategy.ask()
             if asked is None:
+                stopped = strategy.stopped
                 break
             proposal, repaired = _repaired(strategy, as_proposal(asked))
             key = evaluator.key_of(proposal)  # one key per network (and weights), however it was written
@@ -389,6 +400,9 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
             if progress is not None:
                 progress(len(seen), max_evals, strategy.answer(), elapsed())
             if repeats >= MAX_REPEATED_ASKS:
+                stopped = (f"its last {MAX_REPEATED_ASKS} proposals were all networks it had already evaluated: the space "
+                           f"holds few networks near {budget.label} (a finer ratio grid or a larger budget gives a search "
+                           "more to choose from)")
                 break
         for key, (asked, proposal, repaired) in deferred.items():  # held by other workers: their results, or retried
             result = claim_and_evaluate(proposal, key, repaired, skip_held=False)  # if its worker died
@@ -402,9 +416,11 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.accepts(answer):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
-    store.update_summary(study, search_seconds=elapsed(), **({"answer": answer.to_dict()} if answer is not None else {}),
+    store.update_summary(study, search_seconds=elapsed(), stopped=stopped,
+                         **({"answer": answer.to_dict()} if answer is not None else {}),
                          **({"spent": dict(strategy.spent)} if strategy.spent else {}))
-    return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name, list(strategy.history))
+    return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name,
+                         list(strategy.history), stopped)
 
 
 def _evaluate(evaluator: Evaluator, proposal: Proposal, screening: Screening | None, budget: BoundBudget,

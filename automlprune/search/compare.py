@@ -240,6 +240,11 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
         lines += _best_per_budget([r for r in rows if r["budget"] not in tolerances], baseline["test_accuracy"]) + [""]
     if any(r.budget.tolerance for r in records):
         lines += _cheapest_per_tolerance(rows, records) + [""]
+    stopped = [r for r in records if r.stopped]
+    if stopped:
+        lines += ["Searches that stopped before their evaluation budget:", ""]
+        lines += [f"- {r.strategy} {r.budget.label} seed {r.seed}, after {r.evaluations} evaluations: {r.stopped}." for r in stopped]
+        lines += [""]
     searched = [r for r in records if not r.budget.tolerance]
     lines += _progress_table(searched) if searched else []  # tolerances only: their cheapest answers are above
     lines += ["", *(["![Test accuracy after fine-tune vs cost and vs search time](finetuned.png)", ""] if tuned else []),

@@ -80,6 +80,8 @@ class OptunaStrategy(Strategy):
                 return Proposal(candidate, as_proposed=True) if warm else candidate
             RunStore.refuse(self.study, trial, candidate, violation=self.budget.violation(costs),
                             cost_fraction=self.budget.cost_fraction(costs))
+        self.stopped = (f"its sampler proposed {MAX_REFUSED_IN_A_ROW} networks in a row over {self.budget.label} "
+                        "(repair is off: option repair=true moves proposals to the budget)")
         return None
 
 

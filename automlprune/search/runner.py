@@ -3,6 +3,7 @@ search per (strategy, seed, budget)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -144,10 +145,14 @@ class SearchSession:
         reporter = _SearchProgress(f"{strategy} {budget.label} seed {seed}", max_evals, self.progress and distributed.is_main(),
                                    budget.metric if budget.tolerance else None)
         try:
-            return run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
-                                attrs=attrs, progress=reporter)
+            outcome = run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
+                                   attrs=attrs, progress=reporter)
         finally:
             reporter.close()
+        if outcome.stopped and self.progress and distributed.is_main():
+            print(f"{strategy} {budget.label} seed {seed} stopped after {outcome.evaluations} of {max_evals} evaluations: "
+                  f"{outcome.stopped}", file=sys.stderr, flush=True)
+        return outcome
 
 
 class _SearchProgress(Progress):

@@ -174,6 +174,9 @@ class RunSummary:
     """The answer over every worker's evaluations (an :class:`EvalResult` dict), None before the search ends or without one."""
     search_seconds: float | None = None
     """Wall time of the search, all its sessions together (s)."""
+    stopped: str | None = None
+    """Why the search ended before its evaluation budget (a sentence), None when it spent it, hit its
+    time limit or is a one-shot strategy (:attr:`~automlprune.search.base.SearchOutcome.stopped`)."""
     spent: dict[str, float] | None = None
     """What the strategy spent besides evaluations: training ``seconds``, ``steps``, ``images``."""
     scoring_seconds: float | None = None

@@ -9,16 +9,18 @@
 # About 1.5 h on 2 idle CPU cores. Needs: apt-get install dataset-fashion-mnist.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# Measured with the evaluation of its time (channels by L1, no least-squares fold), pinned so a rerun resumes it as it was.
+PLAIN=(--set evaluation.criterion=l1 --set evaluation.reconstruction=none)
 DIR=results/benchmarks/fmnist-resnet20-play-and-prune
 BASE=results/benchmarks/fmnist-resnet20-training/baseline.pt
 automlprune compare fmnist-resnet20 --strategies play-and-prune,uniform,prunenet,tp-global \
-  --budgets accuracy_drop=0.25,0.5,1,2 --finetune-epochs 0 --run-dir $DIR/tolerance --set checkpoint=$BASE "$@"
+  --budgets accuracy_drop=0.25,0.5,1,2 --finetune-epochs 0 --run-dir $DIR/tolerance --set checkpoint=$BASE "${PLAIN[@]}" "$@"
 MACS=$(python3 -c "
 import json
 rows = json.load(open('$DIR/tolerance/results.json'))['rows']
 print(','.join(sorted({f\"{r['macs_fraction']:.4f}\" for r in rows if r['strategy'] == 'play-and-prune' and r['macs_fraction'] == r['macs_fraction']})))")
 automlprune compare fmnist-resnet20 --strategies uniform,prunenet,tp-global \
-  --budgets macs=$MACS --train-budget 4 --run-dir $DIR/at-its-macs --set checkpoint=$BASE "$@"
+  --budgets macs=$MACS --train-budget 4 --run-dir $DIR/at-its-macs --set checkpoint=$BASE "${PLAIN[@]}" "$@"
 # 3. table.md: tolerance -> MACs play-and-prune reached -> each strategy's test accuracy at those MACs (equal training).
 python3 - "$DIR" <<'PY'
 import json, sys

@@ -10,7 +10,8 @@ BASE=results/benchmarks/fmnist-resnet20-training/baseline.pt
 run() {  # run-dir strategies options...
   local dir=$1 strategies=$2; shift 2
   automlprune compare fmnist-resnet20 --strategies "$strategies" --budgets macs=0.5,0.3 --seeds 1 --evals 40 \
-    --finetune-epochs 0 --run-dir "$DIR/$dir" --set checkpoint=$BASE "$@"
+    --finetune-epochs 0 --run-dir "$DIR/$dir" --set checkpoint=$BASE \
+    --set evaluation.criterion=l1 --set evaluation.reconstruction=none "$@"  # what the arms measured then; arms override it
 }
 run plain optuna-tpe,random --option repair=false --option warm_start=none
 run repair optuna-tpe,random --option warm_start=none
@@ -33,6 +34,8 @@ rl rl-plain ddpg,ppo --option warm_start=none --option repair=false
 rl rl-default ddpg,ppo
 rl rl-every-step ddpg --option reward_assignment=every_step
 # Multi-fidelity: signal-prunenet-ls-fine's searches again, each proposal screened on a quarter of
-# the validation and BN batches first, the top third of screenings evaluated in full.
+# the validation and BN batches first, the top third of screenings evaluated in full; beside them the
+# same searches without screening, run just before on the same otherwise idle machine, for evaluations per minute.
+run no-screening optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet
 run screening optuna-tpe,random --space fine --set evaluation.reconstruction=least_squares --set evaluation.criterion=prunenet \
   --set evaluation.screening=0.25

@@ -251,3 +251,15 @@ def test_four_search_commands_started_together_on_a_fresh_run_all_finish(tmp_pat
     with sqlite3.connect(run / "study.db") as db:
         studies = {name for (name,) in db.execute("select study_name from studies")}
     assert {f"random|macs=0.5|seed{s}" for s in range(4)} <= studies
+
+
+def test_a_run_made_with_a_criterion_the_defaults_now_leave_to_the_strategy_names_it():
+    """Runs saved when the shipped tasks pinned evaluation.criterion=l1: resumed without it, the
+    refusal names the setting and the value to pass."""
+    from automlprune.search.run_dir import config_conflict
+
+    old = {"task": {"name": "t", "evaluation": {"criterion": "l1", "reconstruction": "none", "bn_batches": 10}}}
+    new = {"task": {"name": "t", "evaluation": {"criterion": None, "reconstruction": None, "bn_batches": 10}}}
+    assert config_conflict(old, new) == "task.evaluation.criterion \"l1\", not unset (the strategy's default)"
+    pinned = {"task": {"name": "t", "evaluation": {"criterion": "l1", "reconstruction": "none", "bn_batches": 10}}}
+    assert config_conflict(old, pinned) is None

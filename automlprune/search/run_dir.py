@@ -102,7 +102,8 @@ def config_conflict(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                 if found:
                     return found
             return None
-        return None if a == b else f"{where} {json.dumps(a, default=str)}, not {'unset' if b is None else json.dumps(b, default=str)}"
+        theirs = "unset (the strategy's default)" if b is None else json.dumps(b, default=str)
+        return None if a == b else f"{where} {json.dumps(a, default=str)}, not {theirs}"
 
     for key, fields_ in MEANING_KEYS.items():
         if key not in old or key not in new:

@@ -1,7 +1,7 @@
 # Run from the repository root: python results/benchmarks/fmnist-latency/weights_probe.py (about 1 minute, idle machine).
 """Why compare's trained answers at 50% MACs measure 0.76 at batch 64 while the latency suite's random-weight uniform
 prunings measure 0.48-0.52: time the same widths with trained and random weights, with and without denormals flushed."""
-import copy, json, sys, torch, optuna
+import copy, torch, optuna
 from automlprune.tasks import Task, TaskSpec
 from automlprune.baseline import ensure_baseline
 from automlprune.evaluator import Evaluator

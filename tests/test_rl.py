@@ -174,6 +174,49 @@ def test_a_demonstrated_episode_reproduces_its_candidate(action_type, digits_eva
     assert env.demonstration is None and env.demonstration_action() is None  # one episode per queued candidate
 
 
+@pytest.mark.parametrize("action_type", ["continuous", "discrete"])
+def test_behaviour_cloning_makes_a_policy_propose_around_the_demonstration(action_type, digits_evaluator, digits_space):
+    import stable_baselines3 as sb3
+    import torch
+
+    from automlprune.rl.agents import imitate
+
+    evaluated = []
+    env = LayerWidthEnv(None, "macs=0.5", action_type=action_type, space=digits_space,
+                        cost_model=digits_evaluator.cost_model, reward_source=evaluated.append)
+    grid = digits_space.config.ratios
+    wanted = automlprune.Candidate.make({g: grid[(i * 3) % 4] for i, g in enumerate(env.groups)})
+    observations, actions = env.demonstration_episode(wanted)
+    assert len(observations) == len(env.groups) and not evaluated and env._t == 0  # nothing evaluated, env left reset
+    policy = sb3.PPO("MlpPolicy", env, seed=0, device="cpu", policy_kwargs={"net_arch": [32]}).policy
+    imitate(policy, observations, actions, env.action_space, steps=300)
+    with torch.no_grad():
+        chosen = policy.get_distribution(torch.as_tensor(observations)).mode().numpy().reshape(-1)
+    ratios = [env.action_to_ratio(a) for a in chosen]  # the policy's most likely action at each demonstrated state
+    step = grid[1] - grid[0]  # continuous actions land between grid points (the space rounds them later)
+    assert ratios == pytest.approx([wanted.ratio_map.get(g, 1.0) for g in env.groups], abs=1e-6 if action_type == "discrete" else step / 4)
+
+
+def test_ppo_can_start_from_the_best_warm_start_and_only_ppo_imitates(tmp_path, trained_digits_model, digits_space, digits):
+    import torch
+
+    from conftest import search_with
+    from automlprune.errors import ConfigError
+    from automlprune.search import STRATEGIES
+
+    agent, outcome, _, store = search_with(tmp_path, STRATEGIES.get("ppo"), trained_digits_model, digits_space, digits,
+                                           "macs=0.5", max_evals=4, warm_start="uniform,prunenet", imitate=True)
+    study = store.study(store.study_names()[-1])
+    trials = [t for t in study.trials if t.user_attrs.get("evaluated")]
+    best_start = max(trials[:2], key=lambda t: t.values[0])  # the two warm starts come first
+    observations, actions = agent.env.demonstration_episode(automlprune.Candidate.from_dict(best_start.user_attrs["candidate"]))
+    with torch.no_grad():  # no PPO update yet (4 episodes per update): the policy is the cloned one
+        chosen = agent.agent.policy.get_distribution(torch.as_tensor(observations)).mode().numpy().reshape(-1)
+    assert chosen.tolist() == actions.reshape(-1).tolist()  # its most likely action is the best warm start's, step by step
+    with pytest.raises(ConfigError, match="option imitate is PPO's"):
+        STRATEGIES.get("ddpg").check_options({"imitate": True})
+
+
 @pytest.mark.parametrize("strategy", ["ddpg", "ppo"])
 def test_rl_searches_start_from_the_allocators_answers(strategy, tmp_path, trained_digits_model, digits_space, digits):
     from conftest import search_with

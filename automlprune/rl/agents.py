@@ -16,7 +16,10 @@ warm-up episodes: the environment gives, step by step, the action that reproduce
 (:meth:`LayerWidthEnv.demonstration_action`) and the agent takes it in place of a random one,
 so the answers' episodes and rewards enter its replay buffer like its own. PPO learns on its own
 policy's actions only, so for PPO the answers are evaluated first, outside the agent (counted in
-the budget, part of the answer, not learned from). Every other episode's candidate is moved to
+the budget, part of the answer). With ``imitate=true`` PPO's policy then starts from the best of
+them: behaviour cloning (:func:`imitate`) toward soft targets on that answer's grid index at every
+step (half the probability on it, the rest on the neighbouring indices), so its first episodes
+explore around the best one-shot allocation instead of at random. This is automlprune's, not AMC's. Every other episode's candidate is moved to
 the budget by the search loop before it is evaluated (:mod:`automlprune.search.repair`, option
 ``repair``): the environment's clipping keeps it within the budget, the repair makes it use it;
 the agent's reward is the repaired network's accuracy.
@@ -123,7 +126,7 @@ class RLStrategy(Strategy):
     noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others
     off); reward_assignment: last (the reward on the episode's last step only, the default) or
     every_step (AMC: every transition of the episode gets the final reward; off-policy agents);
-    episodes_per_update, n_epochs (PPO); init_agent: an SB3 .zip (one a previous search
+    episodes_per_update, n_epochs, imitate (PPO; see the module docstring); init_agent: an SB3 .zip (one a previous search
     saved) whose network and optimizer weights the agent starts from; only its tensors are read
     (``torch.load(weights_only=True)``), never its pickled data, so the agent's settings are these options.
     The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
@@ -134,8 +137,9 @@ class RLStrategy(Strategy):
     default_mode: ClassVar[str] = "channels"
     option_names = ("mode", "action_type", "reward", "warmup", "learning_rate", "actor_learning_rate", "batch_size", "gamma", "tau", "net_arch",
                     "noise_sigma", "noise_decay", "reward_baseline", "episodes_per_update", "n_epochs", "init_agent",
-                    "reward_assignment")
+                    "reward_assignment", "imitate")
     option_types = {**dict.fromkeys(("mode", "action_type", "reward", "init_agent", "reward_assignment"), str),
+                    "imitate": bool,
                     **dict.fromkeys(("warmup", "batch_size", "episodes_per_update", "n_epochs"), int),
                     **dict.fromkeys(("learning_rate", "actor_learning_rate", "gamma", "tau", "noise_sigma", "noise_decay"), float),
                     "reward_baseline": float | None}
@@ -175,6 +179,9 @@ class RLStrategy(Strategy):
         if cls.algorithm == "ppo" and options.get("reward_assignment", "last") != "last":
             raise ConfigError(f"strategy '{cls.name}' option reward_assignment=every_step rewrites an off-policy replay "
                               "buffer; use it with ddpg, td3 or sac")
+        if cls.algorithm != "ppo" and options.get("imitate"):
+            raise ConfigError(f"strategy '{cls.name}' replays the warm starts into its replay buffer already; "
+                              "option imitate is PPO's")
 
     # ---- the agent -------------------------------------------------------------------------------
     def _build_agent(self) -> Any:
@@ -241,6 +248,8 @@ class RLStrategy(Strategy):
         if self._first:
             return Proposal(self._first.pop(0), as_proposed=True)
         if self._thread is None:
+            if self.options.get("imitate"):
+                self._imitate_best_start()
             self._thread = threading.Thread(target=self._train, name=f"automlprune-{self.name}", daemon=True)
             self._thread.start()
         candidate = self._to_loop.get()
@@ -249,6 +258,15 @@ class RLStrategy(Strategy):
         if candidate is not None and self.env.demonstration is not None:  # a replayed answer: evaluated as it is
             return Proposal(candidate, as_proposed=True)
         return candidate
+
+    def _imitate_best_start(self) -> None:
+        """Clone the best feasible warm start (evaluated first) into PPO's policy before it acts."""
+        feasible = [r for r in self.history if self.budget.met_by(r.costs)]
+        if not feasible or not self.env.groups:
+            return
+        best = max(feasible, key=lambda r: (r.accuracy, -r.costs[self.budget.metric]))
+        observations, actions = self.env.demonstration_episode(best.candidate)
+        imitate(self.agent.policy, observations, actions, self.env.action_space)
 
     def tell(self, candidate: Candidate | Proposal, result: EvalResult) -> None:
         super().tell(candidate, result)
@@ -261,6 +279,53 @@ class RLStrategy(Strategy):
             self._thread.join()
         if self.context.artifacts is not None:
             self.agent.save(self.context.artifacts.path(f"agent-{self.name}-{self.budget.slug}-seed{self.seed}.zip"))
+
+
+IMITATION_TARGET = {0: 0.5, -1: 0.2, 1: 0.2, -2: 0.05, 2: 0.05}
+"""Soft target of behaviour cloning for a discrete policy: probability per offset from the demonstrated index."""
+
+IMITATION_SIGMA = 0.2
+"""Standard deviation a continuous policy keeps after behaviour cloning (actions span [-1, 1])."""
+
+
+def imitate(policy: Any, observations: np.ndarray, actions: np.ndarray, action_space: Any, steps: int = 300,
+            learning_rate: float = 1e-3) -> float:
+    """Behaviour cloning of an SB3 actor-critic ``policy`` on one demonstrated episode: a discrete
+    policy is fitted by cross-entropy to :data:`IMITATION_TARGET` around each demonstrated index
+    (renormalised at the ends of the grid), a continuous one by the likelihood of the demonstrated
+    actions with its spread held at :data:`IMITATION_SIGMA`. Full-batch Adam, ``steps`` steps
+    (deterministic on the CPU). Returns the final loss."""
+    import torch
+    from gymnasium import spaces
+
+    obs = torch.as_tensor(observations, dtype=torch.float32)
+    discrete = isinstance(action_space, spaces.Discrete)
+    if discrete:
+        n = int(action_space.n)
+        target = torch.zeros(len(obs), n)
+        for row, index in enumerate(np.asarray(actions).reshape(-1).astype(int)):
+            for offset, p in IMITATION_TARGET.items():
+                if 0 <= index + offset < n:
+                    target[row, index + offset] = p
+        target /= target.sum(dim=1, keepdim=True)
+        parameters = list(policy.parameters())
+    else:
+        wanted = torch.as_tensor(np.asarray(actions, dtype=np.float32).reshape(len(obs), -1))
+        with torch.no_grad():
+            policy.log_std.fill_(float(np.log(IMITATION_SIGMA)))
+        parameters = [p for p in policy.parameters() if p is not policy.log_std]
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        distribution = policy.get_distribution(obs)
+        if discrete:
+            loss = -(target * torch.log_softmax(distribution.distribution.logits, dim=-1)).sum(dim=-1).mean()
+        else:
+            loss = -distribution.log_prob(wanted).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
 
 
 def _make(algorithm: str, action_type: str = "continuous", name: str | None = None, mode: str = "channels",

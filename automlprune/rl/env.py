@@ -137,6 +137,23 @@ class LayerWidthEnv(gym.Env):
         that takes it (the RL strategies' warm-up) stores the candidate's episode as its own."""
         self._demonstrations.extend(candidates)
 
+    def demonstration_episode(self, candidate: Candidate) -> tuple[np.ndarray, np.ndarray]:
+        """The (observations, actions) of an episode replaying ``candidate``, one row per decision,
+        without evaluating it (the last step, which would ask for the reward, is not taken); the
+        environment is left reset."""
+        self._demonstrations.insert(0, candidate)
+        obs, _ = self.reset()
+        observations, actions = [], []
+        for t in range(len(self.decisions)):
+            action = self.demonstration_action()
+            observations.append(obs)
+            actions.append(np.asarray(action))
+            if t < len(self.decisions) - 1:
+                obs, *_ = self.step(action)
+        self._clear()
+        self.demonstration = None
+        return np.stack(observations), np.stack(actions)
+
     def demonstration_action(self) -> np.ndarray | None:
         """The action reproducing the replayed candidate's decision at the current step (continuous:
         in [-1, 1]; discrete: the grid index at or below its ratio), or None when no episode is replayed."""
@@ -255,9 +272,13 @@ class LayerWidthEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self._ratios, self._densities, self._bits, self._t, self._prev = {}, {}, {}, 0, 1.0
+        self._clear()
         self.demonstration = self._demonstrations.pop(0) if self._demonstrations else None
         return self._observation(), {}
+
+    def _clear(self) -> None:
+        """Forget the decisions of the episode under way."""
+        self._ratios, self._densities, self._bits, self._t, self._prev = {}, {}, {}, 0, 1.0
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         kind, name = self.decisions[self._t]

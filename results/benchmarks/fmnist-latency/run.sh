@@ -25,7 +25,8 @@ search() {  # task checkpoint batch budget...: each budget alone (an unreachable
       --set evaluation.latency_batch="$batch" 2> >(tee "$out.err" >&2)
     code=$?
     if [ $code -eq 0 ]; then reached+=("$budget")
-    elif [ $code -eq 2 ]; then echo "$task, batch $batch, $budget: $(tail -1 "$out.err")" >> $DIR/unreached.txt
+    elif [ $code -eq 2 ] && tail -1 "$out.err" | grep -q "is impossible"; then
+      echo "$task, batch $batch, $budget: $(tail -1 "$out.err")" >> $DIR/unreached.txt
     else exit $code; fi
   done
   rm -f "$out.err"

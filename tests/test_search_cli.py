@@ -100,6 +100,26 @@ def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
     assert (run / "results.json").is_file()
 
 
+def test_answers_that_are_one_network_share_one_fine_tune_with_its_exact_figures(checkpoint, tmp_path, capsys):
+    import optuna
+
+    common = ["--budgets", "macs=0.5", "--evals", "1", "--finetune-epochs", "1", "--set", f"checkpoint={checkpoint}",
+              "--set", "finetune.steps_per_epoch=5", "--option", "optuna-tpe.warm_start=prunenet", "--json"]
+    code, _, _ = _run(capsys, "compare", "digits-cnn", "--strategies", "prunenet,optuna-tpe", "--run-dir", tmp_path / "both", *common)
+    assert code == 0
+    storage = f"sqlite:///{tmp_path / 'both' / 'study.db'}"
+    tuned = {name: optuna.load_study(study_name=name, storage=storage).user_attrs["finetune"]
+             for name in ("prunenet|macs=0.5|seed0", "optuna-tpe|macs=0.5|seed0")}
+    first, second = tuned["prunenet|macs=0.5|seed0"], tuned["optuna-tpe|macs=0.5|seed0"]
+    assert first["candidate"] == second["candidate"]  # TPE's one evaluation was prunenet's answer: the same network
+    assert "shared_with" not in second and first["shared_with"] == "optuna-tpe|macs=0.5|seed0"  # the first in report order trains
+    code, _, _ = _run(capsys, "compare", "digits-cnn", "--strategies", "optuna-tpe", "--run-dir", tmp_path / "alone", *common)
+    alone = optuna.load_study(study_name="optuna-tpe|macs=0.5|seed0",
+                              storage=f"sqlite:///{tmp_path / 'alone' / 'study.db'}").user_attrs["finetune"]
+    assert code == 0 and "shared_with" not in alone  # trained for itself, it gives exactly the shared figures
+    assert (alone["val_accuracy"], alone["test_accuracy"]) == (first["val_accuracy"], first["test_accuracy"])
+
+
 def test_compare_refuses_a_missing_notes_file_before_running(checkpoint, tmp_path, capsys):
     code, _, err = _run(capsys, "compare", "digits-cnn", "--strategies", "uniform", "--budgets", "macs=0.5",
                         "--run-dir", tmp_path / "cmp", "--set", f"checkpoint={checkpoint}", "--notes", tmp_path / "nope.md")

@@ -56,10 +56,16 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
 
     A pipeline's answer (:meth:`~automlprune.search.pipeline.PipelineRun.record`) was fine-tuned by
     its stages as its file says and is not fine-tuned again; ``networks`` (study name -> the
-    pipeline's final network) lets it be timed with the others."""
+    pipeline's final network) lets it be timed with the others.
+
+    The fine-tune is deterministic (its own seed, on the CPU), so answers that are the same network
+    (same weights, same evaluation settings) under the same fine-tune settings share one: the
+    first is trained, the others get its figures, with ``shared_with`` naming its study."""
     base = replace(session.task.spec.finetune, epochs=finetune_epochs)
     train_size = len(session.task.data.train)
     answered, pipelines = [], []
+    tuned_once: dict[tuple, tuple[str, dict[str, Any]]] = {}
+    """(evaluation settings, network key, fine-tune settings) -> (study name, its stored fine-tune)."""
     for record in collect(session.store):
         if not record.answer:
             continue
@@ -78,11 +84,18 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
                                                                              train_size)
         wanted = {"epochs": finetune_epochs if train_budget is None else settings.epochs, "candidate": candidate,
                   "train_budget": train_budget}
+        same = (evaluator.settings, evaluator.key_of(proposal), settings, str(session.device))
         if not done or any(done.get(k) != v for k, v in wanted.items()):
-            tuned = evaluator.finetune(proposal, settings, progress=progress)
-            session.store.update_summary(study, finetune={**wanted, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
-                                             "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images,
-                                             "strategy_images": strategy_images})
+            if same in tuned_once and session.device.type == "cpu":
+                first, figures = tuned_once[same]
+                done = {**figures, **wanted, "strategy_images": strategy_images, "shared_with": first}
+            else:
+                tuned = evaluator.finetune(proposal, settings, progress=progress)
+                done = {**wanted, "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
+                        "seconds": tuned.seconds, "steps": tuned.steps, "images": tuned.images, "strategy_images": strategy_images}
+            session.store.update_summary(study, finetune=done)
+        if not done.get("shared_with"):
+            tuned_once.setdefault(same, (record.study_name, {k: done[k] for k in FINETUNE_FIGURES if k in done}))
     answered.append((session.evaluator, session.store.study(UNPRUNED_STUDY), session.space.full()))
     summaries = [session.store.summary(study) for _, study, _ in answered] + [session.store.summary(study) for study, _ in pipelines]
     if all(s.latency_ms and s.latency_of == TIMED for s in summaries):
@@ -97,6 +110,9 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
     for study, lat in zip(studies, session.evaluator.latencies(nets)):
         session.store.update_summary(study, latency_ms={str(b): ms for b, ms in lat.items()}, latency_of=TIMED)
 
+
+FINETUNE_FIGURES = ("val_accuracy", "test_accuracy", "seconds", "steps", "images")
+"""What a shared fine-tune copies from the one that was trained."""
 
 TIMED = "deployable"
 """What the latency columns time: the network as exported (materialized, batch norms folded into
@@ -234,7 +250,10 @@ def write_report(session: SearchSession, budgets: Sequence[Budget], out_dir: Pat
               "strategy's evaluator (shared by its budgets and seeds, not counted in the search time)."
               + (" A pipeline (pipeline:NAME) is fine-tuned by its own stages as its file says, not by the comparison's "
                  "fine-tune; its evaluations, search time and images trained are all its stages' together, its costs those of "
-                 "its final network against the unpruned one; its stages are in pipeline-NAME-BUDGET-seedS.md." if any(r["strategy"].startswith(PIPELINE_PREFIX) for r in rows) else ""), ""]
+                 "its final network against the unpruned one; its stages are in pipeline-NAME-BUDGET-seedS.md." if any(r["strategy"].startswith(PIPELINE_PREFIX) for r in rows) else "")
+              + (f" {sum(bool((r.finetune or {}).get('shared_with')) for r in records)} answers were the same network as an answer "
+                 "before them and share its fine-tune (deterministic on the CPU: the figures it would give again)."
+                 if any((r.finetune or {}).get("shared_with") for r in records) else ""), ""]
     if tuned and baseline.get("test_accuracy") is not None and any(not r.budget.tolerance for r in records):
         tolerances = {r.budget.label for r in records if r.budget.tolerance}
         lines += _best_per_budget([r for r in rows if r["budget"] not in tolerances], baseline["test_accuracy"]) + [""]

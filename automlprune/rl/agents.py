@@ -261,10 +261,9 @@ class RLStrategy(Strategy):
 
     def _imitate_best_start(self) -> None:
         """Clone the best feasible warm start (evaluated first) into PPO's policy before it acts."""
-        feasible = [r for r in self.history if self.budget.met_by(r.costs)]
-        if not feasible or not self.env.groups:
+        best = self.answer()  # the warm starts are all the history so far
+        if best is None or not self.env.groups:
             return
-        best = max(feasible, key=lambda r: (r.accuracy, -r.costs[self.budget.metric]))
         observations, actions = self.env.demonstration_episode(best.candidate)
         imitate(self.agent.policy, observations, actions, self.env.action_space)
 

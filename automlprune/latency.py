@@ -1,7 +1,22 @@
-"""Measured inference latency of a network."""
+"""Measured inference latency of a network.
+
+Every measurement first calls :func:`steady_allocator`: on Linux with glibc, the process's
+``malloc`` stops handing freed memory back to the operating system. Without it a network's
+time depends on what ran before it in the process: glibc trims the heap and serves large
+blocks with fresh ``mmap`` calls, and the page faults of re-touching that memory cost in
+proportion to the activations a pass writes, which favours small networks. Measured on this
+project's 2-core VM (``results/benchmarks/fmnist-latency/discrepancy_probe.py``): the unpruned
+ResNet-20 at batch 64 took 22.4 ms timed alone and 28.4 ms timed among twelve other networks,
+so one pruned network's ratio read 0.70 alone and 0.57 in company; with the allocator held
+steady both read 0.70. A deployed process that runs one network over and over reaches the
+steady state on its own, so the steady figure is the one a user sees.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 import statistics
 import time
 from typing import Sequence
@@ -20,6 +35,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
     ``repeats`` timed ones (more, until ``min_seconds`` have passed); CUDA is synchronised
     around every pass.
     """
+    steady_allocator()
     device = torch.device(device)
     model = _inference_form(model.to(device))
     result = {}
@@ -39,6 +55,32 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
             times.append((time.perf_counter() - start) * 1000)
         result[int(batch)] = statistics.median(times)
     return result
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's ``mallopt`` parameters (malloc.h)."""
+STEADY_TRIM_BYTES = 1 << 30
+"""Free memory at the top of the heap kept, not returned to the OS, while timing (bytes)."""
+STEADY_MMAP_BYTES = 32 << 20
+"""Blocks up to this size come from the heap rather than a fresh ``mmap`` (bytes; glibc's
+largest accepted value on 64-bit systems)."""
+
+
+@functools.cache
+def steady_allocator() -> bool:
+    """Hold the process's ``malloc`` steady for timing (module docstring): glibc's trim
+    threshold raised to :data:`STEADY_TRIM_BYTES` and its mmap threshold to
+    :data:`STEADY_MMAP_BYTES`, once per process, for the rest of the process (the process keeps
+    up to that much freed memory instead of returning it). True when applied; False where the
+    C library is not glibc (other allocators, other systems), where it does nothing."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_BYTES) and mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_BYTES))
 
 
 def _inference_form(model: nn.Module) -> nn.Module:

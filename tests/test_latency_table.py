@@ -1,6 +1,9 @@
 """The per-layer latency table and latency budgets."""
 
 import json
+import platform
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -121,3 +124,38 @@ def test_networks_are_timed_in_interleaved_rounds_and_keep_their_median(monkeypa
 def test_interleaved_timing_measures_every_batch_size():
     timed = measure_latencies([nn.Conv2d(1, 4, 3), nn.Conv2d(1, 8, 3)], (1, 8, 8), (1, 4), rounds=2, repeats=2)
     assert len(timed) == 2 and all(sorted(t) == [1, 4] and min(t.values()) > 0 for t in timed)
+
+
+_FREED_MEMORY_PROBE = """
+import sys
+from automlprune.latency import steady_allocator
+applied = steady_allocator() if sys.argv[1] == "steady" else None
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+before = rss_mb()
+block = b"x" * (20 << 20)  # 20 MiB, every page touched
+held = rss_mb()
+del block
+print(applied, round(held - before), round(rss_mb() - before))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_steady_allocator_keeps_freed_memory_so_timings_do_not_pay_page_faults():
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    applied, held, after_free = run("steady")
+    assert applied == "True" and int(held) >= 19 and int(after_free) >= 19  # the 20 MiB stay with the process
+    _, held, after_free = run("default")
+    assert int(held) >= 19 and int(after_free) <= 2  # glibc's default hands a large block back at once
+
+
+def test_every_measurement_holds_the_allocator_steady(monkeypatch):
+    import automlprune.latency as latency
+
+    calls = []
+    monkeypatch.setattr(latency, "steady_allocator", lambda: calls.append(1) or True)
+    latency.measure_latency(nn.Conv2d(1, 2, 3), (1, 6, 6), (1,), repeats=1, warmup=0)
+    assert calls == [1]

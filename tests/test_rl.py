@@ -197,7 +197,7 @@ def test_behaviour_cloning_makes_a_policy_propose_around_the_demonstration(actio
     assert ratios == pytest.approx([wanted.ratio_map.get(g, 1.0) for g in env.groups], abs=1e-6 if action_type == "discrete" else step / 4)
 
 
-def test_ppo_can_start_from_the_best_warm_start_and_only_ppo_imitates(tmp_path, trained_digits_model, digits_space, digits):
+def test_ppo_starts_from_the_best_warm_start_by_default_and_only_ppo_imitates(tmp_path, trained_digits_model, digits_space, digits):
     import torch
 
     from conftest import search_with
@@ -205,7 +205,7 @@ def test_ppo_can_start_from_the_best_warm_start_and_only_ppo_imitates(tmp_path, 
     from automlprune.search import STRATEGIES
 
     agent, outcome, _, store = search_with(tmp_path, STRATEGIES.get("ppo"), trained_digits_model, digits_space, digits,
-                                           "macs=0.5", max_evals=4, warm_start="uniform,prunenet", imitate=True)
+                                           "macs=0.5", max_evals=4, warm_start="uniform,prunenet")
     study = store.study(store.study_names()[-1])
     trials = [t for t in study.trials if t.user_attrs.get("evaluated")]
     best_start = max(trials[:2], key=lambda t: t.values[0])  # the two warm starts come first
@@ -213,6 +213,11 @@ def test_ppo_can_start_from_the_best_warm_start_and_only_ppo_imitates(tmp_path, 
     with torch.no_grad():  # no PPO update yet (4 episodes per update): the policy is the cloned one
         chosen = agent.agent.policy.get_distribution(torch.as_tensor(observations)).mode().numpy().reshape(-1)
     assert chosen.tolist() == actions.reshape(-1).tolist()  # its most likely action is the best warm start's, step by step
+    fresh, _, _, _ = search_with(tmp_path / "fresh", STRATEGIES.get("ppo"), trained_digits_model, digits_space, digits,
+                                 "macs=0.5", max_evals=4, warm_start="uniform,prunenet", imitate=False)
+    with torch.no_grad():
+        chosen = fresh.agent.policy.get_distribution(torch.as_tensor(observations)).mode().numpy().reshape(-1)
+    assert chosen.tolist() != actions.reshape(-1).tolist()  # imitate=false: the policy AMC's agents start from
     with pytest.raises(ConfigError, match="option imitate is PPO's"):
         STRATEGIES.get("ddpg").check_options({"imitate": True})
 

@@ -81,7 +81,9 @@ def test_compare_writes_a_report(checkpoint, tmp_path, capsys):
 
     unpruned_study = optuna.load_study(study_name="unpruned", storage=f"sqlite:///{run / 'study.db'}")
     unpruned = unpruned_study.user_attrs["latency_ms"]
-    assert unpruned_study.user_attrs["latency_of"] == "deployable"  # the network a user deploys: batch norms folded, channels-last
+    from automlprune.search.compare import TIMED
+
+    assert unpruned_study.user_attrs["latency_of"] == TIMED == "deployable, steady allocator"  # as deployed: folded, channels-last
     for r in rows:  # each ratio is the answer's latency over the unpruned network's, measured in the same run
         for b in ("1", "64"):
             assert float(r[f"latency_ms_b{b}"]) > 0

@@ -16,10 +16,15 @@ warm-up episodes: the environment gives, step by step, the action that reproduce
 (:meth:`LayerWidthEnv.demonstration_action`) and the agent takes it in place of a random one,
 so the answers' episodes and rewards enter its replay buffer like its own. PPO learns on its own
 policy's actions only, so for PPO the answers are evaluated first, outside the agent (counted in
-the budget, part of the answer). With ``imitate=true`` PPO's policy then starts from the best of
-them: behaviour cloning (:func:`imitate`) toward soft targets on that answer's grid index at every
-step (half the probability on it, the rest on the neighbouring indices), so its first episodes
-explore around the best one-shot allocation instead of at random. This is automlprune's, not AMC's. Every other episode's candidate is moved to
+the budget, part of the answer). PPO's policy then starts from the best of them (option
+``imitate``, on by default; ``--option imitate=false`` starts from a fresh policy as AMC's
+agents do): behaviour cloning (:func:`imitate`) toward soft targets on that answer's grid index
+at every step (half the probability on it, the rest on the neighbouring indices), so its first
+episodes explore around the best one-shot allocation instead of at random. This is
+automlprune's, not AMC's. Measured on the 3-seed search benchmark (Fashion-MNIST ResNet-20,
+40 evaluations, ``results/benchmarks/fmnist-resnet20-search``): without it PPO never improved on
+its best warm start; with it its best validation accuracy at 50% MACs rose from 90.20 to 91.02
+(mean of 3 seeds). Every other episode's candidate is moved to
 the budget by the search loop before it is evaluated (:mod:`automlprune.search.repair`, option
 ``repair``): the environment's clipping keeps it within the budget, the repair makes it use it;
 the agent's reward is the repaired network's accuracy.
@@ -126,7 +131,7 @@ class RLStrategy(Strategy):
     noise_decay (DDPG/TD3); reward_baseline (moving-average rate, DDPG default 0.5, others
     off); reward_assignment: last (the reward on the episode's last step only, the default) or
     every_step (AMC: every transition of the episode gets the final reward; off-policy agents);
-    episodes_per_update, n_epochs, imitate (PPO; see the module docstring); init_agent: an SB3 .zip (one a previous search
+    episodes_per_update, n_epochs, imitate (PPO, default true; see the module docstring); init_agent: an SB3 .zip (one a previous search
     saved) whose network and optimizer weights the agent starts from; only its tensors are read
     (``torch.load(weights_only=True)``), never its pickled data, so the agent's settings are these options.
     The trained agent is saved as ``agent-<strategy>-<budget>-seed<k>.zip`` in the run directory.
@@ -248,7 +253,7 @@ class RLStrategy(Strategy):
         if self._first:
             return Proposal(self._first.pop(0), as_proposed=True)
         if self._thread is None:
-            if self.options.get("imitate"):
+            if self.options.get("imitate", True):
                 self._imitate_best_start()
             self._thread = threading.Thread(target=self._train, name=f"automlprune-{self.name}", daemon=True)
             self._thread.start()

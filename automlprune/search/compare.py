@@ -114,10 +114,12 @@ def finish_answers(session: SearchSession, finetune_epochs: int, progress: bool 
 FINETUNE_FIGURES = ("val_accuracy", "test_accuracy", "seconds", "steps", "images")
 """What a shared fine-tune copies from the one that was trained."""
 
-TIMED = "deployable"
+TIMED = "deployable, steady allocator"
 """What the latency columns time: the network as exported (materialized, batch norms folded into
-the convolutions before them, channels-last: :func:`automlprune.export.deployable`). Runs timed
-before this was recorded (``exported``: folded, NCHW) are timed again."""
+the convolutions before them, channels-last: :func:`automlprune.export.deployable`), with the
+allocator held steady (:func:`automlprune.latency.steady_allocator`). Runs timed before this was
+recorded (``exported``: folded, NCHW; ``deployable``: the allocator's history could slow the
+larger networks) are timed again."""
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -207,3 +208,23 @@ def postgres_url():
     yield f"postgresql+psycopg://automlprune@127.0.0.1:{port}/postgres"
     run(os.path.join(programs, "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def evaluated_trials(db, study_prefix: str) -> int:
+    """Completed, evaluated trials of the first study in the SQLite file ``db`` whose name starts
+    with ``study_prefix``, read without creating anything: safe to poll while another process
+    is still creating the database (an Optuna storage opened here would create its tables too,
+    and the two schema creations can collide). 0 while the file or the study does not exist."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            row = conn.execute(
+                "select count(*) from trials t join studies s on t.study_id = s.study_id "
+                "join trial_user_attributes a on a.trial_id = t.trial_id "
+                "where s.study_id = (select min(study_id) from studies where substr(study_name, 1, ?) = ?) "
+                "and t.state = 'COMPLETE' and a.key = 'evaluated' and a.value_json = 'true'",
+                (len(study_prefix), study_prefix)).fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0])

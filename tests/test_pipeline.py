@@ -123,15 +123,10 @@ def test_kill_9_in_stage_2_resumes_at_stage_2(tmp_path, checkpoint):
     pipeline, run_dir = _write(tmp_path, spec), tmp_path / "run"
     command = [sys.executable, "-m", "automlprune.cli.main", "pipeline", "digits-cnn", str(pipeline), "--run-dir", str(run_dir),
                "--set", f"checkpoint={checkpoint}", "--set", "evaluation.bn_batches=30", "--json", "--no-export"]
-    storage = f"sqlite:///{run_dir / 'study.db'}"
+    from conftest import evaluated_trials
 
-    def evaluated(stage):
-        try:
-            name = next(n for n in optuna.get_all_study_names(storage) if n.startswith(f"p/stage{stage}-"))
-        except Exception:
-            return 0
-        study = optuna.load_study(study_name=name, storage=storage)
-        return sum(1 for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"))
+    def evaluated(stage):  # read-only: an Optuna storage opened while the pipeline creates the file could collide with it
+        return evaluated_trials(run_dir / "study.db", f"p/stage{stage}-")
 
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

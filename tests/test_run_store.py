@@ -74,11 +74,10 @@ def test_trials_hold_encoding_metrics_and_constraint(strategy, tmp_path, trained
 
 
 def _count(run_dir, name):
-    try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    except Exception:
-        return 0
-    return sum(1 for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"))
+    """Evaluations stored so far, read-only (safe while the search process creates the database)."""
+    from conftest import evaluated_trials
+
+    return evaluated_trials(run_dir / "study.db", name)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -210,21 +209,16 @@ def postgres_url():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def evaluated_trials(db, study_prefix: str) -> int:
-    """Completed, evaluated trials of the first study in the SQLite file ``db`` whose name starts
-    with ``study_prefix``, read without creating anything: safe to poll while another process
-    is still creating the database (an Optuna storage opened here would create its tables too,
-    and the two schema creations can collide). 0 while the file or the study does not exist."""
-    import sqlite3
+def evaluated_trials(run_dir, study_prefix: str) -> int:
+    """Stored evaluations of the first study of the run whose name starts with ``study_prefix``,
+    read as a report command reads a run (``RunStore(create=False)``: it waits for a worker
+    creating the storage); 0 while the storage or the study does not exist yet."""
+    from automlprune.errors import ConfigError
+    from automlprune.search.store import RunStore
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            row = conn.execute(
-                "select count(*) from trials t join studies s on t.study_id = s.study_id "
-                "join trial_user_attributes a on a.trial_id = t.trial_id "
-                "where s.study_id = (select min(study_id) from studies where substr(study_name, 1, ?) = ?) "
-                "and t.state = 'COMPLETE' and a.key = 'evaluated' and a.value_json = 'true'",
-                (len(study_prefix), study_prefix)).fetchone()
-    except sqlite3.Error:
+        store = RunStore(run_dir, create=False)
+    except ConfigError:
         return 0
-    return int(row[0])
+    name = next((n for n in store.study_names() if n.startswith(study_prefix)), None)
+    return 0 if name is None else len(store.records(store.find_study(name)))

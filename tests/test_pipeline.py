@@ -125,8 +125,8 @@ def test_kill_9_in_stage_2_resumes_at_stage_2(tmp_path, checkpoint):
                "--set", f"checkpoint={checkpoint}", "--set", "evaluation.bn_batches=30", "--json", "--no-export"]
     from conftest import evaluated_trials
 
-    def evaluated(stage):  # read-only: an Optuna storage opened while the pipeline creates the file could collide with it
-        return evaluated_trials(run_dir / "study.db", f"p/stage{stage}-")
+    def evaluated(stage):  # read while the pipeline may be creating the database
+        return evaluated_trials(run_dir, f"p/stage{stage}-")
 
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

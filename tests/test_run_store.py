@@ -73,11 +73,29 @@ def test_trials_hold_encoding_metrics_and_constraint(strategy, tmp_path, trained
     assert len(loaded.trials) == len(study.trials)
 
 
+def test_a_reader_of_a_run_waits_for_the_worker_creating_its_storage(tmp_path):
+    # Opening a database storage creates its tables when missing; a report or a poller opening it while a
+    # worker creates it collided with that worker ("table study_system_attributes already exists").
+    import threading
+
+    from automlprune.search.run_dir import run_lock
+
+    RunStore(tmp_path)
+    opened = threading.Event()
+    reader = threading.Thread(target=lambda: (RunStore(tmp_path, create=False), opened.set()))
+    with run_lock(tmp_path):  # a worker of the run is creating the storage
+        reader.start()
+        time.sleep(0.5)
+        assert not opened.is_set()
+    reader.join(timeout=10)
+    assert opened.is_set()
+
+
 def _count(run_dir, name):
-    """Evaluations stored so far, read-only (safe while the search process creates the database)."""
+    """Evaluations stored so far (read while the search process may be creating the database)."""
     from conftest import evaluated_trials
 
-    return evaluated_trials(run_dir / "study.db", name)
+    return evaluated_trials(run_dir, name)
 
 
 @pytest.mark.slow

@@ -156,6 +156,32 @@ def test_a_training_strategy_refuses_a_second_worker_and_takes_over_a_dead_one_s
     assert outcome.answer is not None and study.user_attrs["lease"] is None  # released when the search ends
 
 
+def test_a_claim_waits_until_an_earlier_sampler_trial_says_which_network_it_claims(digits_space, tmp_path):
+    # Four TPE workers on PostgreSQL once spent 41 evaluations of 40: a claim read a sampler's earlier
+    # trial before its key was set and did not count it, while that trial counted only trials before it.
+    import threading
+
+    from automlprune.search.store import mark_worker
+
+    first, second = RunStore(tmp_path), RunStore(tmp_path)
+    study_a, study_b = first.study("s"), second.study("s")
+    candidate = digits_space.canonical(Candidate.make({"features.3": 0.5}))
+    asked = study_a.ask()  # the first worker's sampler opened its trial and is still proposing (no key yet)
+    mark_worker(asked)
+    found = {}
+    other = threading.Thread(target=lambda: found.update(claim=second.claim(study_b, digits_space, "net-2", candidate,
+                                                                            max_evals=1)))
+    other.start()
+    time.sleep(0.5)
+    assert other.is_alive()  # the second worker's claim (a later trial) waits: it cannot yet tell what the first one counts
+    mine = first.claim(study_a, digits_space, "net-1", candidate, max_evals=1, trial=asked)
+    other.join(timeout=10)
+    assert mine.number == asked.number and not mine.released  # the earlier trial holds the one evaluation
+    assert found["claim"].full and found["claim"].released and found["claim"].others_running
+    running = study_a.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    assert [t.number for t in running] == [asked.number]  # one evaluation under way for a budget of one
+
+
 def test_releasing_a_claim_twice_leaves_it_released(digits_space, tmp_path):
     store = RunStore(tmp_path)
     study = store.study("s")

@@ -59,6 +59,9 @@ GRACE_S = 30
 may evaluate its network again (Optuna's ``grace_period``)."""
 WAIT_S = 0.5
 """Seconds between looks at the study while waiting for another worker's evaluation."""
+SETTLE_S = 0.05
+"""Seconds between looks at the study while a claim waits for an earlier trial to be tagged with
+its network (a sampler's proposal being claimed: milliseconds)."""
 UNPRUNED_STUDY = "unpruned"
 """The study holding the unpruned network's figures (validation accuracy, measured latency)."""
 
@@ -210,8 +213,8 @@ class Record:
     finished: datetime.datetime | None = None
 
 
-OPENED_STORAGES: list[str] = []
-"""The storage URLs this process opened (named when a write to one fails)."""
+OPENED_STORAGES: dict[str, None] = {}
+"""The storage URLs this process opened, each once, in order (named when a write to one fails)."""
 
 STORAGE_FAILURES = (("readonly database", "is read-only"), ("read-only transaction", "is read-only"),
                     ("database or disk is full", "is on a full disk"), ("disk i/o error", "could not be written (disk I/O error)"),
@@ -244,7 +247,7 @@ renamed it; the old name still works there, with a deprecation warning)."""
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url`` (any SQLAlchemy URL, or ``journal:PATH``)."""
-    OPENED_STORAGES.append(url)
+    OPENED_STORAGES[url] = None
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
@@ -307,7 +310,7 @@ class RunStore:
                 hint = ("copy the run directory whole, or give its storage with --storage" if storage is None
                         else "check the --storage path")
                 raise ConfigError(f"the run's storage {file} does not exist; {hint}")
-            self.storage = open_storage(self.url)
+            self.storage = self._open_beside_creators()
             return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +319,17 @@ class RunStore:
         except OSError as exc:
             raise ConfigError(f"cannot create the run directory {exc.filename or self.run_dir} ({exc.strerror}); "
                               "choose a writable --run-dir") from None
+
+    def _open_beside_creators(self) -> optuna.storages.BaseStorage:
+        """Open an existing run's storage for reading, after any worker of the run creating it now
+        (opening a database storage creates its tables when missing: two processes doing it at once
+        collide). The run's lock is taken only when the run has one and it can be opened (a
+        read-only copy of a run is read without it)."""
+        lock = self.run_dir / ".lock"
+        if lock.is_file() and os.access(lock, os.W_OK):
+            with run_lock(self.run_dir):
+                return open_storage(self.url)
+        return open_storage(self.url)
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -454,7 +468,8 @@ class RunStore:
         found = self._state_of(trials, key, None)
         if found is not None:
             return found
-        if len(self._counted(trials, None)) >= max_evals:
+        if trial is None and len(self._counted(trials, None)) >= max_evals:  # (an open trial is tagged and decided below:
+            # left untagged, it would keep a later claim waiting in _settled_before while this one waits for that claim)
             return Claim(full=True, others_running=any(t.state == TrialState.RUNNING and _claimed(t) for t in trials))
         preset: dict[str, Any] = {}
         if trial is not None:
@@ -470,7 +485,7 @@ class RunStore:
             trial_id = self.storage.create_new_trial(study._study_id, template_trial=template)
             number = self.storage.get_trial_number_from_id(trial_id)
         self._beat(trial_id)
-        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+        trials = self._settled_before(study, number)
         found = self._state_of(trials, key, number)
         if found is None and len(self._counted(trials, number)) >= max_evals:
             found = Claim(full=True, others_running=any(t.state == TrialState.RUNNING and _claimed(t) and t.number != number
@@ -479,6 +494,22 @@ class RunStore:
             self.release(study, number)
             return dataclasses.replace(found, released=True)
         return Claim(number, trial_id, preset=tuple(preset.items()))
+
+    def _settled_before(self, study: optuna.Study, number: int) -> list[FrozenTrial]:
+        """The study's RUNNING and COMPLETE trials, read once every open trial numbered before
+        ``number`` says which network it claims. A strategy's Optuna trial is opened by its sampler
+        and tagged with its network's key only when claimed (after the sampler, the cost model
+        and repair ran): a claim that read an earlier trial before its key was set would leave it
+        uncounted while that trial, counting only trials before it, leaves this one uncounted, and
+        both would be kept beyond the evaluation budget. Waits :data:`SETTLE_S` between looks; an
+        untagged trial of a dead worker is failed by :meth:`fail_stale_trials` (its heartbeat is
+        recorded when it is opened: :func:`mark_worker`)."""
+        while True:
+            trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+            if not any(t.state == TrialState.RUNNING and t.number < number and not _claimed(t) for t in trials):
+                return trials
+            time.sleep(SETTLE_S)
+            self.fail_stale_trials(study)
 
     @staticmethod
     def _state_of(trials: list[FrozenTrial], key: str, mine: int | None) -> Claim | None:
@@ -702,8 +733,13 @@ def retry_sampler_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def mark_worker(trial: optuna.Trial) -> None:
-    """Tag an open trial with this process, so a later resume can tell it was abandoned."""
+    """Tag an open trial with this process, so a later resume can tell it was abandoned, and
+    record its first heartbeat (database storages), so a worker on another host fails it
+    :data:`GRACE_S` after its process died before claiming it (:meth:`RunStore.claim` waits
+    for it until then)."""
     trial.set_user_attr("worker", _worker())
+    if isinstance(trial.storage, optuna.storages.RDBStorage) and trial.storage.is_heartbeat_enabled():
+        trial.storage.record_heartbeat(trial._trial_id)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -67,8 +68,23 @@ def test_a_partitioned_search_skips_networks_another_worker_holds_and_evaluates_
     held = [sequence[1].result, sequence[3].result]
     claims = [other.claim(study, digits_space, r.key, r.candidate, max_evals=6) for r in held]
     assert all(c.number is not None for c in claims)
-    _, outcome, _, store = search_with(tmp_path / "two", RandomStrategy, trained_digits_model, digits_space, digits, "macs=0.5",
-                                       max_evals=6)
+    silent = threading.Event()  # the other worker beats for its claims until the search first waits for one of them
+
+    def beat() -> None:
+        while not silent.wait(0.2):
+            for c in claims:
+                other._beat(c.trial_id)
+
+    wait_for = RunStore.wait_for
+    monkeypatch.setattr(RunStore, "wait_for", lambda self, *args: (silent.set(), wait_for(self, *args))[1])
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        _, outcome, _, store = search_with(tmp_path / "two", RandomStrategy, trained_digits_model, digits_space, digits,
+                                           "macs=0.5", max_evals=6)
+    finally:
+        silent.set()
+        beating.join()
     evaluated = [r.result.key for r in store.records(study)]
     # the networks it was free to take first, in the sequence's order; then the silent worker's, retried once its claims died
     assert evaluated == [sequence[i].result.key for i in (0, 2, 4, 5, 1, 3)]
@@ -159,7 +175,6 @@ def test_a_training_strategy_refuses_a_second_worker_and_takes_over_a_dead_one_s
 def test_a_claim_waits_until_an_earlier_sampler_trial_says_which_network_it_claims(digits_space, tmp_path):
     # Four TPE workers on PostgreSQL once spent 41 evaluations of 40: a claim read a sampler's earlier
     # trial before its key was set and did not count it, while that trial counted only trials before it.
-    import threading
 
     from automlprune.search.store import mark_worker
 

@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable, ClassVar
 
 import optuna
+from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.trial import FrozenTrial
 
 from automlprune.search.base import Strategy
@@ -70,8 +71,9 @@ class OptunaStrategy(Strategy):
 
     def ask(self) -> Candidate | Proposal | None:
         for _ in range(MAX_REFUSED_IN_A_ROW):
-            trial = self.study.ask(self.dists)
-            mark_worker(trial)
+            trial = self.study.ask()
+            mark_worker(trial)  # before its sampler runs (seconds for GP): other workers fail a trial untagged for 2 s
+            _sample(trial, self.dists)
             warm = trial.user_attrs.get(WARM_START)
             candidate = Candidate.from_dict(warm) if warm else from_params(self.space, trial.params)
             costs = self.cost_model(candidate)
@@ -83,6 +85,16 @@ class OptunaStrategy(Strategy):
         self.stopped = (f"its sampler proposed {MAX_REFUSED_IN_A_ROW} networks in a row over {self.budget.label} "
                         "(repair is off: option repair=true moves proposals to the budget)")
         return None
+
+
+def _sample(trial: optuna.Trial, dists: dict[str, BaseDistribution]) -> None:
+    """Sample the trial's parameters, as ``study.ask(dists)`` would (the sampler's relative
+    sampling runs at the first suggestion)."""
+    for name, dist in dists.items():
+        if isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            trial.suggest_categorical(name, dist.choices)
 
 
 def _make(kind: str) -> type[OptunaStrategy]:

@@ -245,6 +245,19 @@ def test_searches_killed_at_random_moments_lose_and_repeat_nothing(digits_checkp
     assert "| random |" in (tmp_path / "chaos" / "report.md").read_text()
 
 
+def test_a_sampler_trial_of_another_host_never_claimed_is_failed_after_the_grace_period(digits_space, tmp_path, monkeypatch):
+    # (a worker of an older version recorded no heartbeat for it: without this, a claim would wait for it forever)
+    monkeypatch.setattr(store_module, "GRACE_S", 1)
+    store = RunStore(tmp_path)
+    study = store.study("s")
+    silent = study.ask()
+    silent.set_user_attr("worker", "another-host:4242")
+    candidate = digits_space.canonical(Candidate.make({"features.3": 0.5}))
+    time.sleep(1.2)
+    claim = store.claim(study, digits_space, "net-1", candidate, max_evals=5)
+    assert claim.number is not None and study.trials[silent.number].state.name == "FAIL"
+
+
 def test_a_dead_worker_s_sampler_trial_is_asked_again_and_a_loop_claim_is_not(digits_space, tmp_path):
     from automlprune.search.store import distributions
 

@@ -678,7 +678,9 @@ class RunStore:
         older than :data:`GRACE_S` (database storages; Optuna's heartbeats); on this host at once,
         those of a process that no longer exists (after a crash); and those never tagged with a
         worker although opened over 2 s ago (a live worker tags its trial right after opening it;
-        a crash in between leaves it untagged)."""
+        a crash in between leaves it untagged), or never claimed for a network although opened over
+        :data:`GRACE_S` ago (a live worker claims its sampler's trial within moments; this catches
+        a dead worker's trial of a version that recorded no heartbeat for it)."""
         if isinstance(self.storage, optuna.storages.RDBStorage):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -690,8 +692,10 @@ class RunStore:
             worker = str(t.user_attrs.get("worker", ""))
             name, _, pid = worker.rpartition(":")
             dead = name == host and pid.isdigit() and not _alive(int(pid))
-            untagged = not worker and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 2
-            if dead or untagged:
+            age = (now - t.datetime_start).total_seconds() if t.datetime_start is not None else 0.0
+            untagged = not worker and age > 2
+            unclaimed = not _claimed(t) and age > GRACE_S
+            if dead or untagged or unclaimed:
                 try:  # the worker whose write fails the trial retries it (as Optuna's own stale check does)
                     self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first

@@ -211,6 +211,13 @@ def test_a_search_whose_proposals_all_repeat_stops_and_says_why(tmp_path, traine
     assert RunStore.summary(study).stopped == outcome.stopped
     (record,) = collect(store)
     assert record.stopped == outcome.stopped
+    asks = []
+    monkeypatch.setattr(SameNetwork, "ask", lambda self: asks.append(1) or self.space.uniform(0.5))
+    resumed = base.run_strategy(SameNetwork(context, budget), evaluator, store, study, max_evals=10)
+    assert not asks and resumed.stopped == outcome.stopped  # finished: resumed, it answers from the store without asking
+    assert resumed.answer.key == outcome.answer.key and resumed.evaluations == 1
+    again = base.run_strategy(SameNetwork(context, budget), evaluator, store, study, max_evals=10, run_settings="other options")
+    assert len(asks) == 4 and again.stopped == outcome.stopped  # other settings: it searches again (and stops again)
 
 
 def test_a_one_shot_answer_is_not_reported_as_stopped_early(tmp_path, trained_digits_model, digits_space, digits):

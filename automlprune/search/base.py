@@ -10,7 +10,9 @@ answer meets the budget.
 Resuming: a strategy with ``replays_on_resume`` (deterministic under its seed) is run again
 from the start against the stored results, which the evaluator serves from its cache, so it
 reaches the same state without repeating an evaluation; one without it (Optuna samplers)
-continues from the study, which already holds its history.
+continues from the study, which already holds its history. A search that stopped itself
+(:attr:`Strategy.stopped`, or every proposal a repeat) is finished: resumed, it answers from the
+store without asking, unless it is resumed with other options or another evaluation budget.
 """
 
 from __future__ import annotations
@@ -263,9 +265,11 @@ ProgressFn = Callable[[int, int, EvalResult | None, float], None]
 
 def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, *,
                  max_evals: int, time_limit: float | None = None, attrs: dict[str, Any] | None = None,
-                 progress: ProgressFn | None = None) -> SearchOutcome:
+                 progress: ProgressFn | None = None, run_settings: str | None = None) -> SearchOutcome:
     """Run ``strategy`` until it stops, ``max_evals`` distinct proposals are evaluated, or
-    ``time_limit`` seconds of search (all sessions together) have passed."""
+    ``time_limit`` seconds of search (all sessions together) have passed. A search that stopped
+    itself in an earlier session under the same ``run_settings`` (what it is run with, e.g. its
+    options and evaluation budget, as a string) is finished: it answers from the store."""
     budget = strategy.budget
     rank, world = distributed.rank_and_world()
     if world > 1 and strategy.ddp_refusal:
@@ -278,7 +282,7 @@ def run_strategy(strategy: Strategy, evaluator: Evaluator, store: RunStore, stud
     one = strategy.workers == "one"
     with store.lease(study, strategy.name, strategy.one_worker_reason) if one else contextlib.nullcontext():
         outcome = _run(strategy, evaluator, store, study, max_evals, time_limit, attrs, progress,
-                       _relay if world > 1 else _alone)
+                       _relay if world > 1 else _alone, run_settings)
     if world > 1:
         _relay("stop", outcome)
     return outcome
@@ -319,7 +323,7 @@ def _follow(strategy: Strategy) -> SearchOutcome:
 
 def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optuna.Study, max_evals: int,
          time_limit: float | None, attrs: dict[str, Any], progress: ProgressFn | None,
-         relay: Callable[..., None]) -> SearchOutcome:
+         relay: Callable[..., None], run_settings: str | None) -> SearchOutcome:
     """The loop (on rank 0 of a distributed search, which ``relay`` tells its every ask and tell)."""
     budget = strategy.budget
     store.fail_stale_trials(study)
@@ -339,7 +343,10 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     start = time.perf_counter()
     elapsed = lambda: offset + time.perf_counter() - start  # noqa: E731
     repeats = 0
-    stopped: str | None = None
+    before = store.summary(study)
+    stopped = before.stopped if before.stopped_under == run_settings else None  # it stopped itself in an earlier session:
+    if stopped is not None:  # asked again with the same settings, it would stop the same way
+        seen |= stored_keys
     deferred: dict[str, tuple[Candidate | Proposal, Proposal, dict[str, Any]]] = {}
 
     def claim_and_evaluate(proposal: Proposal, key: str, repaired: dict[str, Any], skip_held: bool) -> EvalResult | str | None:
@@ -379,7 +386,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
         return result
 
     try:
-        while len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
+        while stopped is None and len(seen) < max_evals and (time_limit is None or elapsed() < time_limit):
             relay("ask")
             asked = strategy.ask()
             if asked is None:
@@ -416,7 +423,7 @@ def _run(strategy: Strategy, evaluator: Evaluator, store: RunStore, study: optun
     answer = best_feasible([r.result for r in store.records(study)] + strategy.history, budget)  # every worker's, not only this one's
     if answer is not None and not budget.accepts(answer):
         raise RuntimeError(f"strategy {strategy.name} answered a candidate over its budget {budget.label}; this is a bug")
-    store.update_summary(study, search_seconds=elapsed(), stopped=stopped,
+    store.update_summary(study, search_seconds=elapsed(), stopped=stopped, stopped_under=run_settings if stopped else None,
                          **({"answer": answer.to_dict()} if answer is not None else {}),
                          **({"spent": dict(strategy.spent)} if strategy.spent else {}))
     return SearchOutcome(strategy.name, budget, strategy.seed, answer, len(seen), elapsed(), study.study_name,

@@ -3,6 +3,7 @@ search per (strategy, seed, budget)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -146,7 +147,8 @@ class SearchSession:
                                    budget.metric if budget.tolerance else None)
         try:
             outcome = run_strategy(instance, evaluator, self.store, study, max_evals=max_evals, time_limit=time_limit,
-                                   attrs=attrs, progress=reporter)
+                                   attrs=attrs, progress=reporter,
+                                   run_settings=json.dumps({"options": options, "max_evals": max_evals}, sort_keys=True, default=str))
         finally:
             reporter.close()
         if outcome.stopped and self.progress and distributed.is_main():

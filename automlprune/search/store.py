@@ -180,6 +180,9 @@ class RunSummary:
     stopped: str | None = None
     """Why the search ended before its evaluation budget (a sentence), None when it spent it, hit its
     time limit or is a one-shot strategy (:attr:`~automlprune.search.base.SearchOutcome.stopped`)."""
+    stopped_under: str | None = None
+    """What the stopped search was run with (its strategy options and evaluation budget, as
+    :func:`~automlprune.search.base.run_strategy`'s ``run_settings``): resumed with the same, it is finished."""
     spent: dict[str, float] | None = None
     """What the strategy spent besides evaluations: training ``seconds``, ``steps``, ``images``."""
     scoring_seconds: float | None = None

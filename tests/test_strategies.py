@@ -51,6 +51,7 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     """Every strategy, on the channel space (macs, params) and on a channels-and-bits space (bytes);
     the weight-sparsity allocators on a densities-and-bits space."""
     max_evals = 8
+    first_case = budget == "macs=0.5"
     budget, _, mixed = budget.partition(" ")
     budget = {**BITS_ONLY, **SPARSE_ONLY}.get(strategy, {}).get(budget, budget)
     space = sparse_space if strategy in SPARSE_ONLY else mixed_space if mixed or strategy in BITS_ONLY else digits_space
@@ -68,7 +69,9 @@ def test_strategy_contract(strategy, budget, tmp_path, trained_digits_model, dig
     assert 1 <= outcome.evaluations <= max_evals
     assert len(records) == outcome.evaluations == len(evaluator)
     assert len({r.result.candidate.key for r in records}) == len(records)
-    # deterministic under a seed
+    # deterministic under a seed (checked once per strategy: the search runs twice)
+    if not first_case:
+        return
     again, *_ = run_search(tmp_path, trained_digits_model, space, digits, strategy, budget=budget,
                            max_evals=max_evals, seed=1, run_name="again", options=options)
     assert again.answer.candidate == outcome.answer.candidate

@@ -12,7 +12,7 @@ import pytest
 
 from automlprune.search.store import RunStore, from_params, to_params
 
-from conftest import run_search
+from conftest import evaluated_trials, run_search
 
 
 class _Crash(Exception):
@@ -91,13 +91,6 @@ def test_a_reader_of_a_run_waits_for_the_worker_creating_its_storage(tmp_path):
     assert opened.is_set()
 
 
-def _count(run_dir, name):
-    """Evaluations stored so far (read while the search process may be creating the database)."""
-    from conftest import evaluated_trials
-
-    return evaluated_trials(run_dir, name)
-
-
 @pytest.mark.slow
 def test_kill_9_mid_search_then_resume(tmp_path, digits_checkpoint):
     checkpoint = digits_checkpoint
@@ -108,12 +101,12 @@ def test_kill_9_mid_search_then_resume(tmp_path, digits_checkpoint):
     name = "optuna-tpe|macs=0.5|seed0"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while _count(run_dir, name) < 8 and proc.poll() is None and time.time() < deadline:
+    while evaluated_trials(run_dir, name) < 8 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, "the search ended before it could be killed: " + proc.stderr.read().decode()[-500:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = _count(run_dir, name)
+    done_before = evaluated_trials(run_dir, name)
     assert 8 <= done_before < 60
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
     complete = optuna.trial.TrialState.COMPLETE

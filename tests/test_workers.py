@@ -175,7 +175,6 @@ def test_a_training_strategy_refuses_a_second_worker_and_takes_over_a_dead_one_s
 def test_a_claim_waits_until_an_earlier_sampler_trial_says_which_network_it_claims(digits_space, tmp_path):
     # Four TPE workers on PostgreSQL once spent 41 evaluations of 40: a claim read a sampler's earlier
     # trial before its key was set and did not count it, while that trial counted only trials before it.
-
     from automlprune.search.store import mark_worker
 
     first, second = RunStore(tmp_path), RunStore(tmp_path)
@@ -256,6 +255,38 @@ def test_a_sampler_trial_of_another_host_never_claimed_is_failed_after_the_grace
     time.sleep(1.2)
     claim = store.claim(study, digits_space, "net-1", candidate, max_evals=5)
     assert claim.number is not None and study.trials[silent.number].state.name == "FAIL"
+
+
+def test_a_sampler_trial_has_a_heartbeat_from_when_its_worker_tags_it(digits_space, tmp_path, monkeypatch):
+    # Optuna's own stale check (any host) fails it once its worker is silent for the grace period
+    from automlprune.search.store import mark_worker
+
+    monkeypatch.setattr(store_module, "GRACE_S", 1)
+    study = RunStore(tmp_path).study("s")
+    asked = study.ask()
+    mark_worker(asked)
+    time.sleep(1.5)
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        optuna.storages.fail_stale_trials(study)
+    assert study.trials[asked.number].state.name == "FAIL"
+
+
+def test_an_optuna_strategy_tags_its_trial_before_its_sampler_proposes(tmp_path, trained_digits_model, digits_space, digits,
+                                                                       monkeypatch):
+    # other workers fail a trial untagged for 2 s, and a GP sampler can take longer than that
+    from automlprune.search import optuna_strategies
+
+    from conftest import search_with
+
+    class TagChecking(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            assert "worker" in trial.user_attrs, "the sampler ran before the trial was tagged with its worker"
+            return super().sample_independent(study, trial, name, distribution)
+
+    monkeypatch.setattr(optuna_strategies, "_sampler", lambda kind, seed, max_evals: TagChecking(seed=seed))
+    _, outcome, _, _ = search_with(tmp_path, optuna_strategies.RandomSamplerStrategy, trained_digits_model, digits_space,
+                                   digits, "macs=0.5", max_evals=3, warm_start="none")
+    assert outcome.evaluations == 3
 
 
 def test_a_dead_worker_s_sampler_trial_is_asked_again_and_a_loop_claim_is_not(digits_space, tmp_path):

@@ -39,6 +39,7 @@ import numpy as np
 import optuna
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from automlprune.errors import ConfigError
@@ -329,10 +330,8 @@ class RunStore:
         collide). The run's lock is taken only when the run has one and it can be opened (a
         read-only copy of a run is read without it)."""
         lock = self.run_dir / ".lock"
-        if lock.is_file() and os.access(lock, os.W_OK):
-            with run_lock(self.run_dir):
-                return open_storage(self.url)
-        return open_storage(self.url)
+        with run_lock(self.run_dir) if lock.is_file() and os.access(lock, os.W_OK) else contextlib.nullcontext():
+            return open_storage(self.url)
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -745,7 +744,7 @@ def mark_worker(trial: optuna.Trial) -> None:
     :data:`GRACE_S` after its process died before claiming it (:meth:`RunStore.claim` waits
     for it until then)."""
     trial.set_user_attr("worker", _worker())
-    if isinstance(trial.storage, optuna.storages.RDBStorage) and trial.storage.is_heartbeat_enabled():
+    if is_heartbeat_enabled(trial.storage):  # (a study's storage is Optuna's cache around the database's)
         trial.storage.record_heartbeat(trial._trial_id)
 
 

@@ -83,6 +83,40 @@ def test_bwcp_meets_the_budget_with_its_folded_trained_network(budget, tmp_path,
         assert not torch.allclose(evaluator.network(trained)(x), evaluator.network(answer.candidate)(x))
 
 
+def test_sharpened_probabilities_saturate_and_the_hard_phase_keeps_the_accuracy_the_paper_s_soft_training_loses(
+        tmp_path, trained_digits_model, digits_space, digits):
+    # without sharpening P stays near 0.5 in a short run from a trained network, and 1[P > 0.5] is a coin flip
+    answers = {}
+    for label, options in {"paper": dict(sharpness=1.0, hard_fraction=0.0), "defaults": {}}.items():
+        strategy, outcome, _, _ = search_with(tmp_path / label, BWCPStrategy, trained_digits_model, digits_space, digits,
+                                              "macs=0.5", epochs=4, **options)
+        answers[label] = (strategy.history_log[0], outcome.answer)
+    (paper_log, paper), (chosen, answer) = answers["paper"], answers["defaults"]
+    assert paper_log["saturated"] < 0.1 and chosen["saturated"] > 0.6
+    assert answer.trained and answer.relative["macs"] <= 0.5 and answer.accuracy > 0.9
+    assert answer.accuracy > paper.accuracy + 0.2, (answer.accuracy, paper.accuracy)
+
+
+def test_in_the_hard_phase_training_applies_the_fixed_masks(trained_digits_model, digits_space, digits):
+    model = copy.deepcopy(trained_digits_model)
+    (_, feature), *_ = _internal_norms(model, digits_space)
+    w = Whitening(model.get_submodule(feature), BWCPSettings())
+    model.train()
+    x = digits.example_input().repeat(16, 1, 1, 1) + 0.3 * torch.randn(16, *digits.example_input().shape[1:])
+    model(x)
+    assert not set(w.mask.unique().tolist()) <= {0.0, 1.0}  # sampled soft masks
+    w.hard = (torch.arange(w.norm.num_features) % 3 > 0).float()
+    model(x)
+    assert torch.equal(w.mask, w.hard)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        plain = w.probability.clone()
+        w.sharpness = 30.0
+        model(x)
+    assert torch.allclose(w.probability, torch.sigmoid(30 * torch.logit(plain)), atol=1e-5)  # P' = sigmoid(k logit P)
+
+
 def test_bwcp_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_space, digits, monkeypatch):
     from automlprune.search import bwcp
 
@@ -93,13 +127,15 @@ def test_bwcp_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_s
         search_with(tmp_path / "c", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", budget_loss="magic")
 
 
-def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path, trained_digits_model, digits_space, digits,
+@pytest.mark.parametrize("epochs", [3, 4], ids=["resumed-before-the-masks-are-fixed", "resumed-after"])
+def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(epochs, tmp_path, trained_digits_model, digits_space, digits,
                                                                       monkeypatch):
+    # (the hard phase starts three quarters in: with 4 epochs, at the last epoch's checkpoint)
     from automlprune.search import bwcp
 
     from conftest import crash_once
 
-    options = dict(epochs=3, budget_penalty=10.0)
+    options = dict(epochs=epochs, budget_penalty=10.0)
     whole, whole_outcome, _, _ = search_with(tmp_path / "whole", BWCPStrategy, trained_digits_model, digits_space, digits,
                                              "macs=0.5", **options)
     crash_once(monkeypatch, bwcp.BWCPTraining, "after_step", at_step=int(whole.spent["training_steps"]) - 3)
@@ -109,6 +145,7 @@ def test_a_crash_mid_training_resumes_and_ends_as_an_uninterrupted_run(tmp_path,
                                        "macs=0.5", **options)
     assert again.spent["resumed_after_epoch"] >= 1 and again.spent["training_steps"] == whole.spent["training_steps"]
     assert outcome.answer.candidate == whole_outcome.answer.candidate
+    assert again.history_log == whole.history_log and outcome.answer.accuracy == whole_outcome.answer.accuracy
 
 
 def test_residual_groups_share_one_mask_and_the_materialized_network_computes_the_trained_one(tmp_path, digits):

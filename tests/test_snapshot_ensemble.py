@@ -82,3 +82,14 @@ def test_an_unknown_fine_tune_method_is_one_sentence_and_exit_2(capsys):
     assert main(["compare", "digits-cnn", "--strategies", "uniform", "--budgets", "macs=0.5", "--set", "finetune.method=magic"]) == 2
     err = capsys.readouterr().err
     assert "method must be one of standard, snapshot_ensemble" in err and "Traceback" not in err
+
+
+def test_a_compare_report_describes_the_fine_tune_its_answers_got():
+    # (a snapshot-ensemble run's report once described the standard SGD fine-tune it did not run)
+    from automlprune.search.compare import _finetune_text
+
+    snapshot = _finetune_text(FinetuneSettings(method="snapshot_ensemble", snapshot_rounds=4), {2})
+    assert snapshot.startswith("2 epochs of snapshot-ensemble distillation") and "4 rounds" in snapshot
+    assert "cosine" not in snapshot
+    standard = _finetune_text(FinetuneSettings(distill=True), {3})
+    assert "SGD lr 0.01 with cosine decay, distilled from the unpruned network" in standard

@@ -308,6 +308,12 @@ def _finetune_text(settings: FinetuneSettings, epochs: set[int]) -> str:
 
 def _optimizer_text(settings: FinetuneSettings) -> str:
     """A fine-tune's batch, optimizer and distillation, in words."""
+    if settings.method == "snapshot_ensemble":
+        return (f"snapshot-ensemble distillation: batch {settings.batch_size}, {settings.snapshot_rounds} rounds of pruning "
+                f"towards the answer, each retrained with a one-cycle schedule up to SGD lr {settings.snapshot_lr:g}, then "
+                f"the answer distilled from the snapshots and the unpruned network (Adam up to lr "
+                f"{settings.snapshot_distill_lr:g}, T {settings.snapshot_temperature:g}), the epochs split evenly over the "
+                "rounds and the distillation")
     distill = (f", distilled from the unpruned network (alpha {settings.distill_alpha:g}, T {settings.distill_temperature:g})"
                if settings.distill else "")
     return f"batch {settings.batch_size}, SGD lr {settings.lr:g} with cosine decay{distill}"

@@ -34,7 +34,7 @@ for _name, _entry, _desc in [
     ("prune-while-training", "automlprune.search.prune_while_training:PruneWhileTrainingStrategy", "filters pruned at intervals while training by L1, mean activation or at random (Roy et al., 2020)"),
     ("gradual-frs", "automlprune.search.gradual_frs:GradualFRSStrategy", "gradual channel pruning while training by feature relevance scores (LRP), globally to the budget (Aketi et al., 2020)"),
     ("play-and-prune", "automlprune.search.play_and_prune:PlayAndPruneStrategy", "Play and Prune: an L1 pull on the weakest channels, removed below a threshold while training, at a rate an accuracy controller sets; takes accuracy_drop budgets (Singh et al., 2019)"),
-    ("bwcp", "automlprune.search.bwcp:BWCPStrategy", "BWCP: batch whitening with Gumbel channel masks from activation probabilities, a budget term, folded (Shao et al., 2021)"),
+    ("bwcp", "automlprune.search.bwcp:BWCPStrategy", "BWCP: batch whitening with Gumbel channel masks from sharpened activation probabilities, a budget term, a hard last quarter, folded (Shao et al., 2021)"),
     ("pconv-admm", "automlprune.search.pconv_admm:PConvADMMStrategy", "PCONV kernel patterns and connectivity pruning by ADMM, then masked retraining (Ma et al., 2020)"),
     ("information-dropout", "automlprune.search.information_dropout:InformationDropoutStrategy",
      "kernels pruned by learned information-dropout noise (log-uniform KL), saturated first, to the budget (Zhan et al., 2019)"),

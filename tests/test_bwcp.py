@@ -125,6 +125,10 @@ def test_bwcp_refuses_what_it_cannot_do(tmp_path, trained_digits_model, digits_s
         search_with(tmp_path / "a", BWCPStrategy, trained_digits_model, digits_space, digits, "params=0.5")
     with pytest.raises(ConfigError, match="budget_loss 'magic' is unknown"):
         search_with(tmp_path / "c", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", budget_loss="magic")
+    with pytest.raises(ConfigError, match=r"bwcp hard_fraction .* must be in \[0, 1\), got 1.0"):
+        search_with(tmp_path / "d", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", hard_fraction=1.0)
+    with pytest.raises(ConfigError, match="bwcp sharpness .* must be at least 1, got 0.5"):
+        search_with(tmp_path / "e", BWCPStrategy, trained_digits_model, digits_space, digits, "macs=0.5", sharpness=0.5)
 
 
 @pytest.mark.parametrize("epochs", [3, 4], ids=["resumed-before-the-masks-are-fixed", "resumed-after"])

@@ -265,6 +265,11 @@ class BWCPStrategy(TrainingStrategy):
                               f"use one of {', '.join(differentiable_metrics())}")
         if s.budget_loss not in BUDGET_LOSSES:
             raise ConfigError(f"bwcp budget_loss '{s.budget_loss}' is unknown; use one of: {', '.join(BUDGET_LOSSES.names())}")
+        if not 0 <= s.hard_fraction < 1:
+            raise ConfigError(f"bwcp hard_fraction is the share of the steps trained with fixed masks and must be in [0, 1), "
+                              f"got {s.hard_fraction}")
+        if s.sharpness < 1:
+            raise ConfigError(f"bwcp sharpness is the final k of P' = sigmoid(k logit P) and must be at least 1, got {s.sharpness}")
         self.whitenings: list[Whitening] = []
         """One per pruned group: its first member's, whose mask the group shares."""
         self.groups: list[str] = []

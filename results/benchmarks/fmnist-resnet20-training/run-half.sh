@@ -14,3 +14,14 @@ for strategy in bwcp l0-anneal; do
     --budgets macs=0.2 --seeds 2 --train-budget 4 \
     --run-dir $DIR/$strategy --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
 done
+# Added 2026-12-02 (second session): does the allocation hold l0-anneal back? The runs above prune the
+# internal groups only, to one keep ratio; tp-global and prunenet prune every group. l0-anneal over every
+# group to PruneNet's allocation (the allocation behind prunenet + fine-tune's 92.42), then a quarter of
+# the budget for the anneal (1 epoch) against half.
+for epochs in 2 1; do
+  automlprune compare fmnist-resnet20 \
+    --strategies l0-anneal --option l0-anneal.epochs=$epochs \
+    --option l0-anneal.groups=all --option l0-anneal.widths=prunenet \
+    --budgets macs=0.2 --seeds 2 --train-budget 4 \
+    --run-dir $DIR/l0-anneal-prunenet-${epochs}ep --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
+done

@@ -4,10 +4,8 @@
 # same equal training compute as run.sh, in its own run directory (same baseline). tp-global and prunenet,
 # the best answers at 20%, prune every group. Resumable like run.sh. Needs: apt-get install dataset-fashion-mnist.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-BASE=results/benchmarks/fmnist-resnet20-training
-PLAIN=(--set evaluation.criterion=l1 --set evaluation.reconstruction=none)  # the evaluation run.sh pins
+source "$(dirname "$0")/common.sh"  # BASE, and SHARED: the baseline and the evaluation run.sh pins
 automlprune compare fmnist-resnet20 \
   --strategies bwcp --option bwcp.groups=all \
   --budgets macs=0.2 --seeds 2 --train-budget 4 \
-  --run-dir $BASE/all-groups/bwcp --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
+  --run-dir $BASE/all-groups/bwcp "${SHARED[@]}" "$@"

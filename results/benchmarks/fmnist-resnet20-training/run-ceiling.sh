@@ -4,9 +4,7 @@
 # the benchmark's budget), with the same distilled fine-tune, in its own run directory (same baseline). A ceiling
 # for reading the goal, not an equal-compute arm. Resumable like run.sh. Needs: apt-get install dataset-fashion-mnist.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-BASE=results/benchmarks/fmnist-resnet20-training
-PLAIN=(--set evaluation.criterion=l1 --set evaluation.reconstruction=none)  # the evaluation run.sh pins
+source "$(dirname "$0")/common.sh"  # BASE, and SHARED: the baseline and the evaluation run.sh pins
 automlprune compare fmnist-resnet20 \
   --strategies tp-global --budgets macs=0.2 --seeds 1 --finetune-epochs 12 \
-  --run-dir $BASE/ceiling --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
+  --run-dir $BASE/ceiling "${SHARED[@]}" "$@"

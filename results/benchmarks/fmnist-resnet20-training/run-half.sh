@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# Issue 17's last lever at 20% MACs: a training-time method given half of the 4-epoch budget (its
+# Issue 17, at 20% MACs: a training-time method given half of the 4-epoch budget (its
 # schedule run in 2 epochs), then the standard distilled fine-tune for the other 2, at the same
 # equal training compute as run.sh, in its own run directory (same baseline). bwcp first, then
 # l0-anneal. Resumable like run.sh. Needs: apt-get install dataset-fashion-mnist.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-BASE=results/benchmarks/fmnist-resnet20-training
+source "$(dirname "$0")/common.sh"  # BASE, and SHARED: the baseline and the evaluation run.sh pins
 DIR=$BASE/half-and-finetune
-PLAIN=(--set evaluation.criterion=l1 --set evaluation.reconstruction=none)  # the evaluation run.sh pins
 for strategy in bwcp l0-anneal; do
   automlprune compare fmnist-resnet20 \
     --strategies $strategy --option $strategy.epochs=2 \
     --budgets macs=0.2 --seeds 2 --train-budget 4 \
-    --run-dir $DIR/$strategy --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
+    --run-dir $DIR/$strategy "${SHARED[@]}" "$@"
 done
 # Added 2026-12-02 (second session): does the allocation hold l0-anneal back? The runs above prune the
 # internal groups only, to one keep ratio; tp-global and prunenet prune every group. l0-anneal over every
@@ -23,5 +21,5 @@ for epochs in 2 1; do
     --strategies l0-anneal --option l0-anneal.epochs=$epochs \
     --option l0-anneal.groups=all --option l0-anneal.widths=prunenet \
     --budgets macs=0.2 --seeds 2 --train-budget 4 \
-    --run-dir $DIR/l0-anneal-prunenet-${epochs}ep --set checkpoint=$BASE/baseline.pt "${PLAIN[@]}" "$@"
+    --run-dir $DIR/l0-anneal-prunenet-${epochs}ep "${SHARED[@]}" "$@"
 done

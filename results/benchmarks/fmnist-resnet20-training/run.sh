@@ -6,12 +6,9 @@
 # finished searches are served from study.db, an interrupted resrep/greg run resumes after its
 # last epoch (checkpoints/). Needs: apt-get install dataset-fashion-mnist.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-# Measured with the evaluation of its time (channels by L1, no least-squares fold), pinned so a rerun resumes it as it was.
-PLAIN=(--set evaluation.criterion=l1 --set evaluation.reconstruction=none)
-DIR=results/benchmarks/fmnist-resnet20-training
-[ -f $DIR/baseline.pt ] || automlprune train fmnist-resnet20 --set checkpoint=$DIR/baseline.pt
+source "$(dirname "$0")/common.sh"  # BASE, and SHARED: the baseline and the pinned evaluation
+[ -f $BASE/baseline.pt ] || automlprune train fmnist-resnet20 --set checkpoint=$BASE/baseline.pt
 automlprune compare fmnist-resnet20 \
   --strategies uniform,tp-global,prunenet,resrep,greg1,greg2,gate-decorator,l0-anneal,prune-while-training,gradual-frs,bwcp \
   --budgets macs=0.5,0.2 --seeds 2 --train-budget 4 \
-  --run-dir $DIR --set checkpoint=$DIR/baseline.pt "${PLAIN[@]}" "$@"
+  --run-dir $BASE "${SHARED[@]}" "$@"
